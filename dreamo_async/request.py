@@ -1,0 +1,274 @@
+"""What a user asks for: :class:`GenerationRequest`, checked once, at construction.
+
+Every documented parameter range of the service (API.md) is checked here, so a
+request that exists is a request the service will take (images are checked in
+full later, by the preprocessing stage, when their bytes are read). Each error
+names the parameter, the limit and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import attrs
+
+from .errors import DreamOWarning, InvalidRequestError
+from .images import ImageSource, classify_images
+from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
+
+__all__ = [
+    "MULTI_IP_MODEL",
+    "SINGLE_IMAGE_MODEL",
+    "SIZE_PRESETS",
+    "GenerationRequest",
+    "RefType",
+    "RephraserLevel",
+]
+
+#: Model id of Spark DreamO Multi-IP (1-5 reference images).
+MULTI_IP_MODEL: Final = "spark_multi_dreamo"
+#: Model id of the single-image sibling (exactly one reference image).
+SINGLE_IMAGE_MODEL: Final = "spark_dreamo"
+_MODELS: Final = (MULTI_IP_MODEL, SINGLE_IMAGE_MODEL)
+
+
+class RefType(enum.StrEnum):
+    """How the service should use a reference image."""
+
+    #: The subject (an object, a character).
+    IP = "IP"
+    #: A face identity.
+    ID = "ID"
+    #: A style.
+    STYLE = "STYLE"
+    #: The server decides (slower).
+    AUTO = "AUTO"
+
+
+class RephraserLevel(enum.StrEnum):
+    """How finely the server rewrites the prompt (finer is slower, not always better)."""
+
+    GENERAL = "general"
+    FINE = "fine"
+    COARSE = "coarse"
+
+
+#: The provider's recommended output sizes, ratio -> (width, height).
+SIZE_PRESETS: Final = {
+    "1:1": (1328, 1328),
+    "4:3": (1472, 1104),
+    "3:2": (1584, 1056),
+    "16:9": (1664, 936),
+    "21:9": (2016, 864),
+}
+
+_DEFAULT_SIDE: Final = 1328
+
+
+def _enum_value(enum_type: type[enum.Enum], value: object, parameter: str) -> Any:
+    try:
+        if isinstance(value, str) and not isinstance(value, enum.Enum):
+            return enum_type(
+                value.strip() if enum_type is RephraserLevel else value.strip().upper()
+            )
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(str(member.value) for member in enum_type)
+        raise InvalidRequestError(
+            f"{parameter} must be one of {allowed}; got {value!r}", parameter=parameter
+        ) from None
+
+
+def _to_ref_types(value: Iterable[RefType | str] | None) -> tuple[RefType, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        raise InvalidRequestError(
+            f"ref_types must be a list with one entry per image; got the string {value!r}",
+            parameter="ref_types",
+        )
+    return tuple(_enum_value(RefType, item, f"ref_types[{i}]") for i, item in enumerate(value))
+
+
+def _to_rephraser(value: RephraserLevel | str | None) -> RephraserLevel | None:
+    if value is None:
+        return None
+    return _enum_value(RephraserLevel, value, "rephraser_level")  # type: ignore[no-any-return]
+
+
+def _to_sources(value: Sequence[object] | ImageSource | object) -> tuple[ImageSource, ...]:
+    if isinstance(value, str | bytes | bytearray | memoryview) or not isinstance(value, Iterable):
+        # A single image passed bare: accept it as a list of one.
+        value = [value]
+    items = list(value)
+    if items and all(isinstance(item, ImageSource) for item in items):
+        return tuple(items)
+    return classify_images(items)
+
+
+@attrs.frozen(kw_only=True)
+class GenerationRequest:
+    """One generation: a prompt plus 1-5 reference images and optional knobs.
+
+    ``None`` for an optional parameter means "not sent": the service applies its
+    own default (shown in brackets). Construction checks every documented limit
+    and raises :class:`~dreamo_async.InvalidRequestError` naming what is wrong.
+    """
+
+    #: The text instruction (Chinese or English; about 300 characters recommended).
+    prompt: str
+    #: 1-5 reference images: paths, bytes, file objects, data URIs or http(s) URLs.
+    images: tuple[ImageSource, ...] = attrs.field(converter=_to_sources)
+    #: ``spark_multi_dreamo`` (default) or ``spark_dreamo`` (exactly one image).
+    model: str = MULTI_IP_MODEL
+    #: One :class:`RefType` per image [AUTO].
+    ref_types: tuple[RefType, ...] | None = attrs.field(default=None, converter=_to_ref_types)
+    #: 1.0-7.0, higher follows the text more [2.5].
+    guidance_scale1: float | None = None
+    #: 1.0-7.0, higher follows the images more [2.5].
+    guidance_scale2: float | None = None
+    #: 1-50 denoising steps [12].
+    ddim_steps: int | None = None
+    #: Face-ID enhancement [False].
+    swap_face: bool | None = None
+    #: Let the server rewrite the prompt [True].
+    use_rephraser: bool | None = None
+    #: ``general`` / ``fine`` / ``coarse`` [general].
+    rephraser_level: RephraserLevel | None = attrs.field(default=None, converter=_to_rephraser)
+    #: -1 for random; the same positive seed and parameters give (most likely) the same image.
+    seed: int | None = None
+    #: Output width, 512-2048 [1328].
+    width: int | None = None
+    #: Output height, 512-2048 [1328]; width * height <= 2048 * 2048.
+    height: int | None = None
+    #: The limits checked against; a client passes its own.
+    limits: Limits = attrs.field(default=DEFAULT_LIMITS, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.check(self.limits)
+
+    def check(self, limits: Limits) -> None:
+        """Check every parameter against ``limits``; raise on the first problem.
+
+        Called at construction, and again by a client whose limits differ.
+        """
+        _check_prompt(self.prompt, limits)
+        _check_model_and_images(self, limits)
+        _check_number(
+            "guidance_scale1",
+            self.guidance_scale1,
+            limits.min_guidance_scale,
+            limits.max_guidance_scale,
+            integer=False,
+        )
+        _check_number(
+            "guidance_scale2",
+            self.guidance_scale2,
+            limits.min_guidance_scale,
+            limits.max_guidance_scale,
+            integer=False,
+        )
+        _check_number(
+            "ddim_steps",
+            self.ddim_steps,
+            limits.min_ddim_steps,
+            limits.max_ddim_steps,
+            integer=True,
+        )
+        _check_number("seed", self.seed, -1, limits.max_seed, integer=True)
+        _check_number(
+            "width", self.width, limits.min_output_side, limits.max_output_side, integer=True
+        )
+        _check_number(
+            "height", self.height, limits.min_output_side, limits.max_output_side, integer=True
+        )
+        width = self.width if self.width is not None else _DEFAULT_SIDE
+        height = self.height if self.height is not None else _DEFAULT_SIDE
+        if width * height > limits.max_output_pixels:
+            raise InvalidRequestError(
+                f"width * height must be at most {limits.max_output_pixels} "
+                f"(2048 x 2048); got {width} x {height} = {width * height}",
+                parameter="width",
+            )
+        for name in ("swap_face", "use_rephraser"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise InvalidRequestError(
+                    f"{name} must be True or False; got {value!r}", parameter=name
+                )
+
+    @property
+    def uses_urls_only(self) -> bool:
+        """True when every image is an http(s) URL, sent as ``image_urls``."""
+        return all(source.is_url for source in self.images)
+
+
+def _check_prompt(prompt: object, limits: Limits) -> None:
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(
+            f"prompt must be a string; got {type(prompt).__name__}", parameter="prompt"
+        )
+    if not prompt.strip():
+        raise InvalidRequestError("prompt must not be empty", parameter="prompt")
+    length = len(prompt)
+    if limits.max_prompt_chars is not None and length > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"prompt must be at most {limits.max_prompt_chars} characters; got {length}",
+            parameter="prompt",
+        )
+    if length > limits.prompt_recommended_chars:
+        text = (
+            f"prompt is {length} characters; the service recommends about "
+            f"{limits.prompt_recommended_chars} (longer prompts may not take effect and "
+            f"may cause errors; consider use_rephraser=False)"
+        )
+        if limits.prompt_policy is CheckPolicy.ERROR:
+            raise InvalidRequestError(text, parameter="prompt")
+        if limits.prompt_policy is CheckPolicy.WARN:
+            warnings.warn(text, DreamOWarning, stacklevel=5)
+
+
+def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
+    if request.model not in _MODELS:
+        raise InvalidRequestError(
+            f"model must be one of {', '.join(_MODELS)}; got {request.model!r}",
+            parameter="model",
+        )
+    count = len(request.images)
+    low, high = limits.min_images, limits.max_images
+    if request.model == SINGLE_IMAGE_MODEL:
+        low = high = 1
+    if not low <= count <= high:
+        expected = f"exactly {low}" if low == high else f"{low}-{high}"
+        raise InvalidRequestError(
+            f"{request.model} takes {expected} reference images; got {count}",
+            parameter="images",
+        )
+    if request.ref_types is not None and len(request.ref_types) != count:
+        raise InvalidRequestError(
+            f"ref_types must have one entry per image ({count}); got {len(request.ref_types)}",
+            parameter="ref_types",
+        )
+
+
+def _check_number(name: str, value: object, low: float, high: float, *, integer: bool) -> None:
+    if value is None:
+        return
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be {kind}; got {value!r}", parameter=name)
+    if integer and not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be {kind}; got {value!r}", parameter=name)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidRequestError(
+            f"{name} must be between {_num(low)} and {_num(high)}; got {value!r}", parameter=name
+        )
+
+
+def _num(value: float) -> str:
+    """A limit as people write it: 1 and 2147483647, not 1.0 and 2.14748e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"

@@ -1,0 +1,337 @@
+"""The provider's JSON, both ways: one cattrs converter, tolerant of every variant.
+
+Outgoing, a :class:`GenerationRequest` becomes the wrapped create body of API.md::
+
+    {"model": "...", "input": [{"params": {...}}]}
+
+Incoming, every documented variant parses (API.md, "The documentation is not
+consistent"): an optional ``{"data": ..., "status": {...}}`` envelope, any status
+word, ``error`` as an object or a string, image URLs at ``output[].content[].url``
+or ``output[].url``, ``created_at`` in seconds, milliseconds or ISO 8601. Unknown
+fields never break parsing; the whole task JSON is kept in ``raw``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
+
+from .errors import (
+    APIError,
+    AuthenticationError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseFormatError,
+    ServerError,
+)
+from .models import OutputImage, Task, TaskError, TaskStatus, Usage
+from .request import GenerationRequest
+
+__all__ = [
+    "converter",
+    "encode_create_body",
+    "error_class_for_status",
+    "parse_error_body",
+    "parse_task",
+    "request_params",
+    "unwrap_envelope",
+]
+
+#: The one converter of the library.
+converter: Final = cattrs.Converter()
+converter.register_unstructure_hook(
+    GenerationRequest,
+    make_dict_unstructure_fn(
+        GenerationRequest,
+        converter,
+        _cattrs_omit_if_default=True,
+        images=override(omit=True),
+        limits=override(omit=True),
+        model=override(omit=True),
+        ref_types=override(rename="ref_type_list"),
+    ),
+)
+
+
+def request_params(request: GenerationRequest) -> dict[str, Any]:
+    """The ``params`` object of a create body, without the images (sent by the caller).
+
+    Parameters left at ``None`` are omitted, so the service applies its defaults.
+    """
+    params: dict[str, Any] = {"prompt": request.prompt}
+    params.update(converter.unstructure(request))
+    return params
+
+
+def encode_create_body(
+    model: str,
+    params: Mapping[str, Any],
+    images_base64: Sequence[bytes] = (),
+    image_urls: Sequence[str] = (),
+) -> bytes:
+    """Serialise a create request to JSON bytes.
+
+    The base64 images (up to 5 x 6.3 MB) are spliced into the JSON with one
+    ``bytes.join`` instead of being decoded to ``str`` and run through
+    ``json.dumps``: base64 needs no JSON escaping, and this keeps the body to a
+    single copy of the image data.
+    """
+    body_params = dict(params)
+    if image_urls:
+        body_params["image_urls"] = list(image_urls)
+    head = json.dumps(
+        {"model": model, "input": [{"params": body_params}]},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    ).encode("utf-8")
+    if not images_base64:
+        return head
+    tail = b"}}]}"  # closes params, the input item, the input list, the body
+    prefix = head[: -len(tail)]
+    parts: list[bytes] = [
+        prefix,
+        b',"binary_data_base64":["' if body_params else b'"binary_data_base64":["',
+    ]
+    for i, image in enumerate(images_base64):
+        if i:
+            parts.append(b'","')
+        parts.append(image)
+    parts.append(b'"]' + tail)
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- incoming
+
+
+def unwrap_envelope(body: object) -> Mapping[str, Any]:
+    """Return the task object, unwrapping ``{"data": ..., "status": {...}}`` if present.
+
+    A non-200 ``status.code`` in an envelope is an error, mapped like an HTTP status.
+    """
+    if not isinstance(body, Mapping):
+        raise ResponseFormatError(f"expected a JSON object, got {type(body).__name__}", status=None)
+    envelope_status = body.get("status")
+    if "data" in body and (isinstance(envelope_status, Mapping) or "id" not in body):
+        if isinstance(envelope_status, Mapping):
+            code = envelope_status.get("code")
+            if code is not None and str(code) not in {"200", "201", "0"}:
+                message = str(envelope_status.get("message") or "the service reported an error")
+                status = _as_int(code)
+                cls = error_class_for_status(status) if status is not None else APIError
+                raise cls(message, status=status, code=str(code))
+        data = body.get("data")
+        if not isinstance(data, Mapping):
+            raise ResponseFormatError(
+                f"the envelope's data is {type(data).__name__}, expected an object"
+            )
+        return data
+    return body
+
+
+def parse_task(body: object) -> Task:
+    """Parse a create or poll answer (enveloped or not) into a :class:`Task`."""
+    data = unwrap_envelope(body)
+    return converter.structure(data, Task)
+
+
+def _structure_task(data: Mapping[str, Any], _: type) -> Task:
+    task_id = data.get("id", data.get("task_id"))
+    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
+        raise ResponseFormatError("the task answer has no id")
+    raw_status = data.get("status")
+    status = TaskStatus.from_wire(raw_status)
+    metadata = data.get("metadata")
+    model = data.get("model")
+    return Task(
+        id=str(task_id),
+        status=status,
+        raw_status=raw_status if isinstance(raw_status, str) else None,
+        model=model if isinstance(model, str) else None,
+        progress=_parse_progress(data.get("progress")),
+        created_at=_parse_time(data.get("created_at")),
+        images=_parse_output(data.get("output")),
+        usage=_parse_usage(data.get("usage")),
+        error=_parse_task_error(data) if status is TaskStatus.FAILED else None,
+        metadata=metadata if isinstance(metadata, Mapping) else {},
+        raw=data,
+    )
+
+
+converter.register_structure_hook(Task, _structure_task)
+
+
+def _as_int(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def _parse_progress(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if not number >= 0:  # also rejects NaN
+        return None
+    if number > 1.0:  # a percentage
+        number /= 100.0
+    return min(number, 1.0)
+
+
+def _parse_time(value: object) -> dt.datetime | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        seconds = value / 1000.0 if value > 1e11 else float(value)
+        try:
+            return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.replace(".", "", 1).isdigit():
+            return _parse_time(float(text))
+        try:
+            parsed = dt.datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return None
+
+
+def _parse_output(output: object) -> tuple[OutputImage, ...]:
+    if output is None:
+        return ()
+    items: Sequence[object] = output if isinstance(output, list) else [output]
+    images: list[OutputImage] = []
+    for item in items:
+        if isinstance(item, str):
+            images.append(OutputImage(url=item))
+            continue
+        if not isinstance(item, Mapping):
+            continue
+        item_job = _str_or_none(item.get("jobId", item.get("job_id")))
+        content = item.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping) and isinstance(part.get("url"), str):
+                    images.append(
+                        OutputImage(
+                            url=part["url"],
+                            type=str(part.get("type") or "image"),
+                            job_id=_str_or_none(part.get("jobId", part.get("job_id"))) or item_job,
+                        )
+                    )
+        if isinstance(item.get("url"), str):
+            images.append(
+                OutputImage(url=item["url"], type=str(item.get("type") or "image"), job_id=item_job)
+            )
+    return tuple(images)
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    return str(value)
+
+
+def _parse_usage(usage: object) -> Usage | None:
+    if not isinstance(usage, Mapping):
+        return None
+    cost: Decimal | None = None
+    raw_cost = usage.get("cost")
+    if isinstance(raw_cost, str | int | float) and not isinstance(raw_cost, bool):
+        try:
+            cost = Decimal(str(raw_cost).strip())
+        except InvalidOperation:
+            cost = None
+        if cost is not None and not cost.is_finite():
+            cost = None
+    discount = usage.get("discount")
+    return Usage(
+        cost=cost,
+        discount=float(discount)
+        if isinstance(discount, int | float) and not isinstance(discount, bool)
+        else None,
+    )
+
+
+def _parse_task_error(data: Mapping[str, Any]) -> TaskError:
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        message = error.get("message", error.get("error_message", error.get("msg")))
+        return TaskError(code=_str_or_none(error.get("code")), message=_str_or_none(message))
+    if isinstance(error, str):
+        return TaskError(code=_str_or_none(data.get("error_code")), message=error)
+    message = data.get("error_message", data.get("message"))
+    return TaskError(code=_str_or_none(data.get("error_code")), message=_str_or_none(message))
+
+
+# --------------------------------------------------------------------------- errors
+
+_STATUS_CLASSES: Final[Mapping[int, type[APIError]]] = {
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    429: RateLimitError,
+}
+
+
+def error_class_for_status(status: int) -> type[APIError]:
+    """The exception class of an HTTP (or envelope) status."""
+    if status >= 500:
+        return ServerError
+    return _STATUS_CLASSES.get(status, APIError)
+
+
+def parse_error_body(
+    body: bytes, content_type: str | None
+) -> tuple[str | None, str | None, float | None]:
+    """Read ``(message, code, retry_after)`` from an error answer's body, when it has them.
+
+    The bodies are undocumented: JSON with ``error.message`` / ``error.error_message`` /
+    ``message`` / ``error`` is read; anything else (an HTML page from a proxy, an empty
+    body) yields ``(None, None, None)`` and the caller words the error from the status.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None, None
+    if not isinstance(data, Mapping):
+        return None, None, None
+    error = data.get("error")
+    message: object = None
+    code: object = data.get("code")
+    retry_after: object = data.get("retry_after")
+    if isinstance(error, Mapping):
+        message = error.get("message", error.get("error_message"))
+        code = error.get("code", code)
+        retry_after = error.get("retry_after", retry_after)
+    elif isinstance(error, str):
+        message = error
+    if message is None:
+        message = data.get("message", data.get("error_message"))
+    status = data.get("status")
+    if message is None and isinstance(status, Mapping):
+        message = status.get("message")
+        code = code if code is not None else status.get("code")
+    hint: float | None = None
+    if isinstance(retry_after, int | float | str) and not isinstance(retry_after, bool):
+        try:
+            hint = float(retry_after)
+        except ValueError:
+            hint = None
+        if hint is not None and not hint >= 0:
+            hint = None
+    return _str_or_none(message), _str_or_none(code), hint
