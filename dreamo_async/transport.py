@@ -1,0 +1,362 @@
+"""HTTP to the service: auth, timeouts, capped reads, retries, and error mapping.
+
+This is the only module that touches aiohttp's client. Its exceptions never
+leave it: each is mapped to a :mod:`dreamo_async.errors` class and chained.
+
+The retry rules are where money is saved or lost:
+
+* a **poll** or a **download** is idempotent, so connection errors, timeouts,
+  5xx, 429 and unreadable answers are retried with backoff;
+* a **create** is retried only when the service surely made no task: the
+  connection was never established (refused, DNS, connect timeout) or the
+  answer was a 429. After the body may have left (a reset, a read timeout, a
+  5xx), :class:`CreateOutcomeUnknownError` is raised and the request is never
+  sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import attrs
+
+from . import __about__
+from .errors import (
+    APIConnectionError,
+    APIError,
+    ConfigurationError,
+    CreateOutcomeUnknownError,
+    RateLimitError,
+    ResponseFormatError,
+    ServerError,
+)
+from .limits import DEFAULT_LIMITS, Limits
+from .models import Task
+from .ratelimit import Priority, RateLimiter, UnlimitedLimiter
+from .retry import RetryPolicy, parse_retry_after
+from .wire import error_class_for_status, parse_error_body, parse_task
+
+__all__ = ["DEFAULT_BASE_URL", "Endpoints", "Transport"]
+
+_T = TypeVar("_T")
+
+logger = logging.getLogger("dreamo_async")
+
+#: The provider's base URL (API.md).
+DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
+
+#: Network failures after which a create request surely never reached the service.
+_NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+#: Everything aiohttp may raise while a request is in flight.
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+@attrs.frozen(kw_only=True)
+class Endpoints:
+    """Where the two calls go. Both paths are configuration (a proxy may move them)."""
+
+    base_url: str = DEFAULT_BASE_URL
+    create_path: str = "/model/v1/generation"
+    task_path: str = "/model/v1/generation/task/{id}"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"base_url must be an http:// or https:// URL; got {self.base_url!r}"
+            )
+
+    @property
+    def create_url(self) -> str:
+        return self.base_url.rstrip("/") + self.create_path
+
+    def task_url(self, task_id: str) -> str:
+        return self.base_url.rstrip("/") + self.task_path.format(id=quote(task_id, safe=""))
+
+
+class Transport:
+    """One aiohttp session and the rules for talking to the service through it.
+
+    The session is created lazily inside the running loop, so a client can be
+    built outside any loop. ``api_key`` is held privately and never printed.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        endpoints: Endpoints,
+        retry: RetryPolicy,
+        limiter: RateLimiter | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        timeout: aiohttp.ClientTimeout | None = None,
+        max_connections: int = 100,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self.endpoints = endpoints
+        self.retry = retry
+        self.limiter: RateLimiter = limiter or UnlimitedLimiter()
+        self.limits = limits
+        self._timeout = timeout or aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=30.0, sock_read=60.0
+        )
+        self._max_connections = max_connections
+        self._rng = rng or random.Random()
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The session, created on first use inside the running loop."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections, enable_cleanup_closed=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
+                raise_for_status=False,
+                trust_env=False,
+            )
+        return self._session
+
+    @property
+    def is_open(self) -> bool:
+        return self._session is not None and not self._session.closed
+
+    async def aclose(self) -> None:
+        """Close the session and its connections."""
+        self._closed = True
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def _auth_headers(self) -> dict[str, str]:
+        if not self._api_key:
+            raise ConfigurationError(
+                "no API key: pass DreamOClient(api_key=...) or set DREAMO_API_KEY "
+                "(or VTRIX_API_KEY) in the environment"
+            )
+        return {"Authorization": f"Bearer {self._api_key}"}
+
+    # -- the two calls -------------------------------------------------------------
+
+    async def create(self, body: bytes, *, request_id: str | None = None) -> Task:
+        """Send a create request; retried only while no task can exist."""
+        request_id = request_id or uuid.uuid4().hex
+        headers = {
+            **self._auth_headers(),
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+        }
+        url = self.endpoints.create_url
+        attempt = 0
+        while True:
+            attempt += 1
+            await self.limiter.acquire(Priority.CREATE)
+            try:
+                async with self.session.post(url, data=body, headers=headers) as response:
+                    status = response.status
+                    payload = await self._read_capped(response, request_id=request_id)
+                    if status in (200, 201, 202):
+                        try:
+                            return parse_task(_json(payload, status, request_id))
+                        except APIError as exc:
+                            raise CreateOutcomeUnknownError(
+                                f"the create answer could not be read ({exc})",
+                                request_id=request_id,
+                            ) from exc
+                    error = self._error_from_response(status, payload, response, request_id)
+            except _NOT_SENT_ERRORS as exc:
+                # The connection was never made: no task can exist, so sending again is safe.
+                if attempt < self.retry.max_attempts:
+                    await self._backoff(attempt, None, "create", exc)
+                    continue
+                raise APIConnectionError(
+                    f"could not connect to {self.endpoints.base_url}: {exc} "
+                    f"(after {attempt} attempts; no task was created)"
+                ) from exc
+            except (CreateOutcomeUnknownError, ConfigurationError):
+                raise
+            except (*_TRANSPORT_ERRORS, ResponseFormatError) as exc:
+                raise CreateOutcomeUnknownError(
+                    f"the create request failed after it was sent ({type(exc).__name__}: {exc})",
+                    request_id=request_id,
+                ) from exc
+            if isinstance(error, RateLimitError):
+                # 429: the service refused, so no task exists; safe to send again.
+                self._pause_for(error)
+                if attempt < self.retry.max_attempts and self._hint_ok(error):
+                    await self._backoff(attempt, error.retry_after, "create", error)
+                    continue
+                raise error
+            if isinstance(error, ServerError):
+                raise CreateOutcomeUnknownError(
+                    f"the service answered the create request with HTTP {error.status}: "
+                    f"{error.message}",
+                    request_id=request_id,
+                ) from error
+            raise error
+
+    async def get_task(self, task_id: str) -> Task:
+        """One poll of a task (retried on transient failures)."""
+        url = self.endpoints.task_url(task_id)
+        headers = self._auth_headers()
+
+        async def once() -> Task:
+            async with self.session.get(url, headers=headers) as response:
+                payload = await self._read_capped(response)
+                if response.status == 200:
+                    return parse_task(_json(payload, response.status, None))
+                raise self._error_from_response(response.status, payload, response, None)
+
+        return await self._idempotent(once, Priority.POLL, f"poll {task_id}")
+
+    async def download(self, url: str, max_bytes: int) -> bytes:
+        """GET ``url`` (an image), streamed and capped at ``max_bytes``; retried."""
+
+        async def once() -> bytes:
+            async with self.session.get(url) as response:
+                if response.status != 200:
+                    payload = await self._read_capped(response)
+                    raise self._error_from_response(response.status, payload, response, None)
+                return await self._read_capped(response, cap=max_bytes, what="download")
+
+        return await self._idempotent(once, None, f"download {_safe_url(url)}")
+
+    # -- helpers -------------------------------------------------------------------
+
+    async def _idempotent(
+        self, once: Callable[[], Awaitable[_T]], priority: Priority | None, what: str
+    ) -> _T:
+        attempt = 0
+        while True:
+            attempt += 1
+            if priority is not None:
+                await self.limiter.acquire(priority)
+            try:
+                return await once()
+            except RateLimitError as exc:
+                self._pause_for(exc)
+                if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
+                    raise
+                await self._backoff(attempt, exc.retry_after, what, exc)
+            except (ServerError, ResponseFormatError) as exc:
+                if attempt >= self.retry.max_attempts:
+                    raise
+                await self._backoff(attempt, None, what, exc)
+            except _TRANSPORT_ERRORS as exc:
+                if attempt >= self.retry.max_attempts:
+                    raise APIConnectionError(
+                        f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
+                    ) from exc
+                await self._backoff(attempt, None, what, exc)
+
+    def _hint_ok(self, error: RateLimitError) -> bool:
+        return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
+
+    def _pause_for(self, error: RateLimitError) -> None:
+        if error.retry_after is not None and self._hint_ok(error):
+            self.limiter.pause(error.retry_after)
+
+    async def _backoff(
+        self, attempt: int, hint: float | None, what: str, error: BaseException
+    ) -> None:
+        delay = self.retry.delay(attempt, hint, self._rng)
+        logger.debug("%s: retry %d in %.3f s after %s", what, attempt, delay, type(error).__name__)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _read_capped(
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        cap: int | None = None,
+        what: str = "response",
+        request_id: str | None = None,
+    ) -> bytes:
+        """Read the body, refusing more than ``cap`` bytes (default: the response cap)."""
+        limit = cap if cap is not None else self.limits.max_response_bytes
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            raise ResponseFormatError(
+                f"{what} of {declared} bytes exceeds the {limit}-byte cap",
+                status=response.status,
+                request_id=request_id,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise ResponseFormatError(
+                    f"{what} exceeds the {limit}-byte cap",
+                    status=response.status,
+                    request_id=request_id,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _error_from_response(
+        self,
+        status: int,
+        payload: bytes,
+        response: aiohttp.ClientResponse,
+        request_id: str | None,
+    ) -> APIError:
+        message, code, body_hint = parse_error_body(payload, response.content_type)
+        if message is None:
+            kind = response.content_type or "no content type"
+            message = f"HTTP {status} {response.reason or ''}".strip() + (
+                f" with a non-JSON body ({kind}, {len(payload)} bytes)"
+                if payload
+                else " (empty body)"
+            )
+        cls = error_class_for_status(status)
+        if cls is RateLimitError:
+            hint = parse_retry_after(response.headers.get("Retry-After"))
+            return RateLimitError(
+                message,
+                retry_after=hint if hint is not None else body_hint,
+                status=status,
+                code=code,
+                request_id=request_id,
+            )
+        return cls(message, status=status, code=code, request_id=request_id)
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "missing"
+        return f"<Transport {self.endpoints.base_url} key={key}>"
+
+
+def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ResponseFormatError(
+            f"the answer is not valid JSON ({len(payload)} bytes)",
+            status=status,
+            request_id=request_id,
+        ) from exc
+    if not isinstance(data, Mapping):
+        raise ResponseFormatError(
+            f"the answer is JSON {type(data).__name__}, expected an object",
+            status=status,
+            request_id=request_id,
+        )
+    return data
+
+
+def _safe_url(url: str) -> str:
+    """A URL without its query string (which may carry signed tokens)."""
+    return url.split("?", 1)[0]
