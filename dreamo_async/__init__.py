@@ -1,0 +1,94 @@
+"""dreamo_async: an asyncio-first client for Vtrix's Spark DreamO image API.
+
+Everything public is importable from here; the submodules are the map of the
+implementation (see DESIGN.md).
+"""
+
+from .__about__ import __version__
+from .client import BatchItem, BatchProgress, ClientStatistics, DreamOClient
+from .errors import (
+    PROVIDER_ERROR_CODES,
+    APIConnectionError,
+    APIError,
+    AuthenticationError,
+    ClientClosedError,
+    ConfigurationError,
+    CreateOutcomeUnknownError,
+    DreamOError,
+    DreamOWarning,
+    ImageError,
+    InvalidRequestError,
+    LimitsBackendError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseFormatError,
+    ServerError,
+    TaskFailedError,
+    TaskTimeoutError,
+)
+from .images import ImageInfo, ImageSource
+from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
+from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
+from .polling import PollPolicy
+from .ratelimit import Priority, RateLimiter, TokenBucketLimiter, UnlimitedLimiter
+from .request import (
+    MULTI_IP_MODEL,
+    SINGLE_IMAGE_MODEL,
+    SIZE_PRESETS,
+    GenerationRequest,
+    RefType,
+    RephraserLevel,
+)
+from .retry import RetryPolicy, set_testing
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "MULTI_IP_MODEL",
+    "PROVIDER_ERROR_CODES",
+    "SINGLE_IMAGE_MODEL",
+    "SIZE_PRESETS",
+    "APIConnectionError",
+    "APIError",
+    "AuthenticationError",
+    "BatchItem",
+    "BatchProgress",
+    "CheckPolicy",
+    "ClientClosedError",
+    "ClientStatistics",
+    "ConfigurationError",
+    "CreateOutcomeUnknownError",
+    "DreamOClient",
+    "DreamOError",
+    "DreamOWarning",
+    "GenerationRequest",
+    "GenerationResult",
+    "ImageError",
+    "ImageInfo",
+    "ImageSource",
+    "InvalidRequestError",
+    "Limits",
+    "LimitsBackendError",
+    "NotFoundError",
+    "OutputImage",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "Priority",
+    "RateLimitError",
+    "RateLimiter",
+    "RefType",
+    "RephraserLevel",
+    "ResponseFormatError",
+    "RetryPolicy",
+    "ServerError",
+    "Task",
+    "TaskError",
+    "TaskFailedError",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "TokenBucketLimiter",
+    "UnlimitedLimiter",
+    "Usage",
+    "__version__",
+    "set_testing",
+]

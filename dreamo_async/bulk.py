@@ -1,0 +1,116 @@
+"""Bulk runs in Python: many generations through one client, fed lazily, yielded as they end.
+
+(The resumable, journalled bulk runs of the ``dreamo batch`` command live in ``batch.py``.)
+
+``run_many`` keeps about ``2 * max_concurrency`` jobs in hand: enough that a
+free job slot never waits for the input iterable, few enough that a generator
+of a million requests is never materialised. Every job ends as a result or an
+error in a :class:`BatchItem`; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from .client import BatchItem, BatchProgress, DreamOClient
+
+__all__ = ["run_many"]
+
+
+async def run_many(
+    client: DreamOClient,
+    requests: Iterable[GenerationRequest | Mapping[str, Any]],
+    *,
+    return_exceptions: bool = True,
+    ordered: bool = False,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+    timeout: Any = None,
+) -> AsyncIterator[BatchItem]:
+    """The engine behind :meth:`DreamOClient.generate_many`."""
+    from .client import BatchItem, BatchProgress  # the client module imports this one
+
+    window = 2 * client.max_concurrency
+    source: Iterator[tuple[int, GenerationRequest | Mapping[str, Any]]] = enumerate(requests)
+    running: dict[asyncio.Task[Any], tuple[int, GenerationRequest]] = {}
+    held: dict[int, BatchItem] = {}
+    next_to_yield = 0
+    read = done = failed = 0
+    exhausted = False
+    cost = Decimal(0)
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+
+    def refill() -> list[BatchItem]:
+        """Start jobs until the window is full; a request that fails its checks ends at once."""
+        nonlocal read, exhausted
+        immediate: list[BatchItem] = []
+        while not exhausted and len(running) < window:
+            try:
+                index, raw = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            read += 1
+            try:
+                request = (
+                    client.build_request(raw)
+                    if isinstance(raw, GenerationRequest)
+                    else client.build_request(**raw)
+                )
+            except Exception as exc:
+                immediate.append(BatchItem(index=index, request=raw, error=exc))  # type: ignore[arg-type]
+                continue
+            job = asyncio.ensure_future(client.generate(request, **kwargs))
+            running[job] = (index, request)
+        return immediate
+
+    try:
+        pending_items = refill()
+        while running or pending_items:
+            if not pending_items:
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for job in finished:
+                    index, request = running.pop(job)
+                    if job.cancelled():
+                        error: BaseException | None = asyncio.CancelledError()
+                        pending_items.append(BatchItem(index=index, request=request, error=error))
+                    elif (exc := job.exception()) is not None:
+                        pending_items.append(BatchItem(index=index, request=request, error=exc))
+                    else:
+                        pending_items.append(
+                            BatchItem(index=index, request=request, result=job.result())
+                        )
+                pending_items.extend(refill())
+            pending_items.sort(key=lambda item: item.index)
+            outgoing, pending_items = pending_items, []
+            for item in outgoing:
+                done += 1
+                if item.error is not None:
+                    failed += 1
+                    if not return_exceptions:
+                        raise item.error
+                elif item.result is not None and item.result.cost is not None:
+                    cost += item.result.cost
+                if on_progress is not None:
+                    on_progress(
+                        BatchProgress(
+                            done=done, failed=failed, total=read if exhausted else None, cost=cost
+                        )
+                    )
+                if ordered:
+                    held[item.index] = item
+                else:
+                    yield item
+            while ordered and next_to_yield in held:
+                yield held.pop(next_to_yield)
+                next_to_yield += 1
+    finally:
+        for job in running:
+            job.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)

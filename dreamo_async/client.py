@@ -1,0 +1,427 @@
+"""``DreamOClient``: one per process or web app, any number of concurrent jobs.
+
+A job is ``generate``: check -> [job slot: prepare images -> create -> poll] ->
+result. The slot (``max_concurrency``) covers the whole life of a job, so both
+the memory held by encoded images and the number of tasks running at the
+service are bounded. Every HTTP request also passes the rate limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiohttp
+import anyio
+import attrs
+
+from .errors import ClientClosedError, TaskFailedError, TaskTimeoutError
+from .images import live_payload_count, prepare_images
+from .limits import DEFAULT_LIMITS, Limits
+from .models import GenerationResult, Task, TaskStatus
+from .polling import PollPolicy, PollSchedule
+from .ratelimit import LimitsBackend, LocalLimits, RateLimiter
+from .request import GenerationRequest
+from .retry import RetryPolicy, is_testing
+from .transport import DEFAULT_BASE_URL, Endpoints, Transport
+from .wire import encode_create_body, request_params
+
+__all__ = ["BatchItem", "BatchProgress", "ClientStatistics", "DreamOClient"]
+
+logger = logging.getLogger("dreamo_async")
+
+#: Environment variables read for the API key, in order.
+API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
+#: Bodies with more base64 than this are serialised in a worker thread.
+_OFFLOOP_BODY_BYTES: Final = 256 * 1024
+
+
+class _Unset:
+    """Marker for "not given" where ``None`` means something (no timeout)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Final = _Unset()
+
+
+@attrs.frozen
+class ClientStatistics:
+    """An immutable snapshot of what the client is doing right now."""
+
+    jobs_running: int
+    jobs_waiting: int
+    max_concurrency: int
+    live_payloads: int
+
+
+@attrs.frozen
+class BatchItem:
+    """One finished job of :meth:`DreamOClient.generate_many`."""
+
+    #: Position of the request in the input iterable.
+    index: int
+    request: GenerationRequest = attrs.field(repr=False)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@attrs.frozen
+class BatchProgress:
+    """Progress of a bulk run, passed to ``on_progress``."""
+
+    done: int
+    failed: int
+    #: Requests read so far; the final total once the input is exhausted.
+    total: int | None
+    cost: Any  # Decimal
+
+
+def _mask(key: str | None) -> str:
+    if not key:
+        return "missing"
+    return f"...{key[-4:]}" if len(key) >= 12 else "***"
+
+
+class DreamOClient:
+    """An async client for the Spark DreamO image API.
+
+    Use it as ``async with DreamOClient(...) as client:`` (or call
+    :meth:`aclose`). Construction needs no running loop; the HTTP session is
+    made inside the loop on first use. One client is meant to be shared by all
+    the coroutines of a process: the limits it enforces are per client.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        max_concurrency: int = 4,
+        requests_per_second: float | None = None,
+        burst: int = 1,
+        poll: PollPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        limiter: RateLimiter | None = None,
+        limits_backend: LimitsBackend | None = None,
+        max_connections: int = 100,
+        request_timeout: aiohttp.ClientTimeout | None = None,
+        create_path: str | None = None,
+        task_path: str | None = None,
+        fit_images: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
+        if api_key is None:
+            api_key = next((os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)), None)
+        self._api_key = api_key
+        endpoints = Endpoints(
+            base_url=base_url or DEFAULT_BASE_URL,
+            **({"create_path": create_path} if create_path else {}),
+            **({"task_path": task_path} if task_path else {}),
+        )
+        self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
+        if limiter is None:
+            limiter = self.limits_backend.make_limiter(requests_per_second, burst)
+        self.max_concurrency = max_concurrency
+        self.poll_policy = poll or PollPolicy()
+        self.limits = limits
+        self.fit_images = fit_images
+        self._rng = random.Random(seed)
+        self._transport = Transport(
+            api_key=api_key,
+            endpoints=endpoints,
+            retry=retry or RetryPolicy(),
+            limiter=limiter,
+            limits=limits,
+            timeout=request_timeout,
+            max_connections=max_connections,
+            rng=self._rng,
+        )
+        self._slots = self.limits_backend.make_slots(max_concurrency)
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel running jobs (they raise :class:`ClientClosedError`) and close the session."""
+        if self._closed:
+            return
+        self._closed = True
+        current = asyncio.current_task()
+        running = [job for job in self._jobs if job is not current and not job.done()]
+        if running:
+            logger.warning("closing the client cancels %d running job(s)", len(running))
+            for job in running:
+                job.cancel("DreamOClient closed")
+            await asyncio.wait(running, timeout=5.0)
+        await self._transport.aclose()
+        await self.limits_backend.aclose()
+
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        transport = getattr(self, "_transport", None)
+        if transport is not None and transport.is_open:
+            _warn(
+                f"unclosed {self!r}: use 'async with DreamOClient(...)' or 'await client.aclose()'",
+                ResourceWarning,
+                source=self,
+            )
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<DreamOClient {self._transport.endpoints.base_url} key={_mask(self._api_key)} "
+            f"max_concurrency={self.max_concurrency} {state}>"
+        )
+
+    def statistics(self) -> ClientStatistics:
+        """What the client is doing now (immutable snapshot)."""
+        return ClientStatistics(
+            jobs_running=self._slots.in_use,
+            jobs_waiting=self._slots.waiting,
+            max_concurrency=self.max_concurrency,
+            live_payloads=live_payload_count(),
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this DreamOClient is closed; create a new one")
+
+    # -- building requests ---------------------------------------------------------
+
+    def build_request(
+        self, request: GenerationRequest | None = None, /, **params: Any
+    ) -> GenerationRequest:
+        """A checked request from a request object or keywords, against this client's limits."""
+        if request is not None:
+            if params:
+                request = attrs.evolve(request, **params)
+            if request.limits is not self.limits:
+                request.check(self.limits)
+            return request
+        return GenerationRequest(limits=self.limits, **params)
+
+    # -- the public calls ----------------------------------------------------------
+
+    async def generate(
+        self,
+        request: GenerationRequest | None = None,
+        /,
+        *,
+        timeout: float | _Unset | None = _UNSET,
+        **params: Any,
+    ) -> GenerationResult:
+        """Create a task and poll it to the end; return its result.
+
+        ``timeout`` (seconds, default ``PollPolicy.timeout``) is the deadline of the
+        job once it holds a slot; past it :class:`TaskTimeoutError` carries the task
+        id so the caller can resume with :meth:`wait`. Failures raise
+        :class:`TaskFailedError` with the provider's code.
+        """
+        built = self.build_request(request, **params)
+        deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
+        async with self._job():
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            task = await self._create(built)
+            return await self._poll(task, started=started, timeout=deadline_s)
+
+    async def submit(self, request: GenerationRequest | None = None, /, **params: Any) -> Task:
+        """Create a task and return at once (no polling): the task id is yours to ``wait`` on."""
+        built = self.build_request(request, **params)
+        async with self._job():
+            return await self._create(built)
+
+    async def get_task(self, task_id: str) -> Task:
+        """One poll of a task."""
+        self._check_open()
+        return await self._transport.get_task(task_id)
+
+    async def wait(
+        self, task_id: str, *, timeout: float | _Unset | None = _UNSET
+    ) -> GenerationResult:
+        """Poll an existing task until it ends (resume after a timeout, a restart...).
+
+        It takes no job slot: the task already runs at the service.
+        """
+        self._check_open()
+        deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
+        loop = asyncio.get_running_loop()
+        with self._tracked():
+            first = await self._transport.get_task(task_id)
+            return await self._poll(first, started=loop.time(), timeout=deadline_s)
+
+    async def generate_many(
+        self,
+        requests: Iterable[GenerationRequest | Mapping[str, Any]],
+        *,
+        return_exceptions: bool = True,
+        ordered: bool = False,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+        timeout: float | _Unset | None = _UNSET,
+    ) -> AsyncIterator[BatchItem]:
+        """Run many generations; yield each :class:`BatchItem` as it finishes.
+
+        Requests are read lazily from ``requests`` (any iterable, a generator of
+        millions included): only about ``2 * max_concurrency`` are in hand at once.
+        With ``return_exceptions=False`` the first error is raised (the rest are
+        cancelled). ``ordered=True`` yields in input order.
+        """
+        from .bulk import run_many  # local: bulk imports this module
+
+        async for item in run_many(
+            self,
+            requests,
+            return_exceptions=return_exceptions,
+            ordered=ordered,
+            on_progress=on_progress,
+            timeout=timeout,
+        ):
+            yield item
+
+    # -- internals -----------------------------------------------------------------
+
+    class _JobContext:
+        """Holds a job slot and registers the job for cancellation on close."""
+
+        def __init__(self, client: DreamOClient) -> None:
+            self._client = client
+            self._tracker = client._tracked()
+            self._token: object = None
+
+        async def __aenter__(self) -> None:
+            client = self._client
+            client._check_open()
+            self._token = await client._slots.acquire()
+            self._tracker.__enter__()
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None:
+            try:
+                # JobSlots.release completes even when this job is being cancelled.
+                await self._client._slots.release(self._token)
+            finally:
+                self._tracker.__exit__(exc_type, exc, tb)
+
+    def _job(self) -> DreamOClient._JobContext:
+        return DreamOClient._JobContext(self)
+
+    def _tracked(self) -> _Tracker:
+        return _Tracker(self)
+
+    async def _create(self, request: GenerationRequest) -> Task:
+        prepared = await prepare_images(
+            request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
+        )
+        params = request_params(request)
+        if prepared.base64 and sum(map(len, prepared.base64)) > _OFFLOOP_BODY_BYTES:
+            body = await anyio.to_thread.run_sync(
+                encode_create_body, request.model, params, prepared.base64, prepared.urls
+            )
+        else:
+            body = encode_create_body(request.model, params, prepared.base64, prepared.urls)
+        del prepared  # the encoded images live only until the body exists
+        request_id = uuid.uuid4().hex
+        logger.debug("create %s (%d bytes, request id %s)", request.model, len(body), request_id)
+        try:
+            task = await self._transport.create(body, request_id=request_id)
+        except asyncio.CancelledError:
+            logger.warning(
+                "a create request was cancelled in flight; a task may exist (X-Request-Id %s)",
+                request_id,
+            )
+            raise
+        logger.info("created task %s (%s)", task.id, task.raw_status)
+        return task
+
+    async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
+        return await self._transport.download(url, max_bytes)
+
+    async def _poll(self, task: Task, *, started: float, timeout: float | None) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else started + timeout
+        schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
+        schedule.observe(loop.time(), task.progress)
+        while not task.is_terminal:
+            now = loop.time()
+            delay = 0.0 if is_testing() else schedule.next_delay(now)
+            if deadline is not None:
+                if now >= deadline:
+                    raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
+                delay = min(delay, deadline - now)
+            await asyncio.sleep(delay)
+            task = await self._transport.get_task(task.id)
+            schedule.observe(loop.time(), task.progress)
+        if task.status is TaskStatus.FAILED:
+            error = task.error
+            raise TaskFailedError(
+                task.id, error.code if error else None, error.message if error else None
+            )
+        return GenerationResult.from_task(task)
+
+
+class _Tracker:
+    """Registers the current asyncio task as a job, so ``aclose`` can cancel it.
+
+    A job cancelled by ``aclose`` raises :class:`ClientClosedError` instead of
+    ``CancelledError``: its caller did not ask for the cancellation.
+    """
+
+    def __init__(self, client: DreamOClient) -> None:
+        self._client = client
+        self._task: asyncio.Task[Any] | None = None
+
+    def __enter__(self) -> None:
+        self._task = asyncio.current_task()
+        if self._task is not None:
+            self._client._jobs.add(self._task)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = self._task
+        if task is None:
+            return
+        self._client._jobs.discard(task)
+        if (
+            exc_type is asyncio.CancelledError
+            and self._client._closed
+            and task.cancelling()
+            and any(arg == "DreamOClient closed" for arg in getattr(exc, "args", ()))
+        ):
+            task.uncancel()
+            raise ClientClosedError("the client was closed while this job was running") from exc
