@@ -1,0 +1,29 @@
+"""Shared test helpers. Fixtures of the fake server come from the dreamo_async pytest plugin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import dreamo_async as d
+
+
+async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (checked every 2 ms); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.002)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees a developer's real key, and testing mode never leaks between tests."""
+    monkeypatch.delenv("DREAMO_API_KEY", raising=False)
+    monkeypatch.delenv("VTRIX_API_KEY", raising=False)
+    yield
+    d.set_testing(False)
