@@ -3,117 +3,108 @@
 It speaks the real protocol (paths, wrapped bodies, bearer key, statuses, error
 codes), checks the documented limits server-side, runs tasks on its own clock
 (no background timers: a task's status is computed when it is polled), and
-counts everything from the server's side so tests can prove what the client did.
+counts everything from the server's side (:class:`ServerStats`) so tests prove
+what the client did rather than what it believes it did.
+
+Routes::
+
+    POST /model/v1/generation              create (bearer key, wrapped JSON body)
+    GET  /model/v1/generation/task/{id}    poll
+    GET  /files/{task_id}/0.png            the result image of a completed task
+    GET  /assets/{name}                    files added with add_file() (input images by URL)
+    GET  /_fake/stats                      ServerStats as JSON (for other processes)
+    POST /_fake/reset                      reset_stats()
+    POST /_fake/inject                     {"endpoint", "fault": Fault.to_dict(), "times"}
 
 Scripted outcomes ride in the prompt, so a test or the demo needs no set-up:
-``[fail:003013095]`` ends the task failed with that code, ``[slow:MS]`` sets
-its duration, ``[never]`` never finishes. Faults of the transport are injected
-with :meth:`FakeDreamOServer.inject` (see :mod:`._faults`).
+``[fail:003013095]`` ends the task ``failed`` with that code, ``[slow:MS]`` sets
+its duration, ``[never]`` never finishes. ``fail_tasks(code, ratio, seed)`` fails
+a seeded random share. Transport faults are scripted with :meth:`inject` or drawn
+at random with :meth:`chaos` (see :mod:`dreamo_async.testing._faults`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
-import datetime as dt
+import heapq
 import itertools
-import json
 import math
+import random
 import re
+import secrets
 import time
-from collections.abc import Mapping
-from types import TracebackType
+import types
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Self
 
 import attrs
 from aiohttp import web
+from multidict import CIMultiDict
 
-from ..errors import PROVIDER_ERROR_CODES
 from ..limits import DEFAULT_LIMITS, Limits
-from ._faults import Endpoint, Fault
-from ._images import make_png
+from ._faults import CHAOS_FAULTS, ENDPOINTS, Endpoint, Fault
+from ._http import (
+    Answer,
+    Dropped,
+    RetryAfterFormat,
+    TokenBucket,
+    drop,
+    error_answer,
+    fault_answer,
+    format_retry_after,
+    render,
+    stream_padded,
+)
+from ._images import image_info, make_png
+from ._stats import RecordedRequest, RefusalRecord, ServerStats
+from ._tasks import (
+    CANONICAL_STATUSES,
+    CreatedAtFormat,
+    ErrorFormat,
+    FakeTask,
+    OutputLayout,
+    Presentation,
+)
+from ._validate import CreateRequest, Refusal, parse_create_body
 
-__all__ = ["FakeDreamOServer", "ServerStats"]
+__all__ = ["CREATE_PATH", "TASK_PATH", "FakeDreamOServer"]
 
 CREATE_PATH: Final = "/model/v1/generation"
 TASK_PATH: Final = "/model/v1/generation/task/{id}"
-_MODELS: Final = ("spark_multi_dreamo", "spark_dreamo")
-_REF_TYPES: Final = {"IP", "ID", "STYLE", "AUTO"}
-_REPHRASER_LEVELS: Final = {"general", "fine", "coarse"}
-_FAIL_RE: Final = re.compile(r"\[fail:(\w+)\]")
-_SLOW_RE: Final = re.compile(r"\[slow:(\d+)\]")
-_OUTPUT_PNG: Final = make_png(64, 64)
 
-
-@attrs.define
-class ServerStats:
-    """What the server saw. ``request_times`` holds ``(monotonic, method, path)``."""
-
-    creates: int = 0
-    refused: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    polls: int = 0
-    downloads: int = 0
-    rate_limited: int = 0
-    creates_by_request_id: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    creates_by_prompt: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    max_open_tasks: int = 0
-    request_times: list[tuple[float, str, str]] = attrs.field(factory=list)
-
-    def max_requests_in_window(self, window_s: float = 1.0, *, api_only: bool = True) -> int:
-        """Most requests seen in any sliding window of ``window_s`` seconds."""
-        times = sorted(
-            t for t, _, path in self.request_times if not api_only or path.startswith("/model/")
-        )
-        best = 0
-        start = 0
-        for end, moment in enumerate(times):
-            while moment - times[start] >= window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "creates": self.creates,
-            "refused": dict(self.refused),
-            "polls": self.polls,
-            "downloads": self.downloads,
-            "rate_limited": self.rate_limited,
-            "creates_by_request_id": dict(self.creates_by_request_id),
-            "creates_by_prompt": dict(self.creates_by_prompt),
-            "max_open_tasks": self.max_open_tasks,
-            "requests": len(self.request_times),
-            "max_requests_in_1s": self.max_requests_in_window(1.0),
-        }
-
-
-@attrs.define
-class _Task:
-    id: str
-    model: str
-    created: float  # server clock (monotonic)
-    created_wall: float
-    queue_s: float
-    duration_s: float  # math.inf for [never]
-    fail_code: str | None
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, code: str, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.reason = reason
+_FAIL_RE: Final = re.compile(r"\[fail:([\w-]+)\]")
+_SLOW_RE: Final = re.compile(r"\[slow:(\d+(?:\.\d+)?)\]")
+_OUTPUT_PNG: Final = make_png(64, 64, color=(40, 120, 200))
+#: Bodies above this are checked in a worker thread, so the shared loop stays responsive.
+_THREAD_BODY_BYTES: Final = 256 * 1024
+_UPSTREAM_ERROR: Final = "003013097"
 
 
 class FakeDreamOServer:
-    """A faithful in-process simulation of the Spark DreamO API (see module docstring).
+    """A faithful in-process simulation of the Spark DreamO API (see the module docstring).
 
-    Times are in milliseconds so tests stay fast. ``api_key=None`` accepts any
-    non-empty bearer key.
+    Times are in milliseconds so tests stay fast. Every option is keyword-only:
+
+    - ``api_key``: the accepted bearer key; ``None`` accepts any non-empty key.
+    - ``task_duration_ms`` / ``queue_ms``: time in ``processing`` / in ``pending`` first.
+    - ``report_progress``: a linear ``progress`` 0..1 on running tasks.
+    - ``envelope``: wrap answers as ``{"data": task, "status": {"code": 200, ...}}``.
+    - ``status_words``: canonical word -> word sent, e.g. ``{"processing": "in_progress"}``.
+    - ``output_layout``: ``"content"`` (``output[].content[].url``) or ``"flat"``.
+    - ``created_at_format``: ``"s"``, ``"ms"`` or ``"iso"`` (also ``completed_at``).
+    - ``error_format``: failed task's ``error`` as ``{code, message}`` (``"message"``),
+      ``{code, error_message}`` (``"error_message"``) or a plain string (``"string"``).
+    - ``cost``: ``usage.cost`` of a completed task; ``create_status``: 200 or 201.
+    - ``limits``: the limits checked server-side; ``strict_params``: refuse unknown params.
+    - ``rate_limit`` / ``rate_burst``: token bucket over creates and polls (req/s, bucket
+      size, default ``max(1, rate_limit)``); above it: 429 with ``Retry-After`` spelled
+      per ``retry_after_format`` (``"seconds"`` = fractional, fast tests; ``"int"``;
+      ``"date"`` = HTTP-date; ``"none"``).
+    - ``max_open_tasks``: refuse creates with 429 while that many tasks are running.
+    - ``result_ttl_ms``: result files answer 404 that long after completion.
+    - ``extra_fields``: add undocumented fields everywhere (tolerance tests).
+    - ``clock``: the server clock (seconds, monotonic), replaceable for frozen-time tests.
     """
 
     def __init__(
@@ -127,65 +118,122 @@ class FakeDreamOServer:
         report_progress: bool = False,
         envelope: bool = False,
         status_words: Mapping[str, str] | None = None,
-        output_layout: str = "content",
-        created_at_format: str = "s",
+        output_layout: OutputLayout = "content",
+        created_at_format: CreatedAtFormat = "s",
+        error_format: ErrorFormat = "message",
         cost: str = "0.03",
+        create_status: int = 200,
         limits: Limits = DEFAULT_LIMITS,
+        strict_params: bool = True,
         rate_limit: float | None = None,
+        rate_burst: float | None = None,
+        retry_after_format: RetryAfterFormat = "seconds",
         max_open_tasks: int | None = None,
+        result_ttl_ms: float | None = None,
+        extra_fields: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        words = dict(status_words or {})
+        if unknown := set(words) - set(CANONICAL_STATUSES):
+            raise ValueError(f"status_words keys must be among {CANONICAL_STATUSES}: {unknown}")
+        _require(output_layout, ("content", "flat"), "output_layout")
+        _require(created_at_format, ("s", "ms", "iso"), "created_at_format")
+        _require(error_format, ("message", "error_message", "string"), "error_format")
+        _require(retry_after_format, ("seconds", "int", "date", "none"), "retry_after_format")
+        if rate_limit is not None and rate_limit <= 0:
+            raise ValueError("rate_limit must be positive (or None)")
+        if api_key == "":
+            raise ValueError("api_key must be non-empty (or None to accept any key)")
         self.api_key = api_key
         self.host = host
         self.port = port
         self.task_duration_ms = task_duration_ms
         self.queue_ms = queue_ms
-        self.report_progress = report_progress
-        self.envelope = envelope
-        self.status_words = dict(status_words or {})
-        self.output_layout = output_layout
-        self.created_at_format = created_at_format
-        self.cost = cost
+        self.create_status = create_status
         self.limits = limits
+        self.strict_params = strict_params
         self.rate_limit = rate_limit
+        self.rate_burst = rate_burst if rate_burst is not None else max(1.0, rate_limit or 1.0)
+        self.retry_after_format: RetryAfterFormat = retry_after_format
         self.max_open_tasks = max_open_tasks
+        self.result_ttl_ms = result_ttl_ms
         self.stats = ServerStats()
-        self.last_create_body: dict[str, Any] | None = None
-        self.last_create_headers: dict[str, str] | None = None
-        self._tasks: dict[str, _Task] = {}
+        self._clock = clock
+        self._presentation = Presentation(
+            base_url="",
+            envelope=envelope,
+            status_words=words,
+            output_layout=output_layout,
+            created_at_format=created_at_format,
+            error_format=error_format,
+            report_progress=report_progress,
+            extra_fields=extra_fields,
+            cost=cost,
+        )
+        self._tasks: dict[str, FakeTask] = {}
+        self._open: list[tuple[float, str]] = []  # heap of (ends_at, task id)
         self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
             collections.deque
         )
+        self._chaos_p: dict[str, float] = {}
+        self._chaos_faults: list[Fault] = []
+        self._chaos_weights: list[float] = []
+        self._chaos_rng = random.Random(0)
+        self._fail_rule: tuple[str, float, random.Random] | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
+        self._last: dict[str, RecordedRequest] = {}
         self._ids = itertools.count(1)
-        self._recent: collections.deque[float] = collections.deque()
+        self._tag = secrets.token_hex(3)
+        self._bucket = (
+            TokenBucket(rate_limit, self.rate_burst, self.rate_burst, clock())
+            if rate_limit is not None
+            else None
+        )
         self._runner: web.AppRunner | None = None
-        self.url = ""
+        self._url: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:41234`` (still readable after close)."""
+        if self._url is None:
+            raise RuntimeError("FakeDreamOServer is not started: use `async with` or start()")
+        return self._url
+
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._record], client_max_size=64 * 1024 * 1024)
-        app.router.add_post(CREATE_PATH, self._create)
-        app.router.add_get(TASK_PATH, self._poll)
-        app.router.add_get("/files/{task_id}/{name}", self._file)
-        app.router.add_get("/assets/{name:.*}", self._asset)
-        app.router.add_get("/_fake/stats", self._stats)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=0.1
+        """Listen on ``host:port`` (port 0 = a free port, read back into ``self.port``)."""
+        if self._runner is not None:
+            raise RuntimeError("FakeDreamOServer is already started")
+        body_limit = self.limits.max_images * self.limits.max_image_bytes * 4 // 3 + (1 << 20)
+        app = web.Application(
+            middlewares=[self._middleware], client_max_size=max(64 << 20, body_limit)
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
-        self.url = f"http://{self.host}:{self.port}"
+        app.router.add_post(CREATE_PATH, self._handle_create)
+        app.router.add_get(TASK_PATH, self._handle_poll)
+        app.router.add_get("/files/{task_id}/{name}", self._handle_file)
+        app.router.add_get("/assets/{name:.+}", self._handle_asset)
+        app.router.add_get("/_fake/stats", self._control_stats)
+        app.router.add_post("/_fake/reset", self._control_reset)
+        app.router.add_post("/_fake/inject", self._control_inject)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        self._url = f"http://{self.host}:{self.port}"
+        self._presentation = attrs.evolve(self._presentation, base_url=self._url)
 
     async def close(self) -> None:
+        """Stop listening and close open connections (idempotent)."""
         if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -195,352 +243,386 @@ class FakeDreamOServer:
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
-        tb: TracebackType | None,
+        tb: types.TracebackType | None,
     ) -> None:
         await self.close()
 
     # -- test controls ---------------------------------------------------------------
 
     def inject(self, endpoint: Endpoint, fault: Fault, *, times: int = 1) -> None:
-        """Make the next ``times`` requests to ``endpoint`` misbehave as ``fault``."""
+        """Make the next ``times`` requests to ``endpoint`` misbehave as ``fault`` (in order)."""
+        _require(endpoint, ENDPOINTS, "endpoint")
         self._faults[endpoint].extend([fault] * times)
 
-    def clear_faults(self) -> None:
-        self._faults.clear()
+    def pending_faults(self, endpoint: Endpoint) -> int:
+        """Scripted faults of ``endpoint`` not used yet."""
+        return len(self._faults.get(endpoint, ()))
 
-    def add_file(self, path: str, data: bytes, content_type: str = "image/png") -> str:
-        """Serve ``data`` at ``/assets/...``; returns its full URL."""
+    def chaos(
+        self,
+        probability: float | Mapping[Endpoint, float],
+        *,
+        seed: int = 0,
+        faults: Sequence[Fault] | Mapping[Fault, float] | None = None,
+        endpoints: Iterable[Endpoint] = ENDPOINTS,
+    ) -> None:
+        """Give each request a seeded ``probability`` of a random fault (0 turns it off).
+
+        ``probability`` may be per endpoint (``{"poll": 0.3}``). ``faults`` are drawn
+        from (weighted when a mapping); the default is :data:`CHAOS_FAULTS`.
+        """
+        if isinstance(probability, Mapping):
+            self._chaos_p = {_require(k, ENDPOINTS, "endpoint"): v for k, v in probability.items()}
+        else:
+            self._chaos_p = {_require(e, ENDPOINTS, "endpoint"): probability for e in endpoints}
+        pool = CHAOS_FAULTS if faults is None else faults
+        weighted = pool if isinstance(pool, Mapping) else dict.fromkeys(pool, 1.0)
+        if not weighted:
+            raise ValueError("chaos needs at least one fault")
+        self._chaos_faults = list(weighted)
+        self._chaos_weights = [float(w) for w in weighted.values()]
+        self._chaos_rng = random.Random(seed)
+
+    def clear_faults(self) -> None:
+        """Forget every scripted fault and turn chaos off."""
+        self._faults.clear()
+        self._chaos_p = {}
+
+    def fail_tasks(self, code: str = "003013095", ratio: float = 1.0, seed: int = 0) -> None:
+        """Make a seeded random ``ratio`` of new tasks end ``failed`` with ``code`` (0 = off)."""
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError("ratio must be within 0..1")
+        self._fail_rule = (code, ratio, random.Random(seed)) if ratio > 0 else None
+
+    def finish_task(self, task_id: str, *, fail_code: str | None = None) -> None:
+        """End a task now (e.g. one made with ``[never]``), optionally as failed."""
+        task = self._tasks[task_id]
+        now = self._clock()
+        task.starts_at = min(task.starts_at, now)
+        task.ends_at = min(task.ends_at, now)
+        if fail_code is not None:
+            task.fail_code = fail_code
+        self._open = [(t.ends_at, t.id) for t in self._tasks.values() if t.is_open(now)]
+        heapq.heapify(self._open)
+
+    def add_file(self, path: str, data: bytes, content_type: str | None = None) -> str:
+        """Serve ``data`` at ``/assets/<path>`` and return its full URL (server started).
+
+        ``content_type`` defaults to what the bytes are (PNG, JPEG, else octet-stream).
+        """
         name = path.removeprefix("/").removeprefix("assets/")
+        if content_type is None:
+            info = image_info(data)
+            content_type = f"image/{info[0]}" if info else "application/octet-stream"
         self._files[name] = (data, content_type)
         return f"{self.url}/assets/{name}"
 
     def reset_stats(self) -> None:
-        self.stats = ServerStats()
+        """Zero every counter in place (``max_open_tasks`` restarts at the tasks running now)."""
+        fresh = ServerStats(max_open_tasks=self.open_tasks())
+        for field in attrs.fields(ServerStats):
+            setattr(self.stats, field.name, getattr(fresh, field.name))
 
-    def open_tasks(self, now: float | None = None) -> int:
-        """Tasks running at the service now (created, not yet at their end time)."""
-        moment = time.monotonic() if now is None else now
-        return sum(1 for t in self._tasks.values() if t.created + t.queue_s + t.duration_s > moment)
+    def open_tasks(self) -> int:
+        """Tasks running at the service now (created, completion time not reached)."""
+        return self._prune_open(self._clock())
 
-    # -- handlers --------------------------------------------------------------------
+    @property
+    def tasks(self) -> Mapping[str, FakeTask]:
+        """Every task created, by id (read-only view; inspect, do not modify)."""
+        return types.MappingProxyType(self._tasks)
+
+    def last_request(self, endpoint: Endpoint = "create") -> RecordedRequest | None:
+        """The last request ``endpoint`` received, headers (with Authorization) and body."""
+        return self._last.get(endpoint)
+
+    @property
+    def last_create_body(self) -> Any:
+        """The last create body parsed as JSON (refused ones too), or ``None``."""
+        recorded = self._last.get("create")
+        if recorded is None or not recorded.body:
+            return None
+        try:
+            return recorded.json()
+        except ValueError:
+            return None
+
+    @property
+    def last_create_headers(self) -> Mapping[str, str] | None:
+        """Headers of the last create request (case-insensitive, Authorization included)."""
+        recorded = self._last.get("create")
+        return None if recorded is None else recorded.headers
+
+    # -- plumbing --------------------------------------------------------------------
 
     @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        self.stats.request_times.append((time.monotonic(), request.method, request.path))
-        response: web.StreamResponse = await handler(request)
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        control = request.path.startswith("/_fake/")
+        if not control:
+            self.stats.request_times.append((self._clock(), request.method, request.path))
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # unknown path or method: a JSON error like the rest
+            if exc.status < 400:
+                raise
+            reason = "not_found" if exc.status == 404 else "method"
+            refusal = Refusal(exc.status, str(exc.status), exc.reason, reason)
+            response = render(self._refuse("other", refusal))
+        if not control and not isinstance(response, Dropped):
+            self.stats.status_codes[response.status] += 1
+            if response.status == 429:
+                self.stats.rate_limited += 1
+        request_id = request.headers.get("X-Request-Id")
+        if request_id and not response.prepared:
+            response.headers["X-Request-Id"] = request_id
         return response
 
     def _next_fault(self, endpoint: Endpoint) -> Fault | None:
         queue = self._faults.get(endpoint)
-        return queue.popleft() if queue else None
-
-    def _check_key(self, request: web.Request) -> web.Response | None:
-        header = request.headers.get("Authorization", "")
-        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not key or (self.api_key is not None and key != self.api_key):
-            self.stats.refused["auth"] += 1
-            return self._error(401, "401", "invalid or missing API key")
+        if queue:
+            return queue.popleft()
+        p = self._chaos_p.get(endpoint, 0.0)
+        if p > 0 and self._chaos_rng.random() < p:
+            return self._chaos_rng.choices(self._chaos_faults, self._chaos_weights)[0]
         return None
 
-    def _over_rate(self) -> web.Response | None:
-        if self.rate_limit is None:
-            return None
-        now = time.monotonic()
-        while self._recent and now - self._recent[0] >= 1.0:
-            self._recent.popleft()
-        if len(self._recent) >= self.rate_limit:
-            self.stats.rate_limited += 1
-            wait = max(0.001, 1.0 - (now - self._recent[0]))
-            return self._error(429, "429", "rate limit exceeded", retry_after=f"{wait:.3f}")
-        self._recent.append(now)
-        return None
-
-    async def _create(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._check_key(request)) is not None:
-            return refused
-        if (limited := self._over_rate()) is not None:
-            return limited
-        fault = self._next_fault("create")
-        if fault is not None and fault.kind == "drop_before":
-            return await self._drop(request)
-        if fault is not None and (early := await self._simple_fault(fault)) is not None:
-            return early
-        try:
-            body = await request.read()
-            task = self._accept(body, request)
-        except _Refusal as refusal:
-            self.stats.refused[refusal.reason] += 1
-            return self._error(refusal.status, refusal.code, refusal.message)
-        if fault is not None and fault.kind == "drop_after":
-            return await self._drop(request)
-        if fault is not None and fault.kind == "create_then_500":
-            return self._error(500, "003013099", "service unavailable")
-        return self._json(
-            {
-                "id": task.id,
-                "status": self._word("pending"),
-                "model": task.model,
-                "created_at": self._created_at(task),
-            }
+    async def _serve(
+        self,
+        endpoint: Endpoint,
+        request: web.Request,
+        work: Callable[[web.Request], Awaitable[Answer]],
+    ) -> web.StreamResponse:
+        """Run one request: the fault "before", the service's work, the fault "after"."""
+        self._last[endpoint] = RecordedRequest(
+            request.method, request.path_qs, CIMultiDict(request.headers)
         )
-
-    async def _poll(self, request: web.Request) -> web.StreamResponse:
-        if (refused := self._check_key(request)) is not None:
-            return refused
-        if (limited := self._over_rate()) is not None:
-            return limited
-        self.stats.polls += 1
-        fault = self._next_fault("poll")
-        if fault is not None and fault.kind in ("drop_before", "drop_after"):
-            return await self._drop(request)
-        if fault is not None and (early := await self._simple_fault(fault)) is not None:
-            return early
-        task = self._tasks.get(request.match_info["id"])
-        if task is None:
-            return self._error(404, "404", "task not found")
-        return self._json(self._describe(task, time.monotonic()))
-
-    async def _file(self, request: web.Request) -> web.StreamResponse:
-        self.stats.downloads += 1
-        fault = self._next_fault("download")
-        if fault is not None and fault.kind in ("drop_before", "drop_after"):
-            return await self._drop(request)
-        if fault is not None and (early := await self._simple_fault(fault)) is not None:
-            return early
-        if request.match_info["task_id"] not in self._tasks:
-            return self._error(404, "404", "file not found")
-        return web.Response(body=_OUTPUT_PNG, content_type="image/png")
-
-    async def _asset(self, request: web.Request) -> web.StreamResponse:
-        self.stats.downloads += 1
-        fault = self._next_fault("download")
-        if fault is not None and fault.kind in ("drop_before", "drop_after"):
-            return await self._drop(request)
-        if fault is not None and (early := await self._simple_fault(fault)) is not None:
-            return early
-        entry = self._files.get(request.match_info["name"])
-        if entry is None:
-            return self._error(404, "404", "file not found")
-        return web.Response(body=entry[0], content_type=entry[1])
-
-    async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.stats.as_dict())
-
-    # -- the service's logic ------------------------------------------------------------
-
-    def _accept(self, raw: bytes, request: web.Request) -> _Task:
+        fault = self._next_fault(endpoint)
+        if fault is not None:
+            self.stats.faults[f"{endpoint}:{fault.kind}"] += 1
+            if fault.delay_ms > 0:
+                await asyncio.sleep(fault.delay_ms / 1000.0)
+            if fault.kind == "drop_before":
+                return drop(request, reset=fault.reset)
+            if fault.kind == "status":
+                return render(fault_answer(fault))
+            if fault.kind == "envelope_error":
+                status = {"code": fault.status_code, "message": fault.message or "error"}
+                return render(Answer(200, {"data": None, "status": status}))
         try:
-            body = json.loads(raw)
-        except ValueError:
-            raise _Refusal(400, "003013004", "body is not JSON", "json") from None
-        if (
-            not isinstance(body, dict)
-            or not isinstance(body.get("input"), list)
-            or not body["input"]
-        ):
-            raise _Refusal(400, "003013004", "body must be {model, input: [{params}]}", "shape")
-        first = body["input"][0]
-        params = first.get("params") if isinstance(first, dict) else None
-        if not isinstance(params, dict):
-            raise _Refusal(400, "003013004", "input[0].params must be an object", "shape")
-        model = body.get("model")
-        if model not in _MODELS:
-            raise _Refusal(400, "003013004", f"unknown model {model!r}", "model")
-        self._validate(model, params)
-        self.last_create_body = body
-        self.last_create_headers = {
-            k: v for k, v in request.headers.items() if k.lower() != "authorization"
-        }
-        prompt = params["prompt"]
-        now = time.monotonic()
+            answer = await work(request)
+        except Refusal as refusal:
+            answer = self._refuse(endpoint, refusal)
+        if fault is None or not fault.after_work:
+            return render(answer)
+        if fault.kind == "drop_after":
+            return drop(request, reset=fault.reset)
+        if fault.kind == "create_then_500":
+            return render(fault_answer(fault))
+        if fault.kind == "invalid_json":
+            encoded = answer.encode()
+            return render(Answer(200, body=encoded[: len(encoded) // 2]))
+        if fault.kind == "wrong_shape":
+            shape = fault.payload if fault.payload is not None else {"result": ["not", "a task"]}
+            return render(Answer(200, shape))
+        return await stream_padded(request, answer, fault.size, chunked=fault.chunked)
+
+    def _refuse(self, endpoint: str, refusal: Refusal) -> Answer:
+        """Count a refusal and turn it into the service's JSON error answer."""
+        self.stats.refused[refusal.reason] += 1
+        if endpoint == "create":
+            self.stats.creates_refused[refusal.reason] += 1
+        self.stats.refusals.append(
+            RefusalRecord(endpoint, refusal.status, refusal.code, refusal.reason, refusal.message)
+        )
+        answer = error_answer(refusal.status, refusal.code, refusal.message)
+        if refusal.retry_after is not None:
+            value = format_retry_after(refusal.retry_after, self.retry_after_format)
+            if value is not None:
+                answer.headers["Retry-After"] = value
+        if refusal.status == 401:
+            answer.headers["WWW-Authenticate"] = "Bearer"
+        return answer
+
+    def _check_auth(self, request: web.Request) -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise Refusal(401, "401", "missing API key: send Authorization: Bearer <key>", "auth")
+        if self.api_key is not None and key != self.api_key:
+            raise Refusal(401, "401", "invalid API key", "auth")
+
+    def _check_rate(self) -> None:
+        """Creates and polls share one token bucket (``rate_limit``/s, ``rate_burst`` at once)."""
+        if self._bucket is None:
+            return
+        wait = self._bucket.take(self._clock())
+        if wait is not None:
+            raise Refusal(
+                429,
+                "429",
+                f"rate limit exceeded: {self.rate_limit:g} requests/s",
+                "rate_limit",
+                retry_after=wait,
+            )
+
+    def _prune_open(self, now: float) -> int:
+        while self._open and self._open[0][0] <= now:
+            heapq.heappop(self._open)
+        return len(self._open)
+
+    # -- the service -----------------------------------------------------------------
+
+    async def _handle_create(self, request: web.Request) -> web.StreamResponse:
+        self.stats.create_requests += 1
+        return await self._serve("create", request, self._create)
+
+    async def _handle_poll(self, request: web.Request) -> web.StreamResponse:
+        self.stats.polls += 1
+        return await self._serve("poll", request, self._poll)
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        self._count_download(request)
+        return await self._serve("download", request, self._file)
+
+    async def _handle_asset(self, request: web.Request) -> web.StreamResponse:
+        self._count_download(request)
+        return await self._serve("download", request, self._asset)
+
+    def _count_download(self, request: web.Request) -> None:
+        self.stats.downloads += 1
+        if "Authorization" in request.headers:
+            self.stats.downloads_with_authorization += 1
+
+    async def _create(self, request: web.Request) -> Answer:
+        raw = await request.read()
+        recorded = self._last["create"]
+        self._last["create"] = attrs.evolve(recorded, body=raw)
+        self._check_auth(request)
+        self._check_rate()
+        if request.content_type != "application/json":
+            raise Refusal(
+                400,
+                "003013004",
+                f"invalid Content-Type {request.content_type!r}: send application/json",
+                "content_type",
+            )
+        if len(raw) > _THREAD_BODY_BYTES:
+            parsed = await asyncio.to_thread(
+                parse_create_body, raw, self.limits, strict_params=self.strict_params
+            )
+        else:
+            parsed = parse_create_body(raw, self.limits, strict_params=self.strict_params)
+        now = self._clock()
+        running = self._prune_open(now)
+        if self.max_open_tasks is not None and running >= self.max_open_tasks:
+            soonest = self._open[0][0] - now if self._open else math.inf
+            raise Refusal(
+                429,
+                "429",
+                f"too many running tasks: {running} of at most {self.max_open_tasks}",
+                "open_tasks",
+                retry_after=soonest if math.isfinite(soonest) else None,
+            )
+        task = self._new_task(parsed, request.headers.get("X-Request-Id", ""), now)
+        return Answer(self.create_status, self._presentation.wrap(self._presentation.created(task)))
+
+    def _new_task(self, parsed: CreateRequest, request_id: str, now: float) -> FakeTask:
+        prompt = parsed.prompt
         duration = self.task_duration_ms / 1000.0
         if (slow := _SLOW_RE.search(prompt)) is not None:
-            duration = int(slow.group(1)) / 1000.0
+            duration = float(slow.group(1)) / 1000.0
         if "[never]" in prompt:
             duration = math.inf
-        fail = _FAIL_RE.search(prompt)
-        if self.max_open_tasks is not None and self.open_tasks(now) >= self.max_open_tasks:
-            raise _Refusal(429, "429", "too many running tasks", "open_tasks")
-        task = _Task(
-            id=f"fake{next(self._ids):06d}",
-            model=model,
-            created=now,
+        fail_code: str | None = None
+        if (fail := _FAIL_RE.search(prompt)) is not None:
+            fail_code = fail.group(1)
+        elif self._fail_rule is not None:
+            code, ratio, rng = self._fail_rule
+            fail_code = code if rng.random() < ratio else None
+        if fail_code is None and self._missing_own_asset(parsed.image_urls):
+            fail_code = _UPSTREAM_ERROR  # the service could not fetch an input image
+        starts_at = now + self.queue_ms / 1000.0
+        task = FakeTask(
+            id=f"fake{self._tag}{next(self._ids):06d}",
+            model=parsed.model,
+            prompt=prompt,
+            params=parsed.params,
+            image_count=parsed.image_count,
+            request_id=request_id,
+            created_at=now,
             created_wall=time.time(),
-            queue_s=self.queue_ms / 1000.0,
-            duration_s=duration,
-            fail_code=fail.group(1) if fail else None,
+            starts_at=starts_at,
+            ends_at=starts_at + duration,
+            fail_code=fail_code,
         )
         self._tasks[task.id] = task
+        heapq.heappush(self._open, (task.ends_at, task.id))
         self.stats.creates += 1
-        self.stats.creates_by_request_id[request.headers.get("X-Request-Id", "")] += 1
+        self.stats.creates_by_request_id[request_id] += 1
         self.stats.creates_by_prompt[prompt] += 1
-        self.stats.max_open_tasks = max(self.stats.max_open_tasks, self.open_tasks(now))
+        self.stats.max_open_tasks = max(self.stats.max_open_tasks, self._prune_open(now))
         return task
 
-    def _validate(self, model: str, params: dict[str, Any]) -> None:
-        limits = self.limits
-        prompt = params.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise _Refusal(400, "003013001", "missing prompt", "prompt")
-        if limits.max_prompt_chars is not None and len(prompt) > limits.max_prompt_chars:
-            raise _Refusal(400, "003013003", "invalid prompt length", "prompt")
-        binary, urls = params.get("binary_data_base64"), params.get("image_urls")
-        if binary is None and urls is None:
-            raise _Refusal(400, "003013002", "missing image", "images")
-        if binary is not None and urls is not None:
-            raise _Refusal(
-                400, "003013004", "send binary_data_base64 or image_urls, not both", "images"
-            )
-        images = binary if binary is not None else urls
-        if not isinstance(images, list) or not images:
-            raise _Refusal(400, "003013002", "missing image", "images")
-        high = 1 if model == "spark_dreamo" else limits.max_images
-        if not limits.min_images <= len(images) <= high:
-            raise _Refusal(400, "003013004", f"{len(images)} images; 1-{high} allowed", "images")
-        for i, item in enumerate(images):
-            if not isinstance(item, str):
-                raise _Refusal(400, "003013004", f"image {i} is not a string", "images")
-            if binary is not None:
-                self._check_image(i, item)
-            elif not item.startswith(("http://", "https://")):
-                raise _Refusal(400, "003013004", f"image_urls[{i}] is not an http(s) URL", "images")
-        refs = params.get("ref_type_list")
-        if refs is not None and (
-            not isinstance(refs, list) or len(refs) != len(images) or not set(refs) <= _REF_TYPES
+    def _missing_own_asset(self, urls: Sequence[str]) -> bool:
+        """An input URL on this server that serves nothing (the real task would fail)."""
+        prefix = f"{self.url}/assets/"
+        return any(u.startswith(prefix) and u[len(prefix) :] not in self._files for u in urls)
+
+    async def _poll(self, request: web.Request) -> Answer:
+        self._check_auth(request)
+        self._check_rate()
+        task_id = request.match_info["id"]
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise Refusal(404, "404", f"task {task_id!r} not found", "not_found")
+        data = self._presentation.describe(task, self._clock())
+        return Answer(200, self._presentation.wrap(data))
+
+    async def _file(self, request: web.Request) -> Answer:
+        task = self._tasks.get(request.match_info["task_id"])
+        now = self._clock()
+        if (
+            task is None
+            or request.match_info["name"] != "0.png"
+            or task.state_at(now) != "completed"
         ):
-            raise _Refusal(400, "003013004", f"invalid ref_type_list {refs!r}", "ref_type_list")
-        self._check_number(
-            params, "guidance_scale1", limits.min_guidance_scale, limits.max_guidance_scale
-        )
-        self._check_number(
-            params, "guidance_scale2", limits.min_guidance_scale, limits.max_guidance_scale
-        )
-        self._check_number(
-            params, "ddim_steps", limits.min_ddim_steps, limits.max_ddim_steps, integer=True
-        )
-        self._check_number(params, "seed", -1, limits.max_seed, integer=True)
-        self._check_number(
-            params, "width", limits.min_output_side, limits.max_output_side, integer=True
-        )
-        self._check_number(
-            params, "height", limits.min_output_side, limits.max_output_side, integer=True
-        )
-        if params.get("width", 1328) * params.get("height", 1328) > limits.max_output_pixels:
-            raise _Refusal(400, "003013004", "width * height too large", "width")
-        for name in ("swap_face", "use_rephraser"):
-            if name in params and not isinstance(params[name], bool):
-                raise _Refusal(400, "003013004", f"{name} must be a boolean", name)
-        if "rephraser_level" in params and params["rephraser_level"] not in _REPHRASER_LEVELS:
-            raise _Refusal(400, "003013004", "invalid rephraser_level", "rephraser_level")
+            raise Refusal(404, "404", f"no such file {request.path!r}", "not_found")
+        if self.result_ttl_ms is not None and now > task.ends_at + self.result_ttl_ms / 1000.0:
+            raise Refusal(404, "404", f"result expired: {request.path!r}", "expired")
+        return Answer(200, body=_OUTPUT_PNG, content_type="image/png")
 
-    def _check_image(self, index: int, encoded: str) -> None:
-        try:
-            data = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise _Refusal(400, "003013004", f"image {index} is not base64", "base64") from None
-        if len(data) > self.limits.max_image_bytes:
-            raise _Refusal(400, "003013004", f"image {index} is {len(data)} bytes", "image_size")
-        if not (data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))):
-            raise _Refusal(400, "003013004", f"image {index} is not JPEG or PNG", "image_format")
+    async def _asset(self, request: web.Request) -> Answer:
+        entry = self._files.get(request.match_info["name"])
+        if entry is None:
+            raise Refusal(404, "404", f"no such file {request.path!r}", "not_found")
+        return Answer(200, body=entry[0], content_type=entry[1])
 
-    @staticmethod
-    def _check_number(
-        params: Mapping[str, Any], name: str, low: float, high: float, *, integer: bool = False
-    ) -> None:
-        if name not in params:
-            return
-        value = params[name]
-        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok_type or not low <= value <= high:
-            raise _Refusal(400, "003013004", f"invalid parameter {name}={value!r}", name)
+    # -- control plane (other processes) ------------------------------------------------
 
-    def _describe(self, task: _Task, now: float) -> dict[str, Any]:
-        elapsed = now - task.created
-        data: dict[str, Any] = {
-            "id": task.id,
-            "model": task.model,
-            "created_at": self._created_at(task),
-        }
-        if elapsed < task.queue_s:
-            data["status"] = self._word("pending")
-        elif elapsed < task.queue_s + task.duration_s:
-            data["status"] = self._word("processing")
-            if self.report_progress and math.isfinite(task.duration_s):
-                data["progress"] = round((elapsed - task.queue_s) / task.duration_s, 4)
-        elif task.fail_code is not None:
-            data["status"] = self._word("failed")
-            meaning = PROVIDER_ERROR_CODES.get(task.fail_code, "generation failed")
-            data["error"] = {"code": task.fail_code, "message": meaning.capitalize()}
-        else:
-            data["status"] = self._word("completed")
-            url = f"{self.url}/files/{task.id}/0.png"
-            job = f"job-{task.id}"
-            if self.output_layout == "flat":
-                data["output"] = [{"url": url, "type": "image", "jobId": job}]
-            else:
-                data["output"] = [{"content": [{"type": "image", "url": url, "jobId": job}]}]
-            data["usage"] = {"cost": self.cost, "discount": 1}
-            data["metadata"] = {"completed_at": int(task.created_wall + elapsed)}
-        return data
-
-    def _word(self, canonical: str) -> str:
-        return self.status_words.get(canonical, canonical)
-
-    def _created_at(self, task: _Task) -> int | str:
-        if self.created_at_format == "ms":
-            return int(task.created_wall * 1000)
-        if self.created_at_format == "iso":
-            return dt.datetime.fromtimestamp(task.created_wall, tz=dt.UTC).isoformat()
-        return int(task.created_wall)
-
-    # -- answers ---------------------------------------------------------------------
-
-    def _json(self, data: dict[str, Any]) -> web.Response:
-        if self.envelope:
-            return web.json_response({"data": data, "status": {"code": 200, "message": "success"}})
+    async def _control_stats(self, request: web.Request) -> web.StreamResponse:
+        data = self.stats.as_dict()
+        data["open_tasks"] = self.open_tasks()
+        data["tasks"] = len(self._tasks)
         return web.json_response(data)
 
-    @staticmethod
-    def _error(
-        status: int, code: str, message: str, *, retry_after: str | None = None
-    ) -> web.Response:
-        headers = {"Retry-After": retry_after} if retry_after is not None else None
-        return web.json_response(
-            {"error": {"code": code, "message": message}}, status=status, headers=headers
-        )
+    async def _control_reset(self, request: web.Request) -> web.StreamResponse:
+        self.reset_stats()
+        return web.json_response({"ok": True})
 
-    async def _simple_fault(self, fault: Fault) -> web.StreamResponse | None:
-        """Answer a fault that needs no task; None when the request should go on."""
-        if fault.kind == "slow":
-            await asyncio.sleep(fault.delay_ms / 1000.0)
-            return None
-        if fault.kind == "status":
-            headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
-            if fault.body is not None:
-                return web.Response(
-                    status=fault.status_code,
-                    text=fault.body,
-                    content_type=fault.content_type,
-                    headers=headers,
-                )
-            message = fault.message or f"injected HTTP {fault.status_code}"
-            return web.json_response(
-                {"error": {"code": str(fault.status_code), "message": message}},
-                status=fault.status_code,
-                headers=headers,
-            )
-        if fault.kind == "invalid_json":
-            return web.Response(text='{"id": "x", "status": ', content_type="application/json")
-        if fault.kind == "wrong_shape":
-            return web.json_response(["not", "a", "task"])
-        if fault.kind == "huge":
-            return web.Response(body=b" " * fault.size, content_type="application/json")
-        return None
+    async def _control_inject(self, request: web.Request) -> web.StreamResponse:
+        try:
+            spec = await request.json()
+            fault = Fault.from_dict(spec["fault"])
+            self.inject(spec["endpoint"], fault, times=int(spec.get("times", 1)))
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ok": True})
 
-    @staticmethod
-    async def _drop(request: web.Request) -> web.StreamResponse:
-        """Close the connection without an answer (the client sees a disconnect)."""
-        transport = request.transport
-        if transport is not None:
-            transport.abort()
-        raise asyncio.CancelledError  # aiohttp ends the handler quietly
+
+def _require(value: Any, allowed: Sequence[Any], name: str) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
