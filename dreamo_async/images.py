@@ -1,42 +1,54 @@
 """The image stage: from what users pass in ``images=[...]`` to what the service accepts.
 
-Two steps, split so that queued jobs hold nothing:
+Two steps, split so that queued jobs hold nothing but the user's own objects:
 
-1. :func:`classify_images` runs when a request is built: it only looks at the
-   Python objects (no I/O) and refuses what can never work (a ``file:`` URL, an
-   ``int``, a malformed data URI).
-2. :func:`prepare_images` runs inside the job's slot: it downloads URL inputs
-   when they are mixed with local ones, then in one worker thread reads files,
-   checks each image by its bytes (format, size, resolution from the header,
-   aspect ratio) and base64-encodes it with pybase64, which releases the GIL.
+1. :func:`classify_images` runs when a request is built. It only looks at the
+   Python objects (no I/O) and refuses what can never work: an ``int``, a
+   ``file:`` URL, a malformed data URI, empty bytes, a text-mode file.
+2. :func:`prepare_images` runs inside the job's slot. URLs alone are passed
+   through as ``image_urls`` (no download). Otherwise it downloads the URL
+   inputs concurrently, then in *one* worker thread reads files, checks each
+   image by its bytes (:func:`inspect_image`: format, size, resolution and
+   aspect ratio from the header) and base64-encodes it with pybase64, which
+   releases the GIL, so the event loop keeps running.
 
-Decisions: JPEG means a stream starting with SOI whose frame is baseline,
-extended or progressive Huffman (JFIF, EXIF, Adobe/CMYK, 12-bit and MPO files all
-qualify: decoders read their primary image); lossless and arithmetic JPEGs are
-refused. Any valid PNG is accepted (16-bit, interlaced, APNG: its first frame).
-EXIF orientation is ignored on purpose: both the 4096 x 4096 and the 9:16..16:9
-checks are symmetric, so a rotation cannot change their verdict.
+Memory: a :class:`PreparedImages` is the only holder of a job's encoded images;
+the client drops it as soon as the request body exists. Every instance is
+tracked weakly, so tests can assert the bound with :func:`live_payload_count`
+instead of measuring RSS. Raw file bytes never leave the worker thread: files
+are read into a per-thread reusable buffer, one image at a time.
+
+Which JPEG and PNG variants pass is decided in :mod:`dreamo_async._imageheaders`.
+EXIF orientation: the resolution check uses the stored size (what a decoder
+allocates), the aspect check the displayed size (what the model and the user
+see). With the documented limits both checks are symmetric, so a rotation never
+changes a verdict; the distinction only matters for custom asymmetric limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import io
+import itertools
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, BinaryIO, Final, Literal
+from typing import BinaryIO, Final, Literal
+from urllib.parse import urlsplit
 
 import anyio
 import attrs
 import pybase64
 
-from ._imageheaders import HeaderError, read_dimensions, sniff_format
+from ._imageheaders import HeaderError, read_header, sniff_format
 from .errors import DreamOWarning, ImageError
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 
 __all__ = [
+    "FIT_MAX_BYTES",
     "Fetch",
     "ImageInfo",
     "ImageInput",
@@ -46,14 +58,48 @@ __all__ = [
     "inspect_image",
     "live_payload_count",
     "prepare_images",
+    "sniff_format",
+    "stage_limiter",
 ]
 
+#: What users may pass in ``images=[...]``.
 ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
-#: ``(url, max_bytes) -> bytes``: a capped download, supplied by the client.
+#: ``(url, max_bytes) -> bytes``: a streamed download capped at ``max_bytes``, from the client.
 Fetch = Callable[[str, int], Awaitable[bytes]]
 SourceKind = Literal["path", "bytes", "file", "data_uri", "url"]
 
-_LIVE: Final[weakref.WeakSet[PreparedImages]] = weakref.WeakSet()
+#: Largest input read (or downloaded) in ``fit`` mode, which exists to shrink big files.
+FIT_MAX_BYTES: Final = 100_000_000
+#: Schemes refused even without ``//`` (``javascript:x``); other ``scheme://`` too.
+_REFUSED_SCHEMES: Final = frozenset(
+    {
+        "file",
+        "ftp",
+        "ftps",
+        "sftp",
+        "javascript",
+        "vbscript",
+        "blob",
+        "about",
+        "mailto",
+        "s3",
+        "gs",
+        "ws",
+        "wss",
+    }
+)
+#: Strings that start like base64 of a JPEG or PNG: a user passed encoded data as a "path".
+_BASE64_IMAGE_STARTS: Final = ("/9j/", "iVBORw0KGgo")
+#: Every live PreparedImages under a unique key. Not a WeakSet: attrs makes equal
+#: payloads (the same images twice) compare and hash equal, and a set keeps one.
+_LIMITERS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+#: Per worker thread, the reusable read buffer (only for limits up to _BUFFER_MAX).
+_THREAD_BUFFERS: Final = threading.local()
+_BUFFER_MAX: Final = 16_000_000
+_LIVE: Final[weakref.WeakValueDictionary[int, PreparedImages]] = weakref.WeakValueDictionary()
+_LIVE_KEYS: Final = itertools.count()
 
 
 @attrs.frozen
@@ -62,43 +108,68 @@ class ImageSource:
 
     index: int
     kind: SourceKind
+    #: The user's object, read only when the job runs.
     value: object = attrs.field(eq=False, repr=False)
+    #: File name, ``<bytes 1234 B>``, ``<BytesIO>``, URL host + path, or ``<data URI>``.
     label: str
 
     @property
     def is_url(self) -> bool:
+        """Whether the service may fetch this image itself (an http(s) URL)."""
         return self.kind == "url"
 
 
 @attrs.frozen
 class ImageInfo:
-    """What the header says about an accepted image."""
+    """What the header says about an accepted image (``width``/``height`` as stored)."""
 
     format: Literal["jpeg", "png"]
     width: int
     height: int
     size: int
+    #: EXIF orientation 1-8; 5-8 mean the image is shown rotated by 90 degrees.
+    orientation: int = 1
+
+    @property
+    def displayed_size(self) -> tuple[int, int]:
+        """``(width, height)`` as a viewer shows the image, after EXIF rotation."""
+        if self.orientation >= 5:
+            return self.height, self.width
+        return self.width, self.height
 
 
 @attrs.frozen(weakref_slot=True)
 class PreparedImages:
-    """The images of one request, ready for the wire (exactly one of the two is set)."""
+    """The images of one request, ready for the wire: ``base64`` or ``urls``, never both."""
 
+    #: ASCII base64 of each image file, in input order (sent as ``binary_data_base64``).
     base64: tuple[bytes, ...] = ()
+    #: The inputs, when all are http(s) URLs (sent as ``image_urls``, never downloaded).
     urls: tuple[str, ...] = ()
+    #: Header facts per image (``None`` for URLs the service fetches itself).
     infos: tuple[ImageInfo | None, ...] = ()
 
 
 def live_payload_count() -> int:
-    """How many :class:`PreparedImages` are alive (the memory-bound tests count them)."""
+    """How many :class:`PreparedImages` are alive: the memory bound tests count these."""
     return len(_LIVE)
+
+
+def _track(prepared: PreparedImages) -> PreparedImages:
+    _LIVE[next(_LIVE_KEYS)] = prepared
+    return prepared
 
 
 # --------------------------------------------------------------------------- classify
 
 
 def classify_images(images: Sequence[object]) -> tuple[ImageSource, ...]:
-    """Classify each input by its Python type; refuse what can never be an image."""
+    """Classify each input by its Python type, with no I/O; refuse what can never be an image.
+
+    A ``str`` is a URL when it starts with ``http://`` or ``https://``, a data
+    URI when it starts with ``data:``, and a path otherwise (a string like
+    ``file:///x`` or ``ftp://x`` is refused rather than looked up as a file).
+    """
     return tuple(_classify(index, item) for index, item in enumerate(images))
 
 
@@ -106,117 +177,185 @@ def _classify(index: int, item: object) -> ImageSource:
     if isinstance(item, ImageSource):
         return attrs.evolve(item, index=index)
     if isinstance(item, bytes | bytearray | memoryview):
-        size = item.nbytes if isinstance(item, memoryview) else len(item)
-        if size == 0:
-            raise ImageError(f"image {index} (<bytes>) is empty", index=index, source="<bytes>")
-        return ImageSource(index, "bytes", item, f"<{size} bytes>")
+        return _classify_bytes(index, item)
     if isinstance(item, str):
-        lowered = item[:16].lower()
-        if lowered.startswith(("http://", "https://")):
-            return ImageSource(index, "url", item, _url_label(item))
-        if lowered.startswith("data:"):
-            _check_data_uri(index, item)
-            return ImageSource(index, "data_uri", item, "<data URI>")
-        scheme = item.split(":", 1)[0] if ":" in item[:12] else ""
-        if scheme.isalpha() and len(scheme) > 1:
-            raise ImageError(
-                f"image {index} ({_short(item)}) has the scheme {scheme}:; only http:// and "
-                "https:// URLs (or local paths, bytes, data URIs) are accepted",
-                index=index,
-                source=_short(item),
-            )
-        if not item:
-            raise ImageError(f"image {index} is an empty path", index=index, source="''")
-        return ImageSource(index, "path", item, os.path.basename(item) or item)
+        return _classify_str(index, item)
     if isinstance(item, os.PathLike):
         path = os.fspath(item)
-        label = os.path.basename(path) if isinstance(path, str) else repr(path)
-        return ImageSource(index, "path", item, label)
-    if hasattr(item, "read"):
-        name = getattr(item, "name", None)
-        label = os.path.basename(name) if isinstance(name, str) else f"<{type(item).__name__}>"
-        return ImageSource(index, "file", item, label)
-    raise ImageError(
-        f"image {index} is a {type(item).__name__}; pass a path, bytes, a binary file "
-        "object, a data URI or an http(s) URL",
-        index=index,
-        source=type(item).__name__,
+        name = os.path.basename(path) or path
+        return ImageSource(index, "path", item, name if isinstance(name, str) else repr(name))
+    if isinstance(item, io.TextIOBase):
+        raise _error(index, _file_label(item), "is a text-mode file; open it with 'rb'")
+    if callable(getattr(item, "read", None)):
+        return ImageSource(index, "file", item, _file_label(item))
+    raise _error(
+        index,
+        type(item).__name__,
+        f"has the unsupported type {type(item).__name__}; pass a path, bytes, "
+        "a binary file object, a data URI or an http(s) URL",
     )
 
 
-def _short(text: str, limit: int = 60) -> str:
+def _classify_bytes(index: int, item: bytes | bytearray | memoryview) -> ImageSource:
+    size = item.nbytes if isinstance(item, memoryview) else len(item)
+    label = f"<bytes {size} B>"
+    if size == 0:
+        raise _error(index, label, "is empty (0 bytes)")
+    return ImageSource(index, "bytes", item, label)
+
+
+def _classify_str(index: int, item: str) -> ImageSource:
+    lowered = item[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        label = _url_label(item)
+        if not urlsplit(item).hostname:
+            raise _error(index, label, "is a URL without a host")
+        return ImageSource(index, "url", item, label)
+    if lowered.startswith("data:"):
+        _check_data_uri(index, item)
+        return ImageSource(index, "data_uri", item, "<data URI>")
+    scheme, sep, rest = item.partition(":")
+    if (
+        sep
+        and len(scheme) > 1
+        and scheme.replace("+", "").replace("-", "").isalnum()
+        and (rest.startswith("//") or scheme.lower() in _REFUSED_SCHEMES)
+    ):
+        raise _error(
+            index,
+            _url_label(item),
+            f"is a {scheme.lower()}: URL; only http:// and https:// URLs are accepted "
+            "(or a local path, bytes, a file object, a data URI)",
+        )
+    if not item:
+        raise _error(index, "''", "is an empty path")
+    if len(item) > 1024 and item.startswith(_BASE64_IMAGE_STARTS):
+        raise _error(
+            index,
+            "<base64 text>",
+            "looks like base64 text, not a path; pass the decoded bytes or a data URI "
+            "(data:image/jpeg;base64,...)",
+        )
+    return ImageSource(index, "path", item, os.path.basename(item) or item)
+
+
+def _file_label(item: object) -> str:
+    name = getattr(item, "name", None)
+    if isinstance(name, str) and name:
+        return os.path.basename(name) or name
+    return f"<{type(item).__name__}>"
+
+
+def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _url_label(url: str) -> str:
-    """Host and path of a URL, without its query (signed URLs carry secrets there)."""
-    return _short(url.split("?", 1)[0].split("#", 1)[0])
+    """Host and path of a URL: no scheme, no user info, no query (signed URLs hide keys there)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host += f":{parts.port}"
+    except ValueError:  # a malformed port or bracketed host
+        return "<URL>"
+    return _short(host + parts.path)
 
 
 def _check_data_uri(index: int, uri: str) -> None:
-    header, sep, _ = uri.partition(",")
+    """Structure only (cheap): the base64 payload is decoded when the job runs."""
+    header, sep, payload = uri.partition(",")
     if not sep or not header.lower().endswith(";base64"):
-        raise ImageError(
-            f"image {index} (<data URI>) must be a base64 data URI (data:image/jpeg;base64,...)",
-            index=index,
-            source="<data URI>",
+        raise _error(
+            index,
+            "<data URI>",
+            "must be a base64 data URI like data:image/jpeg;base64,/9j/...",
         )
+    if not payload.strip():
+        raise _error(index, "<data URI>", "has no data after the comma")
+
+
+def _error(index: int, source: str, text: str) -> ImageError:
+    return ImageError(f"image {index} ({source}) {text}", index=index, source=source)
 
 
 # --------------------------------------------------------------------------- inspect
 
 
 def inspect_image(
-    data: bytes | memoryview,
+    data: bytes | bytearray | memoryview,
     *,
     index: int,
     source: str,
     limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[ImageInfo, list[str]]:
-    """Check one image by its bytes; return its info and advisory warning texts."""
-    name = f"image {index} ({source})"
-    size = len(data)
+    """Check one image by its bytes, without decoding pixels.
+
+    Checks, in the order a user can best act on them: format (by content, never
+    by name), file size, header integrity, resolution, aspect ratio. Returns the
+    header facts and the advisory texts to emit as :class:`DreamOWarning`
+    (returned, not emitted: this runs in a worker thread, and ``warnings``
+    filters are not thread-safe). Every refusal is an :class:`ImageError` that
+    names the image, the limit and the value.
+    """
+    size = len(data) if not isinstance(data, memoryview) else data.nbytes
     if size == 0:
-        raise ImageError(f"{name} is empty (0 bytes)", index=index, source=source)
-    if size > limits.max_image_bytes:
-        raise ImageError(
-            f"{name} is {size:,} bytes; the limit is {limits.max_image_bytes:,} bytes",
-            index=index,
-            source=source,
-        )
-    kind = sniff_format(bytes(data[:512]))
+        raise _error(index, source, "is empty (0 bytes)")
+    head = bytes(data[:512])
+    kind = sniff_format(head)
     if kind not in ("JPEG", "PNG"):
-        what = f"is {kind}" if kind else "is not a recognisable image"
-        raise ImageError(
-            f"{name} {what}; the service accepts JPEG or PNG", index=index, source=source
+        what = kind or f"not a recognisable image (it starts with {head[:8].hex(' ')})"
+        raise _error(index, source, f"is {what}; the service accepts JPEG or PNG")
+    if size > limits.max_image_bytes:
+        raise _error(
+            index,
+            source,
+            f"is {size:,} bytes; the limit is {limits.max_image_bytes:,} bytes "
+            "(Limits.max_image_bytes)",
         )
     try:
-        width, height = read_dimensions(data, kind)
+        header = read_header(data)
     except HeaderError as exc:
-        raise ImageError(f"{name}: {exc}", index=index, source=source) from None
+        text = str(exc)
+        detail = text if text.startswith("is ") else f"is unusable: {text}"
+        raise _error(index, source, detail) from None
+    _check_resolution(header.width, header.height, index, source, limits)
+    info = ImageInfo(header.format, header.width, header.height, size, header.orientation)
+    note = _check_aspect(info, index, source, limits)
+    return info, [note] if note else []
+
+
+def _check_resolution(width: int, height: int, index: int, source: str, limits: Limits) -> None:
     if width > limits.max_image_width or height > limits.max_image_height:
-        raise ImageError(
-            f"{name} is {width} x {height} pixels; the limit is "
+        raise _error(
+            index,
+            source,
+            f"is {width} x {height} pixels; the limit is "
             f"{limits.max_image_width} x {limits.max_image_height}",
+        )
+
+
+def _check_aspect(info: ImageInfo, index: int, source: str, limits: Limits) -> str | None:
+    """Refuse (ERROR) or describe (WARN) an aspect ratio outside the recommended range."""
+    if limits.aspect_policy is CheckPolicy.OFF:
+        return None
+    width, height = info.displayed_size
+    ratio = width / height
+    if limits.min_aspect_ratio <= ratio <= limits.max_aspect_ratio:
+        return None
+    shown = " as displayed" if info.orientation >= 5 else ""
+    text = (
+        f"image {index} ({source}) has an aspect ratio of {ratio:.2f} ({width} x {height}"
+        f"{shown}); the service recommends {limits.min_aspect_ratio:.2f} (9:16) to "
+        f"{limits.max_aspect_ratio:.2f} (16:9) and may give poor results or fail"
+    )
+    if limits.aspect_policy is CheckPolicy.ERROR:
+        raise ImageError(
+            text + "; to send it anyway use Limits(aspect_policy='warn')",
             index=index,
             source=source,
         )
-    notes: list[str] = []
-    ratio = width / height
-    if not limits.min_aspect_ratio <= ratio <= limits.max_aspect_ratio and (
-        limits.aspect_policy is not CheckPolicy.OFF
-    ):
-        text = (
-            f"{name} has an aspect ratio of {width}:{height} ({ratio:.2f}); the service "
-            f"recommends 9:16 to 16:9 ({limits.min_aspect_ratio:.2f}-{limits.max_aspect_ratio:.2f})"
-        )
-        if limits.aspect_policy is CheckPolicy.ERROR:
-            raise ImageError(text, index=index, source=source)
-        notes.append(text)
-    info = ImageInfo(
-        format="jpeg" if kind == "JPEG" else "png", width=width, height=height, size=size
-    )
-    return info, notes
+    return text
 
 
 # --------------------------------------------------------------------------- prepare
@@ -229,105 +368,270 @@ async def prepare_images(
     fetch: Fetch | None = None,
     fit: bool = False,
 ) -> PreparedImages:
-    """Read, check and encode the images of one request (inside its job slot)."""
+    """Read, check and encode the images of one request; call it inside the job's slot.
+
+    * Only URLs: returned as ``urls``, with no I/O (the service fetches them;
+      ``fit`` does not apply).
+    * Otherwise: URL inputs are downloaded concurrently with ``fetch`` (capped
+      at the size limit), then one worker thread (under :func:`stage_limiter`)
+      reads, checks, optionally fits (``fit=True``, needs Pillow) and
+      base64-encodes every image, in order. Cancelling waits for that thread,
+      which takes milliseconds.
+
+    Advisory warnings (aspect ratio with ``CheckPolicy.WARN``) are emitted here,
+    on the event loop's thread, as :class:`DreamOWarning` (``warnings`` filters
+    are not thread-safe, so the thread only collects their texts).
+    """
     if sources and all(source.is_url for source in sources):
-        prepared = PreparedImages(
-            urls=tuple(str(s.value) for s in sources), infos=(None,) * len(sources)
-        )
-        _LIVE.add(prepared)
-        return prepared
-    downloaded: dict[int, bytes] = {}
-    urls = [s for s in sources if s.is_url]
-    if urls:
-        if fetch is None:
-            raise ImageError(
-                "URL inputs mixed with local images must be downloaded, and no downloader "
-                "was given",
-                index=urls[0].index,
-                source=urls[0].label,
-            )
-        fetched = await asyncio.gather(*(_download(fetch, source, limits) for source in urls))
-        downloaded = {source.index: data for source, data in zip(urls, fetched, strict=True)}
+        urls = tuple(str(source.value) for source in sources)
+        return _track(PreparedImages(urls=urls, infos=(None,) * len(urls)))
+    cap = _read_cap(limits, fit)
+    downloaded = await _fetch_all([s for s in sources if s.is_url], fetch, cap)
     encoded, infos, notes = await anyio.to_thread.run_sync(
-        _load_check_encode, sources, downloaded, limits, fit
+        _encode_all, sources, downloaded, limits, fit, limiter=stage_limiter()
     )
     for text in notes:
         warnings.warn(text, DreamOWarning, stacklevel=2)
-    prepared = PreparedImages(base64=encoded, infos=infos)
-    _LIVE.add(prepared)
-    return prepared
+    return _track(PreparedImages(base64=encoded, infos=infos))
 
 
-async def _download(fetch: Fetch, source: ImageSource, limits: Limits) -> bytes:
+def stage_limiter() -> anyio.CapacityLimiter:
+    """The limiter of the image stage's worker threads, one per event loop.
+
+    Encoding is CPU- and memory-bound work whose C parts release the GIL, so
+    several jobs could encode at once; but with as many busy threads as cores
+    the event loop's thread waits for a core (and for the GIL between the C
+    calls) and its timers run late. Leaving one core to the loop keeps the lag
+    small (``benchmarks/bench_preprocess.py``) at no cost in throughput, which
+    memory bandwidth bounds anyway. The client can run its own large
+    serialisation (the create body) under the same limiter.
+    """
+    loop = asyncio.get_running_loop()
+    limiter = _LIMITERS.get(loop)
+    if limiter is None:
+        limiter = _LIMITERS[loop] = anyio.CapacityLimiter(_stage_threads())
+    return limiter
+
+
+def _stage_threads() -> int:
+    """Usable cores minus one for the event loop, between 1 and 8."""
     try:
-        return await fetch(str(source.value), limits.max_image_bytes)
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(cores - 1, 8))
+
+
+def _read_cap(limits: Limits, fit: bool) -> int:
+    """Most bytes worth reading: the limit, or more in fit mode (which shrinks big files)."""
+    return max(limits.max_image_bytes, FIT_MAX_BYTES) if fit else limits.max_image_bytes
+
+
+async def _fetch_all(
+    urls: Sequence[ImageSource], fetch: Fetch | None, cap: int
+) -> dict[int, bytes]:
+    """Download every URL input concurrently; the first failure (by index) cancels the rest."""
+    if not urls:
+        return {}
+    if fetch is None:
+        raise _error(
+            urls[0].index,
+            urls[0].label,
+            "is a URL mixed with local images, so it must be downloaded, "
+            "and no downloader was given",
+        )
+    tasks = [asyncio.ensure_future(_fetch_one(fetch, source, cap)) for source in urls]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+    return {source.index: task.result() for source, task in zip(urls, tasks, strict=True)}
+
+
+async def _fetch_one(fetch: Fetch, source: ImageSource, cap: int) -> bytes:
+    try:
+        data = await fetch(str(source.value), cap)
     except ImageError:
         raise
-    except Exception as exc:
-        raise ImageError(
-            f"image {source.index} ({source.label}) could not be downloaded: {exc}",
-            index=source.index,
-            source=source.label,
+    except Exception as exc:  # any failure of the user's input download is about this image
+        raise _error(
+            source.index, source.label, f"could not be downloaded (limit {cap:,} bytes): {exc}"
         ) from exc
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"fetch returned {type(data).__name__}, not bytes")
+    return bytes(data) if not isinstance(data, bytes) else data
 
 
-def _load_check_encode(
+def _encode_all(
     sources: Sequence[ImageSource], downloaded: dict[int, bytes], limits: Limits, fit: bool
 ) -> tuple[tuple[bytes, ...], tuple[ImageInfo | None, ...], list[str]]:
-    """Worker-thread body: read every image, check it, base64 it."""
+    """Worker-thread body: read, check and base64 each image, holding one raw file at a time."""
+    cap = _read_cap(limits, fit)
     encoded: list[bytes] = []
     infos: list[ImageInfo | None] = []
     notes: list[str] = []
     for source in sources:
-        data = downloaded[source.index] if source.is_url else _read(source, limits)
+        data = downloaded.pop(source.index) if source.is_url else _load(source, cap, limits, fit)
+        if len(data) > cap:  # a download from a lax fetch
+            raise _error(source.index, source.label, _too_large(len(data), cap, limits, fit))
         if fit:
-            from ._fit import fit_image  # optional: needs Pillow
+            from ._fit import fit_image  # the optional Pillow extra
 
             data = fit_image(data, index=source.index, source=source.label, limits=limits)
         info, warned = inspect_image(data, index=source.index, source=source.label, limits=limits)
-        notes.extend(warned)
-        infos.append(info)
         encoded.append(pybase64.b64encode(data))
+        infos.append(info)
+        notes.extend(warned)
+        del data
     return tuple(encoded), tuple(infos), notes
 
 
-def _read(source: ImageSource, limits: Limits) -> bytes | memoryview:
-    """The bytes of a local source, reading at most one byte past the size limit."""
-    cap = limits.max_image_bytes + 1
-    name = f"image {source.index} ({source.label})"
-    value: Any = source.value
+# --------------------------------------------------------------------------- reading
+
+
+class _Oversized(Exception):
+    """A source holds more than the read cap; ``size`` is exact when known, else None."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _too_large(size: int | None, cap: int, limits: Limits, fit: bool) -> str:
+    if fit:
+        return f"is larger than {cap:,} bytes, the most fit mode reads"
+    shown = f"is {size:,} bytes" if size is not None else "is larger than that"
+    return f"{shown}; the limit is {limits.max_image_bytes:,} bytes (Limits.max_image_bytes)"
+
+
+def _load(source: ImageSource, cap: int, limits: Limits, fit: bool) -> bytes | memoryview:
+    """The bytes of a local source, never reading more than ``cap + 1`` of them."""
     try:
         if source.kind == "bytes":
-            return value if isinstance(value, bytes | memoryview) else bytes(value)
+            return _as_view(source.value)
         if source.kind == "data_uri":
-            payload = value.partition(",")[2]
-            return pybase64.b64decode(payload, validate=True)
+            return _decode_data_uri(str(source.value), source, cap)
         if source.kind == "path":
-            with open(value, "rb") as handle:
-                return handle.read(cap)
-        data = value.read(cap)
+            return _read_path(source.value, cap)
+        return _read_file_object(source.value, source, cap)
+    except _Oversized as exc:
+        raise _error(source.index, source.label, _too_large(exc.size, cap, limits, fit)) from None
     except FileNotFoundError:
-        raise ImageError(f"{name}: no such file", index=source.index, source=source.label) from None
+        raise _error(source.index, source.label, "does not exist (no such file)") from None
     except IsADirectoryError:
-        raise ImageError(
-            f"{name} is a directory", index=source.index, source=source.label
-        ) from None
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError(
-            f"{name}: invalid base64 in the data URI ({exc})",
-            index=source.index,
-            source=source.label,
-        ) from None
+        raise _error(source.index, source.label, "is a directory, not a file") from None
     except OSError as exc:
-        raise ImageError(
-            f"{name} could not be read: {exc.strerror or exc}",
-            index=source.index,
-            source=source.label,
-        ) from None
-    if isinstance(data, str) or not isinstance(data, bytes | bytearray):
-        raise ImageError(
-            f"{name}: the file object must be opened in binary mode ('rb')",
-            index=source.index,
-            source=source.label,
-        )
-    return bytes(data)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise _error(source.index, source.label, f"could not be read: {reason}") from exc
+
+
+def _as_view(value: object) -> bytes | memoryview:
+    """Bytes as they are; a bytearray or memoryview without copying (when contiguous)."""
+    if isinstance(value, bytes):
+        return value
+    view = memoryview(value)  # type: ignore[arg-type]  # classify let only bytes-likes in
+    if not view.c_contiguous:
+        return view.tobytes()
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _read_path(path: object, cap: int) -> bytes | memoryview:
+    """Read a file, refusing it by its size on disk, before reading, when that is too large.
+
+    The bytes land in this worker thread's reusable buffer (see :func:`_thread_buffer`).
+    """
+    with open(path, "rb", buffering=0) as handle:  # type: ignore[call-overload]  # str/PathLike
+        size = os.fstat(handle.fileno()).st_size
+        if size > cap:  # 0 for pipes and devices, which the capped read then bounds
+            raise _Oversized(size)
+        if cap > _BUFFER_MAX:
+            return _read_capped(handle, cap)
+        view = _thread_buffer(cap + 1)
+        total = 0
+        while total <= cap:
+            count = handle.readinto(view[total : cap + 1])
+            if not count:
+                break
+            total += count
+        if total > cap:
+            raise _Oversized(None)
+        return view[:total]
+
+
+def _thread_buffer(size: int) -> memoryview:
+    """A buffer of at least ``size`` bytes owned by the calling worker thread, reused.
+
+    Reading into it instead of into a new ``bytes`` per file saves allocating
+    (and page-faulting in) 23.5 MB per full-size request. Its contents are only
+    valid until the same thread reads the next file; nothing that outlives the
+    worker-thread call refers to it (the base64 output is a new object). It is
+    never resized, only replaced, so a stale view (in a traceback) cannot break it.
+    """
+    buffer: bytearray | None = getattr(_THREAD_BUFFERS, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        _THREAD_BUFFERS.buffer = buffer
+    return memoryview(buffer)
+
+
+def _read_file_object(handle: object, source: ImageSource, cap: int) -> bytes:
+    """Read from the current position, then restore it, so a request can be prepared again."""
+    start: int | None = None
+    seekable = getattr(handle, "seekable", None)
+    if callable(seekable) and seekable():
+        start = handle.tell()  # type: ignore[attr-defined]
+    try:
+        data = _read_capped(handle, cap)
+    except TypeError as exc:  # read() returned text
+        raise _error(source.index, source.label, str(exc)) from None
+    finally:
+        if start is not None:
+            handle.seek(start)  # type: ignore[attr-defined]
+    return data
+
+
+def _read_capped(handle: object, cap: int) -> bytes:
+    """Read up to ``cap + 1`` bytes, looping over short reads (raw files, pipes, sockets)."""
+    read = handle.read  # type: ignore[attr-defined]  # classify checked it exists
+    chunks: list[bytes] = []
+    total = 0
+    while total <= cap:
+        chunk = read(cap + 1 - total)
+        if chunk is None:
+            raise OSError("the file object has no data ready (non-blocking stream?)")
+        if isinstance(chunk, str):
+            raise TypeError("returned text; open the file in binary mode ('rb')")
+        if not chunk:
+            break
+        chunks.append(bytes(chunk))
+        total += len(chunk)
+    if total > cap:
+        raise _Oversized(None)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _decode_data_uri(uri: str, source: ImageSource, cap: int) -> bytes:
+    """Decode the payload, refusing an oversized one from its length alone."""
+    payload = uri.partition(",")[2].strip()
+    if len(payload) // 4 * 3 > cap + 3:
+        raise _Oversized(None)
+    try:
+        return _b64decode(payload)
+    except (binascii.Error, ValueError):
+        pass
+    # Lenient second try: line breaks (MIME style) and the URL-safe alphabet.
+    cleaned = "".join(payload.split())
+    try:
+        return _b64decode(cleaned, "-_" if ("-" in cleaned or "_" in cleaned) else None)
+    except (binascii.Error, ValueError) as exc:
+        raise _error(source.index, source.label, f"has invalid base64 data ({exc})") from None
+
+
+def _b64decode(text: str, altchars: str | None = None) -> bytes:
+    decoded: bytes = pybase64.b64decode(text, altchars=altchars, validate=True)
+    return decoded
