@@ -46,6 +46,12 @@ class RateLimiter(Protocol):
     def pause(self, seconds: float) -> None:
         """Hold every request for ``seconds`` (a 429's ``Retry-After``)."""
 
+    def record(self, status: int) -> None:
+        """Feedback after each response (its HTTP status): how an adaptive limiter learns.
+
+        Strict limiters ignore it; ``requests_per_second="auto"`` slows down on 429.
+        """
+
 
 class _CoolDown:
     """The shared pause after a 429: one deadline on the loop clock."""
@@ -79,6 +85,9 @@ class UnlimitedLimiter:
 
     def pause(self, seconds: float) -> None:
         self._cooldown.pause(seconds)
+
+    def record(self, status: int) -> None:
+        return None
 
     def __repr__(self) -> str:
         return "<UnlimitedLimiter>"
@@ -115,6 +124,9 @@ class TokenBucketLimiter:
 
     def pause(self, seconds: float) -> None:
         self._cooldown.pause(seconds)
+
+    def record(self, status: int) -> None:
+        return None
 
     def __repr__(self) -> str:
         return f"<TokenBucketLimiter rate={self.rate:g}/s burst={self.burst}>"
