@@ -394,6 +394,10 @@ class RedisRateLimiter:
         self.burst = int(burst)
         self._backend = backend
         self._interval_us = 0 if rate is None else max(1, round(1_000_000 / rate))
+        #: A turn woken later than this (s) is given back for a fresh one (see acquire).
+        self._late_s = max(0.001, self._interval_us / 2_000_000)
+        #: Turns given back after a stall of this process's event loop.
+        self.stale = 0
         self._gate = _PriorityGate()
         self._cooldown = _CoolDown()
         self._local: RateLimiter | None = None
@@ -406,6 +410,8 @@ class RedisRateLimiter:
         async def reserve(client: Redis) -> Any:
             return await link.script("rate", _RATE_LUA)(keys=keys, args=args)
 
+        loop = asyncio.get_running_loop()
+        stale_ok = False
         async with self._gate.hold(int(priority)):
             await self._cooldown.wait()
             while True:
@@ -416,7 +422,14 @@ class RedisRateLimiter:
                     await self._local_limiter().acquire(priority)
                     return
                 if wait_us > 0:
+                    wake_at = loop.time() + int(wait_us) / 1_000_000
                     await asyncio.sleep(int(wait_us) / 1_000_000)
+                    if int(granted) and not stale_ok and loop.time() - wake_at > self._late_s:
+                        # The loop stalled past our turn: sending now could bunch up with
+                        # the next process's turn. Take a fresh turn, once (no starving).
+                        self.stale += 1
+                        stale_ok = True
+                        continue
                 if int(granted):
                     return
                 # Paused by a 429 somewhere: the pause is over now, reserve afresh.
