@@ -115,7 +115,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+if redis.call('ZSCORE', KEYS[1], ARGV[2])
+   or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('ZADD', KEYS[1], string.format('%.0f', now + ttl), ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ttl + 1000)
   return {1, 0}
@@ -393,7 +394,11 @@ class RedisRateLimiter:
         self.rate = rate
         self.burst = int(burst)
         self._backend = backend
-        self._interval_us = 0 if rate is None else max(1, round(1_000_000 / rate))
+        # Spaced a little wider than 1 / rate: a request may reach the service up to
+        # `headroom` seconds later than its turn (network, a busy loop) without the
+        # service ever counting rate + burst in one second.
+        spacing = (1.0 + backend.headroom) / rate if rate is not None else 0.0
+        self._interval_us = 0 if rate is None else max(1, round(1_000_000 * spacing))
         #: A turn woken later than this (s) is given back for a fresh one (see acquire).
         self._late_s = max(0.001, self._interval_us / 2_000_000)
         #: Turns given back after a stall of this process's event loop.
@@ -495,6 +500,9 @@ class RedisSlots:
         self._waiting = 0
         self._ids = itertools.count(1)
         self._renewer: asyncio.Task[None] | None = None
+        #: Set while a renewal is in flight: a release waits for it, or the renewal
+        #: could re-create the lease just released (a ghost holding a slot for a TTL).
+        self._renewal_done: asyncio.Event | None = None
         self._local: JobSlots | None = None
 
     @property
@@ -578,6 +586,8 @@ class RedisSlots:
             return await script(keys=[keys.slots, keys.wake], args=[lease, self.capacity, ttl_ms])
 
         try:
+            if self._renewal_done is not None:
+                await self._renewal_done.wait()
             await link.call("job slots", release)
         except (_Unavailable, LimitsBackendError) as exc:
             logger.warning("lease %s not released (%s); it expires by its TTL", lease, exc)
@@ -604,11 +614,15 @@ class RedisSlots:
                 script = link.script("renew", _RENEW_LUA)
                 return await script(keys=[keys.slots], args=[ttl_ms, *leases])
 
+            done = self._renewal_done = asyncio.Event()
             try:
                 lost = int(await link.call("lease renewal", renew))
             except (_Unavailable, LimitsBackendError) as exc:
                 logger.warning("could not renew %d lease(s): %s", len(leases), exc)
                 continue
+            finally:
+                self._renewal_done = None
+                done.set()
             if lost:
                 logger.warning(
                     "%d lease(s) had expired in Redis (a restart, or this process stalled "
@@ -673,6 +687,10 @@ class RedisLimits:
     - ``reconnect_timeout``: how long an outage of a Redis that answered before is
       waited out (a restart) before ``fallback`` applies.
     - ``socket_timeout``: connect and read timeout of each Redis call.
+    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (2 % slower
+      than asked), so that a request reaching the service up to ``headroom`` seconds
+      after its turn (network jitter, a busy event loop) still cannot make
+      ``rate + burst`` in one second at the service.
     """
 
     def __init__(
@@ -684,6 +702,7 @@ class RedisLimits:
         fallback: Fallback = "error",
         reconnect_timeout: float = 10.0,
         socket_timeout: float = 5.0,
+        headroom: float = 0.02,
         prefix: str = "dreamo",
     ) -> None:
         if fallback not in ("error", "local"):
@@ -692,7 +711,10 @@ class RedisLimits:
             raise ValueError(f"lease_ttl must be at least 0.1 s, got {lease_ttl!r}")
         if not key or any(c in key for c in "{}"):
             raise ValueError(f"key must be non-empty and free of braces, got {key!r}")
+        if not 0.0 <= headroom <= 0.5:
+            raise ValueError(f"headroom must be within 0..0.5, got {headroom!r}")
         self.key = key
+        self.headroom = float(headroom)
         self.lease_ttl = float(lease_ttl)
         self.keys = _Keys(prefix, key)
         #: Who holds a lease (visible in Redis): host, pid and a random tag.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -55,9 +56,10 @@ async def run(args: argparse.Namespace) -> None:
             if queue is None:
                 return str(todo.pop()) if todo else None
             while True:
-                job = await queue.lpop(f"{args.key}:jobs")
+                # LMOVE: a job taken by a worker that then dies stays visible in its list.
+                job = await queue.lmove(f"{args.key}:jobs", f"{args.key}:taken:{os.getpid()}")
                 if job is not None:
-                    return str(job.decode())
+                    return job.decode() if isinstance(job, bytes) else str(job)
                 if await queue.scard(f"{args.key}:done") >= args.total:
                     return None
                 await asyncio.sleep(0.05)

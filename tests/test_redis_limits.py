@@ -384,101 +384,98 @@ async def test_four_processes_share_one_budget_and_survive_a_sigkill(
     fake = await _start("-m", "dreamo_async.testing", "--port", "0", "--task-duration-ms", "30")
     workers: list[asyncio.subprocess.Process] = []
     try:
-        assert fake.stdout is not None
-        ready = (await asyncio.wait_for(fake.stdout.readline(), 15)).decode().split()
-        base_url = ready[1]
-        await inspect.rpush("mp:jobs", *range(total))
-        for _ in range(4):
-            workers.append(
-                await _start(
-                    str(WORKER),
-                    "--base-url", base_url,
-                    "--redis-url", redis_server.url,
-                    "--queue", redis_server.url,
-                    "--key", "mp",
-                    "--total", str(total),
-                    "--max-concurrency", str(concurrency),
-                    "--rate", str(rate),
-                    "--burst", str(burst),
-                    "--lease-ttl", str(ttl),
-                    "--poll-s", "0.035",
-                )  # fmt: skip
-            )
-        started: list[set[str]] = [set() for _ in workers]
-        finished: list[set[str]] = [set() for _ in workers]
+        # A bound well inside pytest's timeout, so a stuck worker fails the test cleanly.
+        async with asyncio.timeout(90):
+            assert fake.stdout is not None
+            ready = (await asyncio.wait_for(fake.stdout.readline(), 15)).decode().split()
+            base_url = ready[1]
+            await inspect.rpush("mp:jobs", *range(total))
+            worker_args = [
+                *("--base-url", base_url, "--redis-url", redis_server.url),
+                *("--queue", redis_server.url, "--key", "mp", "--total", str(total)),
+                *("--max-concurrency", str(concurrency), "--rate", str(rate)),
+                *("--burst", str(burst), "--lease-ttl", str(ttl), "--poll-s", "0.035"),
+            ]
+            for _ in range(4):
+                workers.append(await _start(str(WORKER), *worker_args))
+            started: list[set[str]] = [set() for _ in workers]
+            finished: list[set[str]] = [set() for _ in workers]
 
-        async def follow(i: int) -> None:
-            stream = workers[i].stdout
-            assert stream is not None
-            async for raw in stream:
-                kind, _, job = raw.decode().strip().partition(" ")
-                if kind == "START":
-                    started[i].add(job)
-                elif kind == "DONE":
-                    finished[i].add(job)
+            async def follow(i: int) -> None:
+                stream = workers[i].stdout
+                assert stream is not None
+                async for raw in stream:
+                    kind, _, job = raw.decode().strip().partition(" ")
+                    if kind == "START":
+                        started[i].add(job)
+                    elif kind == "DONE":
+                        finished[i].add(job)
 
-        readers = [asyncio.create_task(follow(i)) for i in range(len(workers))]
-        peak_leases = 0
+            readers = [asyncio.create_task(follow(i)) for i in range(len(workers))]
+            peak_leases = 0
 
-        async def watch_leases() -> None:
-            nonlocal peak_leases
-            while True:
-                peak_leases = max(peak_leases, await inspect.zcard("dreamo:{mp}:slots"))
-                await asyncio.sleep(0.005)
+            async def watch_leases() -> None:
+                nonlocal peak_leases
+                while True:
+                    peak_leases = max(peak_leases, await inspect.zcard("dreamo:{mp}:slots"))
+                    await asyncio.sleep(0.005)
 
-        watcher = asyncio.create_task(watch_leases())
-        victim = workers[3]
-        await eventually(
-            lambda: sum(map(len, finished)) >= 40 and len(started[3] - finished[3]) >= 1,
-            timeout=30,
-        )
-        victim_leases = [
-            lease
-            for lease in await inspect.zrange("dreamo:{mp}:slots", 0, -1)
-            if f":{victim.pid}:" in lease
-        ]
-        victim.send_signal(signal.SIGKILL)
-        await victim.wait()
-        loop = asyncio.get_running_loop()
-        killed = loop.time()
-        await readers[3]
-        lost = started[3] - finished[3]
-        assert lost  # it died holding jobs
-        assert victim_leases  # ... and their slots
+            watcher = asyncio.create_task(watch_leases())
+            victim = workers[3]
 
-        async def victim_gone() -> bool:
-            now = await redis_time_ms(inspect)
-            for lease in victim_leases:
-                score = await inspect.zscore("dreamo:{mp}:slots", lease)
-                if score is not None and score > now:
-                    return False
-            return True
+            async def victim_leases() -> list[str]:
+                leases = await inspect.zrange("dreamo:{mp}:slots", 0, -1)
+                return [str(lease) for lease in leases if f":{victim.pid}:" in str(lease)]
 
-        while not await victim_gone():
-            assert loop.time() - killed <= ttl + 0.2, "the dead worker's slots did not expire"
-            await asyncio.sleep(0.01)
-        await inspect.rpush("mp:jobs", *lost)  # its unfinished jobs go back to the queue
-        for worker in workers[:3]:
-            assert await asyncio.wait_for(worker.wait(), 60) == 0
-        await asyncio.gather(*readers)
-        watcher.cancel()
-        assert await inspect.scard("mp:done") == total
-        assert set().union(*finished) == {str(i) for i in range(total)}
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(base_url + "/_fake/stats") as answer,
-        ):
-            stats: dict[str, Any] = json.loads(await answer.text())
-        print({k: stats[k] for k in ("max_open_tasks", "max_requests_in_1s", "creates")}, peak_leases)
-        # What the service saw, from its side: the global limits held.
-        assert stats["refused_total"] == 0
-        assert 2 <= stats["max_open_tasks"] <= concurrency
-        assert stats["max_requests_in_1s"] <= rate + burst
-        assert stats["max_requests_in_1s"] >= rate * 0.8  # the rate limit was binding
-        assert peak_leases <= concurrency
-        by_prompt = stats["creates_by_prompt"]
-        assert all(by_prompt.get(f"job {i}", 0) >= 1 for i in range(total))
-        assert total <= stats["creates"] <= total + len(lost)
+            await eventually(lambda: sum(map(len, finished)) >= 40, timeout=30)
+            for _ in range(10_000):  # kill it while it holds slots
+                if await victim_leases():
+                    break
+                await asyncio.sleep(0.001)
+            victim.send_signal(signal.SIGKILL)
+            await victim.wait()
+            loop = asyncio.get_running_loop()
+            killed = loop.time()
+            held_at_death = await victim_leases()
+            assert held_at_death  # it died holding slots
+            await readers[3]
+            taken = set(await inspect.lrange(f"mp:taken:{victim.pid}", 0, -1))
+            lost = taken - set(await inspect.smembers("mp:done"))
+            assert lost  # ... and jobs
+
+            async def victim_gone() -> bool:
+                now = await redis_time_ms(inspect)
+                for lease in held_at_death:
+                    score = await inspect.zscore("dreamo:{mp}:slots", lease)
+                    if score is not None and score > now:
+                        return False
+                return True
+
+            while not await victim_gone():
+                assert loop.time() - killed <= ttl + 0.2, "the dead worker's slots did not expire"
+                await asyncio.sleep(0.01)
+            await inspect.rpush("mp:jobs", *lost)  # its unfinished jobs go back to the queue
+            for worker in workers[:3]:
+                assert await asyncio.wait_for(worker.wait(), 60) == 0
+            await asyncio.gather(*readers)
+            watcher.cancel()
+            assert await inspect.scard("mp:done") == total
+            assert set().union(*finished) == {str(i) for i in range(total)}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(base_url + "/_fake/stats") as answer,
+            ):
+                stats: dict[str, Any] = json.loads(await answer.text())
+            print({k: stats[k] for k in ("max_open_tasks", "max_requests_in_1s", "creates")})
+            # What the service saw, from its side: the global limits held.
+            assert stats["refused_total"] == 0
+            assert 2 <= stats["max_open_tasks"] <= concurrency
+            assert stats["max_requests_in_1s"] <= rate + burst
+            assert stats["max_requests_in_1s"] >= rate * 0.8  # the rate limit was binding
+            assert peak_leases <= concurrency
+            by_prompt = stats["creates_by_prompt"]
+            assert all(by_prompt.get(f"job {i}", 0) >= 1 for i in range(total))
+            assert total <= stats["creates"] <= total + len(lost)
     finally:
         for process in [*workers, fake]:
             if process.returncode is None:
