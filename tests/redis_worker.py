@@ -5,7 +5,7 @@ a shared :class:`~dreamo_async.RedisLimits`. Jobs come either from a Redis list
 (``--queue``: the test, where a killed worker's jobs are put back and finished by
 the others) or are a fixed count (``--jobs N``: the benchmark, no extra Redis
 traffic). Prints ``READY``, then ``START <job>`` / ``DONE <job>`` lines, flushed,
-and at the end ``STATS <round trips>``.
+and at the end ``STATS <round trips> <wall-clock time the last job ended>``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,6 +52,8 @@ async def run(args: argparse.Namespace) -> None:
         limits_backend=backend,
     ) as client:
         say("READY")
+        if args.wait_go:  # the benchmark starts every worker at once
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
         async def next_job() -> str | None:
             if queue is None:
@@ -73,10 +76,11 @@ async def run(args: argparse.Namespace) -> None:
                 say(f"DONE {job}")
 
         await asyncio.gather(*(loop() for _ in range(args.loops or args.max_concurrency)))
+        finished = time.time()
         trips = backend.round_trips if isinstance(backend, d.RedisLimits) else 0
     if queue is not None:
         await queue.aclose()
-    say(f"STATS {trips}")
+    say(f"STATS {trips} {finished:.6f}")
 
 
 def main() -> None:
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--lease-ttl", type=float, default=1.0)
     parser.add_argument("--poll-s", type=float, default=0.03)
+    parser.add_argument("--wait-go", action="store_true", help="start on a line on stdin")
     args = parser.parse_args()
     asyncio.run(run(args))
 
