@@ -8,6 +8,7 @@ real worker processes, one of them SIGKILLed mid-run.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.redis
 
 IMAGE = make_png(64, 64)
 WORKER = Path(__file__).with_name("redis_worker.py")
+ROOT = WORKER.parent.parent
 
 
 @pytest.fixture
@@ -492,3 +494,63 @@ def test_hostnames_in_lease_ids() -> None:
         d.RedisLimits(fallback="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="braces"):
         d.RedisLimits(key="a{b}")
+
+
+# --------------------------------------------------------------------------- the example
+
+
+@pytest.mark.slow
+async def test_example_app_workers_share_one_budget(redis_server: RedisServer) -> None:
+    port = free_port()
+    async with FakeDreamOServer(task_duration_ms=150) as server:
+        env = {
+            **os.environ,
+            "DREAMO_BASE_URL": server.url,
+            "DREAMO_API_KEY": "test-key",
+            "REDIS_URL": redis_server.url,
+            "DREAMO_LIMITS_KEY": "example",
+            "DREAMO_MAX_CONCURRENCY": "2",
+            "DREAMO_RATE": "200",
+            "DREAMO_BURST": "5",
+        }
+        app = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "uvicorn", "examples.redis_app:app", "--workers", "2"),
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+            cwd=ROOT,
+            env=env,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with asyncio.timeout(30):
+                    while True:
+                        try:
+                            async with http.get(url + "/stats") as answer:
+                                if answer.status == 200:
+                                    break
+                        except aiohttp.ClientConnectionError:
+                            pass
+                        await asyncio.sleep(0.05)
+                image = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
+
+                async def call(i: int) -> dict[str, Any]:
+                    await asyncio.sleep(i * 0.03)  # staggered: both workers get some
+                    body = {"prompt": f"example {i}", "images": [image]}
+                    headers = {"Connection": "close"}
+                    async with http.post(url + "/generate", json=body, headers=headers) as answer:
+                        assert answer.status == 200, await answer.text()
+                        return dict(await answer.json())
+
+                answers = await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(8))), 30)
+        finally:
+            app.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(app.wait(), 10)
+            except TimeoutError:
+                app.kill()
+                await app.wait()
+        print("answered by workers", sorted({a["worker"] for a in answers}))
+        assert len({a["task_id"] for a in answers}) == 8
+        assert server.stats.creates == 8
+        # Two workers, each with max_concurrency=2, and yet at most 2 tasks at once.
+        assert server.stats.max_open_tasks == 2
