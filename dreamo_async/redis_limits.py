@@ -50,6 +50,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
 from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
 from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter
 
@@ -67,88 +68,6 @@ Fallback = Literal["error", "local"]
 
 #: Longest single BLPOP: waiters re-check the slots at least this often (seconds).
 _MAX_BLOCK_S: Final = 1.0
-
-# --------------------------------------------------------------------------- Lua scripts
-# Times: microseconds (rate) and milliseconds (leases) of Redis's clock. Numbers written
-# back go through string.format('%.0f') so that Lua's 14-digit tostring never rounds them.
-
-_RATE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > now then
-  return {0, paused - now}
-end
-local interval = tonumber(ARGV[1])
-if interval <= 0 then
-  return {1, 0}
-end
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then
-  tat = now
-end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-           'PX', math.floor((new_tat - now) / 1000) + 1000)
-local wait = tat - (burst - 1) * interval - now
-if wait < 0 then
-  wait = 0
-end
-return {1, math.floor(wait)}
-"""
-
-_PAUSE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local until_us = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until_us > current then
-  redis.call('SET', KEYS[1], string.format('%.0f', until_us),
-             'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
-end
-return 1
-"""
-
-_ACQUIRE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[2])
-   or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], string.format('%.0f', now + ttl), ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ttl + 1000)
-  return {1, 0}
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, tonumber(first[2]) - now}
-"""
-
-_RELEASE_LUA: Final = """
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], '1')
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return removed
-"""
-
-_RENEW_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-local expiry = string.format('%.0f', now + ttl)
-local lost = 0
-for i = 2, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if not score or tonumber(score) <= now then
-    lost = lost + 1
-  end
-  redis.call('ZADD', KEYS[1], expiry, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], ttl + 1000)
-return lost
-"""
 
 
 class _Unavailable(Exception):
@@ -413,7 +332,7 @@ class RedisRateLimiter:
         args = [self._interval_us, self.burst]
 
         async def reserve(client: Redis) -> Any:
-            return await link.script("rate", _RATE_LUA)(keys=keys, args=args)
+            return await link.script("rate", RATE_LUA)(keys=keys, args=args)
 
         loop = asyncio.get_running_loop()
         stale_ok = False
@@ -450,7 +369,7 @@ class RedisRateLimiter:
         keys = [self._backend.keys.pause]
 
         async def write(client: Redis) -> Any:
-            return await link.script("pause", _PAUSE_LUA)(keys=keys, args=[round(seconds * 1e6)])
+            return await link.script("pause", PAUSE_LUA)(keys=keys, args=[round(seconds * 1e6)])
 
         try:
             await link.call("pause", write)
@@ -523,7 +442,7 @@ class RedisSlots:
                 lease = f"{self._backend.owner}:{next(self._ids)}"
 
                 async def try_acquire(client: Redis) -> Any:
-                    script = link.script("acquire", _ACQUIRE_LUA)
+                    script = link.script("acquire", ACQUIRE_LUA)
                     return await script(keys=[keys.slots], args=[self.capacity, lease, ttl_ms])
 
                 while True:
@@ -582,7 +501,7 @@ class RedisSlots:
         ttl_ms = round(self._backend.lease_ttl * 1000)
 
         async def release(client: Redis) -> Any:
-            script = link.script("release", _RELEASE_LUA)
+            script = link.script("release", RELEASE_LUA)
             return await script(keys=[keys.slots, keys.wake], args=[lease, self.capacity, ttl_ms])
 
         try:
@@ -611,7 +530,7 @@ class RedisSlots:
                 return
 
             async def renew(client: Redis, leases: list[str] = leases) -> Any:
-                script = link.script("renew", _RENEW_LUA)
+                script = link.script("renew", RENEW_LUA)
                 return await script(keys=[keys.slots], args=[ttl_ms, *leases])
 
             done = self._renewal_done = asyncio.Event()
@@ -687,6 +606,11 @@ class RedisLimits:
     - ``reconnect_timeout``: how long an outage of a Redis that answered before is
       waited out (a restart) before ``fallback`` applies.
     - ``socket_timeout``: connect and read timeout of each Redis call.
+
+    Give each ``DreamOClient`` its own ``RedisLimits`` (it is one connection pool):
+    closing the client closes the backend and gives back its leases. With
+    ``requests_per_second=None`` each request still asks Redis whether a 429 paused
+    the key (one round trip).
     - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (2 % slower
       than asked), so that a request reaching the service up to ``headroom`` seconds
       after its turn (network jitter, a busy event loop) still cannot make

@@ -143,6 +143,34 @@ async def test_unlimited_rate_still_shares_the_pause(redis_server: RedisServer) 
     await other.aclose()
 
 
+async def test_polls_take_their_turn_before_creates(redis_server: RedisServer) -> None:
+    backend = d.RedisLimits(redis_server.url, key="prio")
+    limiter = backend.make_limiter(20, 1)
+    await limiter.acquire()  # the next turn is 50 ms away: the others queue
+    order: list[str] = []
+
+    async def take(name: str, priority: d.Priority) -> None:
+        await limiter.acquire(priority)
+        order.append(name)
+
+    first = asyncio.create_task(take("create-1", d.Priority.CREATE))
+    await asyncio.sleep(0.01)  # create-1 holds the turn, sleeping in it
+    tasks = [first]
+    for name, priority in [
+        ("create-2", d.Priority.CREATE),
+        ("poll-1", d.Priority.POLL),
+        ("create-3", d.Priority.CREATE),
+        ("poll-2", d.Priority.POLL),
+    ]:
+        tasks.append(asyncio.create_task(take(name, priority)))
+    cancelled = asyncio.create_task(take("poll-cancelled", d.Priority.POLL))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await asyncio.gather(*tasks)
+    assert order == ["create-1", "poll-1", "poll-2", "create-2", "create-3"]
+    await backend.aclose()
+
+
 # --------------------------------------------------------------------------- slots
 
 
