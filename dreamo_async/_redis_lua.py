@@ -4,9 +4,12 @@ Times come from Redis's ``TIME`` (one clock for every host): microseconds for th
 rate, milliseconds for leases. Numbers written back go through
 ``string.format('%.0f')`` so that Lua's 14-digit ``tostring`` never rounds them.
 
-- ``RATE_LUA`` (KEYS rate, pause; ARGV interval µs or 0, burst): ``{granted, wait µs}``.
-  A GCRA reservation: the caller sleeps ``wait`` then sends. ``granted = 0`` while a
-  429 pause is on (``wait`` = its rest), and nothing is reserved.
+- ``RATE_LUA`` (KEYS rate, pause; ARGV interval µs or 0, burst, wanted):
+  ``{granted, wait µs, count}``. A GCRA reservation: the caller sleeps ``wait`` then
+  sends. When the bucket has credit, up to ``wanted`` turns due now are taken at once
+  (``count``; exactly as ``count`` calls in a row would), for the caller's queued
+  neighbours. ``granted = 0`` while a 429 pause is on (``wait`` = its rest), and
+  nothing is reserved.
 - ``PAUSE_LUA`` (KEYS pause; ARGV µs): extend the shared pause to now + µs.
 - ``ACQUIRE_LUA`` (KEYS slots; ARGV capacity, lease id, ttl ms): ``{1, 0}`` with the
   lease added (or refreshed: a retried call is idempotent), else ``{0, ms until the
@@ -28,25 +31,30 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > now then
-  return {0, paused - now}
+  return {0, paused - now, 0}
 end
 local interval = tonumber(ARGV[1])
 if interval <= 0 then
-  return {1, 0}
+  return {1, 0, tonumber(ARGV[3])}
 end
 local burst = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then
   tat = now
 end
-local new_tat = tat + interval
+local allowed = tat - (burst - 1) * interval
+local count = 1
+if allowed < now then
+  count = math.min(tonumber(ARGV[3]), 1 + math.floor((now - allowed) / interval))
+end
+local new_tat = tat + count * interval
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
            'PX', math.floor((new_tat - now) / 1000) + 1000)
-local wait = tat - (burst - 1) * interval - now
+local wait = allowed - now
 if wait < 0 then
   wait = 0
 end
-return {1, math.floor(wait)}
+return {1, math.floor(wait), count}
 """
 
 PAUSE_LUA: Final = """

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -46,7 +47,7 @@ import secrets
 import socket
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -68,6 +69,8 @@ Fallback = Literal["error", "local"]
 
 #: Longest single BLPOP: waiters re-check the slots at least this often (seconds).
 _MAX_BLOCK_S: Final = 1.0
+#: Most turns one rate call takes for queued neighbours while the bucket has credit.
+_MAX_TURNS_PER_CALL: Final = 16
 
 
 class _Unavailable(Exception):
@@ -242,41 +245,51 @@ class _Link:
 
 
 class _PriorityGate:
-    """A lock handed to waiters by (priority, arrival): polls before creates, FIFO within."""
+    """A lock handed to waiters by (priority, arrival): polls before creates, FIFO within.
+
+    Its owner may also :meth:`hand_out` turns it got in one Redis call to the next
+    waiters, who then go at once without owning the gate.
+    """
 
     __slots__ = ("_busy", "_heap", "_seq")
 
     def __init__(self) -> None:
         self._busy = False
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        #: (priority, arrival, future): True = "a turn for you", False = "the gate is yours".
+        self._heap: list[tuple[int, int, asyncio.Future[bool]]] = []
         self._seq = itertools.count()
 
     @property
     def waiting(self) -> int:
         return sum(1 for *_, fut in self._heap if not fut.done())
 
-    @contextlib.asynccontextmanager
-    async def hold(self, priority: int) -> AsyncIterator[None]:
-        if self._busy or self._heap:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._heap, (priority, next(self._seq), fut))
-            try:
-                await fut
-            except BaseException:
-                if fut.done() and not fut.cancelled():
-                    self._wake_next()  # handed the gate as we were cancelled: pass it on
-                raise
-        self._busy = True
+    async def enter(self, priority: int) -> bool:
+        """Wait; True if a turn was handed to us, False if we own the gate (then :meth:`leave`)."""
+        if not self._busy and not self._heap:
+            self._busy = True
+            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (priority, next(self._seq), fut))
         try:
-            yield
-        finally:
-            self._wake_next()
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.result() is False:
+                self.leave()  # handed the gate as we were cancelled: pass it on
+            raise
 
-    def _wake_next(self) -> None:
+    def hand_out(self, turns: int) -> None:
+        """Give ``turns`` turns to the first live waiters (a turn nobody takes is lost)."""
+        while turns > 0 and self._heap:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(True)
+                turns -= 1
+
+    def leave(self) -> None:
         while self._heap:
             _, _, fut = heapq.heappop(self._heap)
             if not fut.done():
-                fut.set_result(None)  # the gate stays busy: ownership moves to that waiter
+                fut.set_result(False)  # the gate stays busy: ownership moves to that waiter
                 return
         self._busy = False
 
@@ -331,20 +344,27 @@ class RedisRateLimiter:
         keys = [self._backend.keys.rate, self._backend.keys.pause]
         args = [self._interval_us, self.burst]
 
-        async def reserve(client: Redis) -> Any:
-            return await link.script("rate", RATE_LUA)(keys=keys, args=args)
+        async def reserve(wanted: int, client: Redis) -> Any:
+            return await link.script("rate", RATE_LUA)(keys=keys, args=[*args, wanted])
 
         loop = asyncio.get_running_loop()
-        stale_ok = False
-        async with self._gate.hold(int(priority)):
+        if await self._gate.enter(int(priority)):
+            return  # a neighbour took this turn for us in its call
+        try:
             await self._cooldown.wait()
+            stale_ok = False
             while True:
+                wanted = 1 + min(self._gate.waiting, _MAX_TURNS_PER_CALL - 1)
                 try:
-                    granted, wait_us = await link.call("rate limiter", reserve)
+                    granted, wait_us, count = await link.call(
+                        "rate limiter", functools.partial(reserve, wanted)
+                    )
                 except _Unavailable as exc:
                     link.unavailable(exc)
                     await self._local_limiter().acquire(priority)
                     return
+                if int(count) > 1:
+                    self._gate.hand_out(int(count) - 1)  # due now, like ours
                 if wait_us > 0:
                     wake_at = loop.time() + int(wait_us) / 1_000_000
                     await asyncio.sleep(int(wait_us) / 1_000_000)
@@ -357,6 +377,8 @@ class RedisRateLimiter:
                 if int(granted):
                     return
                 # Paused by a 429 somewhere: the pause is over now, reserve afresh.
+        finally:
+            self._gate.leave()
 
     def pause(self, seconds: float) -> None:
         """Pause this process at once, and every process through Redis."""

@@ -143,6 +143,27 @@ async def test_unlimited_rate_still_shares_the_pause(redis_server: RedisServer) 
     await other.aclose()
 
 
+async def test_queued_requests_share_one_call_while_the_bucket_has_credit(
+    redis_server: RedisServer,
+) -> None:
+    backend = d.RedisLimits(redis_server.url, key="batch")
+    limiter = backend.make_limiter(10, 8)
+    loop = asyncio.get_running_loop()
+    grants: list[float] = []
+
+    async def take() -> None:
+        await limiter.acquire()
+        grants.append(loop.time())
+
+    await asyncio.gather(*(take() for _ in range(12)))
+    # 8 at once (the burst), then one each 0.1 s: the bucket is never overdrawn ...
+    assert windows(grants, 0.35) <= 8 + 3
+    assert sorted(grants)[-1] - sorted(grants)[0] >= 0.35
+    # ... and the queued callers took their turns in a few calls, not one call each.
+    assert backend.round_trips <= 2 + 4
+    await backend.aclose()
+
+
 async def test_polls_take_their_turn_before_creates(redis_server: RedisServer) -> None:
     backend = d.RedisLimits(redis_server.url, key="prio")
     limiter = backend.make_limiter(20, 1)
