@@ -469,7 +469,13 @@ class RedisSlots:
 
                 while True:
                     try:
-                        ok, retry_ms = await link.call("job slots", try_acquire)
+                        try:
+                            ok, retry_ms = await link.call("job slots", try_acquire)
+                        except asyncio.CancelledError:
+                            # The script may have run: take the lease back, or it would
+                            # hold a slot for nobody until its TTL.
+                            self._backend._spawn(self._release_remote(lease))
+                            raise
                         if int(ok):
                             self._held[lease] = None
                             self._ensure_renewer()
@@ -487,7 +493,9 @@ class RedisSlots:
         """Sleep in Redis until a release (a wake token) or the next lease expiry."""
         link = self._backend._link
         key = self._backend.keys.wake
-        timeout = min(_MAX_BLOCK_S, max(0.01, until_expiry_s + 0.002))
+        # Well inside the socket timeout, which would otherwise read as an outage.
+        cap = min(_MAX_BLOCK_S, link.socket_timeout / 2)
+        timeout = min(cap, max(0.01, until_expiry_s + 0.002))
 
         async def blpop(client: Redis) -> Any:
             return await client.blpop([key], timeout=timeout)
@@ -657,6 +665,8 @@ class RedisLimits:
             raise ValueError(f"lease_ttl must be at least 0.1 s, got {lease_ttl!r}")
         if not key or any(c in key for c in "{}"):
             raise ValueError(f"key must be non-empty and free of braces, got {key!r}")
+        if not socket_timeout > 0 or not reconnect_timeout >= 0:
+            raise ValueError("socket_timeout must be positive and reconnect_timeout >= 0")
         if not 0.0 <= headroom <= 0.5:
             raise ValueError(f"headroom must be within 0..0.5, got {headroom!r}")
         self.key = key
