@@ -112,7 +112,7 @@ class _Link:
         try:
             import redis.asyncio
             import redis.exceptions
-        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
+        except ImportError as exc:
             raise ConfigurationError(
                 "RedisLimits needs the redis package: pip install 'dreamo_async[redis]'"
             ) from exc

@@ -603,3 +603,13 @@ async def test_example_app_workers_share_one_budget(redis_server: RedisServer) -
         assert server.stats.creates == 8
         # Two workers, each with max_concurrency=2, and yet at most 2 tasks at once.
         assert server.stats.max_open_tasks == 2
+
+
+def test_without_the_redis_package_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `import dreamo_async` never needs redis; only building a RedisLimits does.
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    with pytest.raises(d.ConfigurationError, match=r"pip install 'dreamo_async\[redis\]'"):
+        d.RedisLimits()
