@@ -19,9 +19,9 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
-import anyio
 import attrs
 
+from ._body import BodyParts
 from .errors import ClientClosedError, TaskFailedError, TaskTimeoutError
 from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
@@ -31,7 +31,7 @@ from .ratelimit import LimitsBackend, LocalLimits, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
-from .wire import encode_create_body, request_params
+from .wire import create_body_parts, request_params
 
 __all__ = ["BatchItem", "BatchProgress", "ClientStatistics", "DreamOClient"]
 
@@ -39,8 +39,6 @@ logger = logging.getLogger("dreamo_async")
 
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
-#: Bodies with more base64 than this are serialised in a worker thread.
-_OFFLOOP_BODY_BYTES: Final = 256 * 1024
 
 
 class _Unset:
@@ -345,13 +343,11 @@ class DreamOClient:
             request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
         )
         params = request_params(request)
-        if prepared.base64 and sum(map(len, prepared.base64)) > _OFFLOOP_BODY_BYTES:
-            body = await anyio.to_thread.run_sync(
-                encode_create_body, request.model, params, prepared.base64, prepared.urls
-            )
-        else:
-            body = encode_create_body(request.model, params, prepared.base64, prepared.urls)
-        del prepared  # the encoded images live only until the body exists
+        parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)
+        del prepared  # the encoded images now live only in the body's parts
+        # Small bodies go as one buffer; large ones as their parts, never joined.
+        body: bytes | BodyParts = parts[0] if len(parts) == 1 else BodyParts(parts)
+        del parts
         request_id = uuid.uuid4().hex
         logger.debug("create %s (%d bytes, request id %s)", request.model, len(body), request_id)
         try:

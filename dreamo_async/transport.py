@@ -29,6 +29,7 @@ import aiohttp
 import attrs
 
 from . import __about__
+from ._body import BodyParts
 from .errors import (
     APIConnectionError,
     APIError,
@@ -151,7 +152,7 @@ class Transport:
 
     # -- the two calls -------------------------------------------------------------
 
-    async def create(self, body: bytes, *, request_id: str | None = None) -> Task:
+    async def create(self, body: bytes | BodyParts, *, request_id: str | None = None) -> Task:
         """Send a create request; retried only while no task can exist."""
         request_id = request_id or uuid.uuid4().hex
         headers = {

@@ -36,6 +36,7 @@ from .request import GenerationRequest
 
 __all__ = [
     "converter",
+    "create_body_parts",
     "encode_create_body",
     "error_class_for_status",
     "parse_error_body",
@@ -76,12 +77,26 @@ def encode_create_body(
     images_base64: Sequence[bytes] = (),
     image_urls: Sequence[str] = (),
 ) -> bytes:
-    """Serialise a create request to JSON bytes.
+    """Serialise a create request to one JSON byte string (small bodies, tests).
 
-    The base64 images (up to 5 x 6.3 MB) are spliced into the JSON with one
-    ``bytes.join`` instead of being decoded to ``str`` and run through
-    ``json.dumps``: base64 needs no JSON escaping, and this keeps the body to a
-    single copy of the image data.
+    Large bodies are sent as :func:`create_body_parts` without ever being joined.
+    """
+    return b"".join(create_body_parts(model, params, images_base64, image_urls))
+
+
+def create_body_parts(
+    model: str,
+    params: Mapping[str, Any],
+    images_base64: Sequence[bytes] = (),
+    image_urls: Sequence[str] = (),
+) -> tuple[bytes, ...]:
+    """A create request as byte strings whose concatenation is the JSON body.
+
+    The base64 images (up to 5 x 6.3 MB) are spliced in as they are, not
+    decoded to ``str`` and run through ``json.dumps``: base64 needs no JSON
+    escaping. Only the small head (model and parameters) is serialised; the
+    parts are sent one after the other (:class:`~dreamo_async._body.BodyParts`),
+    so the image data is never copied into a body buffer.
     """
     body_params = dict(params)
     if image_urls:
@@ -93,7 +108,7 @@ def encode_create_body(
         allow_nan=False,
     ).encode("utf-8")
     if not images_base64:
-        return head
+        return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body
     prefix = head[: -len(tail)]
     parts: list[bytes] = [
@@ -105,7 +120,7 @@ def encode_create_body(
             parts.append(b'","')
         parts.append(image)
     parts.append(b'"]' + tail)
-    return b"".join(parts)
+    return tuple(parts)
 
 
 # --------------------------------------------------------------------------- incoming
