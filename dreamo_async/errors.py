@@ -18,6 +18,7 @@ The hierarchy::
     ├── TaskFailedError                      the task ended as ``failed`` (provider error code)
     ├── TaskTimeoutError (TimeoutError)      the deadline passed; resume with ``wait(task_id)``
     ├── CreateOutcomeUnknownError            a create request may have made a task: never retried
+    ├── DownloadError                        a result image could not be saved (cap, not an image)
     └── LimitsBackendError                   a shared limits backend (Redis) is unavailable
 
     DreamOWarning (UserWarning)              advisory checks (long prompt, extreme aspect ratio)
@@ -41,6 +42,7 @@ __all__ = [
     "ClientClosedError",
     "ConfigurationError",
     "CreateOutcomeUnknownError",
+    "DownloadError",
     "DreamOError",
     "DreamOWarning",
     "ImageError",
@@ -249,6 +251,15 @@ def _rebuild_outcome_unknown(text: str, request_id: str | None) -> CreateOutcome
     Exception.__init__(err, text)
     err.request_id = request_id
     return err
+
+
+class DownloadError(DreamOError):
+    """A result image could not be saved: over the size cap, not an image, unsafe name.
+
+    HTTP failures of the download itself keep their own classes (``NotFoundError``
+    for an expired URL, ``APIConnectionError``...); this one is for what the
+    client refuses to write.
+    """
 
 
 class LimitsBackendError(DreamOError):

@@ -1,0 +1,145 @@
+"""Saving result images: streamed, capped, checked, named by us, written atomically.
+
+Why each rule:
+
+* **Names the client makes** (``{index:05d}-{task_id}-{n}.{ext}``), never a name
+  taken from the URL or a header: a hostile or buggy answer cannot pick the path.
+  The task id is the only server-made part, so it must be a plain token
+  (letters, digits, ``._-``, starting with a letter or digit): ``..``, ``/`` or
+  ``\\`` in it is refused, and the final path is checked to sit in the directory.
+* **Extension from the content**: the first bytes are sniffed (JPEG, PNG or
+  WebP); anything else (an HTML error page, JSON) is refused and nothing is kept.
+* **Atomic**: bytes go to a hidden temporary file in the same directory, which
+  is fsynced and then renamed over the final name (``os.replace``), and the
+  directory is fsynced: after a crash a result file is either whole or absent.
+* **Streamed and capped**: chunks are written as they arrive (memory stays at one
+  chunk per download), and more than ``max_bytes`` stops the download.
+
+The HTTP side (retries, errors) is :meth:`Transport.download_stream`; this module
+only handles files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Final
+
+import anyio
+
+from ._imageheaders import sniff_format
+from .errors import DownloadError
+
+if TYPE_CHECKING:
+    from .transport import Transport
+
+__all__ = ["IMAGE_EXTENSIONS", "download_to", "result_stem", "safe_component"]
+
+#: Sniffed format -> file extension; the formats a result may have.
+IMAGE_EXTENSIONS: Final = {"JPEG": "jpg", "PNG": "png", "WebP": "webp"}
+_SAFE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SNIFF_BYTES: Final = 512
+
+
+def safe_component(value: str, what: str = "task id") -> str:
+    """``value`` if it is safe as part of a file name, else :class:`DownloadError`."""
+    if not _SAFE.fullmatch(value) or ".." in value:
+        raise DownloadError(f"refusing to use the {what} {value!r} in a file name")
+    return value
+
+
+def result_stem(index: int, task_id: str, n: int) -> str:
+    """The name (without extension) of image ``n`` of job ``index``: ``00042-<task>-0``."""
+    return f"{index:05d}-{safe_component(task_id)}-{n}"
+
+
+class _PartFile:
+    """The temporary file of one download; every retry starts it afresh."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle: IO[bytes] | None = None
+        self.head = bytearray()
+
+    def begin(self) -> _PartFile:
+        self.close()
+        # Small synchronous writes into the page cache (one 64 KiB chunk at a time)
+        # cost microseconds; the slow part, fsync, runs in a worker thread.
+        self.handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self.head.clear()
+        return self
+
+    def __call__(self, chunk: bytes) -> None:
+        assert self.handle is not None
+        if len(self.head) < _SNIFF_BYTES:
+            self.head += chunk[: _SNIFF_BYTES - len(self.head)]
+        self.handle.write(chunk)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.close()
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+async def download_to(
+    transport: Transport, url: str, directory: Path, stem: str, *, max_bytes: int
+) -> Path:
+    """Download ``url`` to ``directory/stem.<ext>`` atomically; return the final path."""
+    safe_component(stem, "file name")
+    await anyio.to_thread.run_sync(_prepare_directory, directory)
+    part = _PartFile(directory / f".{stem}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        size = await transport.download_stream(url, max_bytes, part.begin)
+        kind = sniff_format(bytes(part.head))
+        ext = IMAGE_EXTENSIONS.get(kind or "")
+        if size == 0 or ext is None:
+            what = "empty" if size == 0 else (kind or f"unrecognised ({bytes(part.head[:8])!r})")
+            raise DownloadError(f"the result for {stem} is {what}, not a JPEG, PNG or WebP image")
+        final = directory / f"{stem}.{ext}"
+        handle = part.handle
+        assert handle is not None
+        part.handle = None
+        await anyio.to_thread.run_sync(_commit, handle, part.path, final)
+        return final
+    finally:
+        part.discard()  # a no-op once renamed; removes the partial file on any failure
+
+
+def _prepare_directory(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+
+
+def _commit(handle: IO[bytes], part: Path, final: Path) -> None:
+    """fsync the file, rename it into place, fsync the directory (worker thread)."""
+    if final.resolve().parent != final.parent.resolve():
+        handle.close()
+        raise DownloadError(f"refusing to write {final} outside {final.parent}")
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    finally:
+        handle.close()
+    os.replace(part, final)
+    fsync_directory(final.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
