@@ -712,6 +712,7 @@ class _Engine:
     ) -> BatchReport:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values())
+        await asyncio.to_thread(_remove_stale_parts, self.out)
         by_index = {job.index: job for job in jobs}
         self.state = BatchState(total=len(jobs))
         work: list[tuple[BatchJob, JobRow]] = []
@@ -905,6 +906,13 @@ def _existing_files(rows: Iterable[JobRow]) -> set[int]:
         for row in rows
         if row.state == "completed" and all(os.path.isfile(f) for f in row.files)
     }
+
+
+def _remove_stale_parts(out: Path) -> None:
+    """Delete partial downloads left by a killed run (this run holds the journal's lock)."""
+    for part in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.part"):
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 def _code_of(exc: BaseException) -> str:

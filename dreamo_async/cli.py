@@ -148,6 +148,13 @@ if click is not None:
             metavar="URL",
             help="Service base URL (default https://cloud.vtrix.ai; env DREAMO_BASE_URL).",
         )(fn)
+        fn = click.option(
+            "--retries",
+            type=click.IntRange(0, 20),
+            default=4,
+            show_default=True,
+            help="Retries of a request that surely did nothing (never of an ambiguous create).",
+        )(fn)
         return click.option(
             "--api-key-file",
             type=click.Path(dir_okay=False, path_type=Path),
@@ -164,19 +171,12 @@ if click is not None:
             show_default=True,
             help="First delay between polls, seconds (it grows up to 10 s).",
         )(fn)
-        fn = click.option(
+        return click.option(
             "--timeout",
             type=click.FloatRange(0, min_open=True),
             default=600.0,
             show_default=True,
             help="Deadline of each job once created, seconds.",
-        )(fn)
-        return click.option(
-            "--retries",
-            type=click.IntRange(0, 20),
-            default=4,
-            show_default=True,
-            help="Retries of a request that surely did nothing (never of an ambiguous create).",
         )(fn)
 
     def _make_client(
@@ -374,7 +374,7 @@ if click is not None:
     @click.argument("task_id")
     @_common
     def status(
-        task_id: str, api_key_file: Path | None, base_url: str | None, as_json: bool
+        task_id: str, api_key_file: Path | None, base_url: str | None, as_json: bool, retries: int
     ) -> None:
         """One poll of a task: its status, progress, result URLs or error."""
 
@@ -382,7 +382,7 @@ if click is not None:
             import dreamo_async as d
 
             key = _read_key(api_key_file)
-            async with _make_client(api_key=key, base_url=base_url) as client:
+            async with _make_client(api_key=key, base_url=base_url, retries=retries) as client:
                 try:
                     task = await client.get_task(task_id)
                 except d.DreamOError as exc:
