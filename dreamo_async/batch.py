@@ -16,7 +16,7 @@ Every job's state is written to the journal the moment it changes::
   before the first poll.
 
 Re-running with the same journal resumes: ``completed`` jobs are skipped (their
-files are checked and fetched again from the task if missing), ``created`` jobs
+files are checked, and fetched again from the task if missing or not an image), ``created`` jobs
 are polled (never created again), ``sending``/``unknown`` jobs are *reported*, not
 re-sent (``retry_unknown=True`` re-sends them: the user's decision, as it may
 pay twice), jobs that failed before a task existed run again (nothing was paid),
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
 import attrs
 
-from .download import fsync_directory, result_stem
+from .download import fsync_directory, is_saved_image, result_stem
 from .errors import (
     APIConnectionError,
     AuthenticationError,
@@ -66,11 +66,12 @@ from .errors import (
 )
 from .images import inspect_image
 from .limits import DEFAULT_LIMITS, Limits
+from .models import Task
 from .request import GenerationRequest
 
 if TYPE_CHECKING:
     from .client import DreamOClient
-    from .models import GenerationResult, Task
+    from .models import GenerationResult
 
 __all__ = [
     "JOB_KEYS",
@@ -789,6 +790,7 @@ class _Engine:
     async def _job(self, job: BatchJob, row: JobRow) -> None:
         client, journal, index = self.client, self.journal, job.index
         task_id = row.task_id if row.state in ("created", "completed") else None
+        created: Task | None = None
         if task_id is None:
             try:
                 with warnings.catch_warnings():
@@ -826,7 +828,7 @@ class _Engine:
                     self.fatal = self.fatal or exc
                     raise _Stop from None
                 return
-            task_id = task.id
+            task_id, created = task.id, task
             await journal.aupdate(
                 index, "created", task_id=task_id, error_code=None, error_message=None
             )
@@ -835,7 +837,7 @@ class _Engine:
             raise _Stop
         try:
             result = await client.wait(
-                task_id,
+                created or task_id,
                 timeout=self.timeout if self.timeout is not None else client.poll_policy.timeout,
                 on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
             )
@@ -900,11 +902,11 @@ class _Engine:
 
 
 def _existing_files(rows: Iterable[JobRow]) -> set[int]:
-    """Indexes of completed jobs whose every file is still on disk."""
+    """Indexes of completed jobs whose every image is still on disk (and still an image)."""
     return {
         row.index
         for row in rows
-        if row.state == "completed" and all(os.path.isfile(f) for f in row.files)
+        if row.state == "completed" and all(is_saved_image(f) for f in row.files)
     }
 
 

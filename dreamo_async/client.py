@@ -279,21 +279,26 @@ class DreamOClient:
 
     async def wait(
         self,
-        task_id: str,
+        task_id: str | Task,
         *,
         timeout: float | _Unset | None = _UNSET,
         on_poll: Callable[[Task], None] | None = None,
     ) -> GenerationResult:
         """Poll an existing task until it ends (resume after a timeout, a restart...).
 
-        It takes no job slot: the task already runs at the service. ``on_poll`` is
-        called with every task snapshot received (a live status line).
+        It takes no job slot: the task already runs at the service. Given the
+        :class:`Task` that ``submit`` returned, polling starts from it (after the
+        first delay, as ``generate`` does) instead of with an immediate poll.
+        ``on_poll`` is called with every task snapshot received (a live status line).
         """
         self._check_open()
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         loop = asyncio.get_running_loop()
         with self._tracked():
-            first = await self._transport.get_task(task_id)
+            if isinstance(task_id, Task):
+                first = task_id
+            else:
+                first = await self._transport.get_task(task_id)
             return await self._poll(
                 first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
             )

@@ -175,6 +175,30 @@ async def test_a_completed_job_whose_file_vanished_is_fetched_again_not_recreate
     assert server.stats.creates == 1
 
 
+async def test_a_completed_job_whose_file_is_not_an_image_is_fetched_again(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+        (saved,) = (tmp_path / "out").glob("00000-*.png")
+        truncate(saved)  # what a power cut can leave of an un-synced rename
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert report.skipped == 0
+    assert read(saved) == server_png(server)
+    assert server.stats.creates == 1
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def server_png(server: FakeDreamOServer) -> bytes:
+    from dreamo_async.testing.server import _OUTPUT_PNG
+
+    return _OUTPUT_PNG
+
+
 async def test_a_crash_during_create_is_reported_not_resent(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
@@ -361,3 +385,17 @@ async def test_download_retries_and_keeps_no_partial_file(
         with pytest.raises(d.NotFoundError):
             await client.download(url, tmp_path, "00001-t-0")
     assert names(tmp_path) == ["00000-t-0.png"]
+
+
+async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
+    server: FakeDreamOServer, image: str
+) -> None:
+    poll = d.PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0)
+    async with client_for(server, poll=poll) as client:
+        task = await client.submit(prompt="p [never]", images=[image])
+        with pytest.raises(d.TaskTimeoutError):
+            await client.wait(task, timeout=0.02)
+        assert server.stats.polls == 1
+        with pytest.raises(d.TaskTimeoutError):
+            await client.wait(task.id, timeout=0.02)
+        assert server.stats.polls == 3  # an immediate poll, then one at the deadline
