@@ -73,10 +73,11 @@ def main() -> None:
         _interrupted()
 
 
-def _interrupted() -> NoReturn:
-    sys.stderr.write(
-        "\ninterrupted: every job state is in the journal; run the same command again to resume\n"
-    )
+_JOURNAL_HINT: Final = "every job state is in the journal; run the same command again to resume"
+
+
+def _interrupted(hint: str = _JOURNAL_HINT) -> NoReturn:
+    sys.stderr.write(f"\ninterrupted: {hint}\n")
     raise SystemExit(EXIT_INTERRUPTED)
 
 
@@ -89,12 +90,12 @@ class _Exit(Exception):
         self.message = message
 
 
-def _run(coro_fn: Callable[[], Any]) -> NoReturn:
+def _run(coro_fn: Callable[[], Any], hint: Callable[[], str] = lambda: _JOURNAL_HINT) -> NoReturn:
     """Run a command's coroutine; map our errors and Ctrl-C to exit codes."""
     try:
         code = asyncio.run(coro_fn())
     except KeyboardInterrupt:
-        _interrupted()
+        _interrupted(hint())
     except _Exit as exc:
         if exc.message:
             Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(exc.message)}")
@@ -287,10 +288,20 @@ if click is not None:
         params["images"] = list(images)
         if ref_types:
             params["ref_types"] = [r.upper() for r in ref_types]
+        created: list[str] = []
         _run(
             lambda: _generate(
-                params, out, api_key_file, base_url, as_json, timeout, poll_interval, retries
-            )
+                params,
+                out,
+                api_key_file,
+                base_url,
+                as_json,
+                timeout,
+                poll_interval,
+                retries,
+                created,
+            ),
+            lambda: f"resume with: dreamo wait {created[0]}" if created else "no task was created",
         )
 
     async def _generate(
@@ -302,6 +313,7 @@ if click is not None:
         timeout: float,
         poll_interval: float,
         retries: int,
+        created: list[str],
     ) -> int:
         import dreamo_async as d
         from dreamo_async.download import result_stem
@@ -324,6 +336,7 @@ if click is not None:
                 task = await client.submit(request)
             except d.DreamOError as exc:
                 raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
+            created.append(task.id)
             err.print(f"task {task.id} created")
             status = err.status(f"{task.id}: {task.raw_status}") if err.is_terminal else None
 
@@ -466,7 +479,7 @@ if click is not None:
                     click.echo(line)
             return EXIT_OK
 
-        _run(go)
+        _run(go, lambda: f"the task keeps running: dreamo wait {task_id}")
 
     # -- batch --------------------------------------------------------------------------------
 
@@ -582,6 +595,7 @@ if click is not None:
         as_json: bool,
         title: str,
         extra_rows: Callable[[], Mapping[str, str]] | None = None,
+        reports: list[Any] | None = None,
     ) -> int:
         """Run the batch engine with a progress display and print the summary."""
         from .batch import Journal, JournalError, run_batch
@@ -608,6 +622,8 @@ if click is not None:
             raise _Exit(EXIT_USAGE, str(exc)) from None
         finally:
             journal.close()
+        if reports is not None:
+            reports.append(report)
         code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
         rows: dict[str, str] = {
             "jobs": str(report.total),
@@ -788,6 +804,7 @@ if click is not None:
             f"(concurrency {concurrency}, {rps:g} requests/s, ~{task_ms:g} ms per task; "
             f"{2 if jobs > 2 else 0} jobs are scripted to fail)"
         )
+        outcome: list[Any] = []
         with tempfile.TemporaryDirectory(prefix="dreamo-demo-") as scratch:
             folder = out or Path(scratch)
             async with FakeDreamOServer(
@@ -812,14 +829,26 @@ if click is not None:
                         retry_failed=False,
                         as_json=as_json,
                         title="dreamo demo",
+                        reports=outcome,
                         extra_rows=lambda: {
+                            **(
+                                {}
+                                if out
+                                else {
+                                    "results": "in a temporary folder (keep them with --out DIR)",
+                                    "journal": "in the same temporary folder",
+                                }
+                            ),
                             "creates at the server": str(server.stats.creates),
                             "polls at the server": str(server.stats.polls),
                             "downloads": str(server.stats.downloads),
                         },
                     )
         # Two failures are scripted: the demo succeeds when exactly those failed.
-        return EXIT_OK if code in (EXIT_OK, EXIT_FAILED) else code
+        scripted = {"003013095": 2} if jobs > 2 else {}
+        if code == EXIT_FAILED and outcome and outcome[0].failed == scripted:
+            return EXIT_OK
+        return code
 
 
 def _money(value: Decimal | None) -> str | None:
