@@ -323,15 +323,30 @@ def _row(values: Sequence[Any]) -> JobRow:
 
 
 _STOP: Final = object()
-_Op = tuple[Callable[[sqlite3.Connection], Any], "concurrent.futures.Future[Any]"]
+#: When a write is fsynced before it counts as done (see :class:`Journal`).
+Fsync = Literal["all", "critical", "none"]
+
+
+@attrs.define(slots=True)
+class _Op:
+    """One queued call: its function, whether it must be fsynced, who waits for it."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    sync: bool
+    #: A blocking caller's future, or None for an asyncio caller.
+    future: concurrent.futures.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[Any] | None = None
 
 
 @attrs.define
 class JournalStats:
-    """What the writer did: operations, and the transactions (fsyncs) they shared."""
+    """What the writer did: operations, and the transactions they shared."""
 
     operations: int = 0
     commits: int = 0
+    #: Commits made with ``synchronous=FULL`` (each one fsync of the WAL).
+    synced_commits: int = 0
     largest_group: int = 0
 
 
@@ -340,13 +355,20 @@ class Journal:
 
     ``with Journal(path) as journal:`` opens it (and takes its lock); every
     method may be called from any thread; the ``a*`` methods are awaitable.
-    ``durable=False`` uses ``synchronous=NORMAL``: safe against a crash of this
-    process, not against a power cut (benchmarks compare the two).
+
+    Every commit survives a crash of this process (WAL). ``fsync`` decides what
+    also survives a power cut before it counts as done: ``"critical"`` (default)
+    fsyncs the groups holding a ``sending`` or ``created`` write, the two whose
+    loss could cost money or a task id; a lost ``completed``/``failed`` write only
+    makes the next run poll (free) again. ``"all"`` fsyncs every group,
+    ``"none"`` none (benchmarks compare them).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, durable: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: Fsync = "critical") -> None:
+        if fsync not in ("all", "critical", "none"):
+            raise ValueError(f"fsync must be 'all', 'critical' or 'none', got {fsync!r}")
         self.path = Path(path)
-        self.durable = durable
+        self.fsync: Fsync = fsync
         self.stats = JournalStats()
         self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -398,7 +420,7 @@ class Journal:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
+            conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
         except (sqlite3.Error, OSError) as exc:
@@ -406,6 +428,7 @@ class Journal:
             self._ready.set()
             return
         self._ready.set()
+        synced = True
         try:
             stop = False
             while not stop:
@@ -415,7 +438,8 @@ class Journal:
                     if item is _STOP:
                         stop = True
                     else:
-                        group.append(item)  # type: ignore[arg-type]
+                        assert isinstance(item, _Op)
+                        group.append(item)
                     if len(group) >= _MAX_GROUP:
                         break
                     try:
@@ -423,7 +447,14 @@ class Journal:
                     except queue.Empty:
                         break
                 if group:
+                    sync = self.fsync == "all" or (
+                        self.fsync == "critical" and any(op.sync for op in group)
+                    )
+                    if sync != synced:  # allowed between transactions, per connection
+                        conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+                        synced = sync
                     self._commit_group(conn, group)
+                    self.stats.synced_commits += sync
         finally:
             conn.close()
 
@@ -432,10 +463,10 @@ class Journal:
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for fn, _ in group:
+            for op in group:
                 conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((True, fn(conn)))
+                    outcomes.append((True, op.fn(conn)))
                     conn.execute("RELEASE op")
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
@@ -449,32 +480,49 @@ class Journal:
         self.stats.operations += len(group)
         self.stats.commits += 1
         self.stats.largest_group = max(self.stats.largest_group, len(group))
-        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
-            # Writes run even if their waiter was cancelled: a job cancelled while
-            # recording its task id must still leave the id in the journal.
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+        # Writes run even if their waiter was cancelled: a job cancelled while
+        # recording its task id must still leave the id in the journal. Waiters on
+        # an event loop are woken with one call per loop and group, not one per write.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for op, (ok, value) in zip(group, outcomes, strict=True):
+            if op.future is not None:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    if ok:
+                        op.future.set_result(value)
+                    else:
+                        op.future.set_exception(value)
+            elif op.loop is not None and op.waiter is not None:
+                by_loop.setdefault(op.loop, []).append((op.waiter, ok, value))
+        for loop, waiters in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_wake, waiters)
 
     # -- calls -----------------------------------------------------------------------
 
-    def submit(self, fn: Callable[[sqlite3.Connection], _T]) -> concurrent.futures.Future[_T]:
-        """Queue ``fn(connection)`` for the writer; its future resolves after the commit."""
+    def _check_open(self) -> None:
         if self._thread is None:
             raise JournalError("the journal is not open")
+
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True
+    ) -> concurrent.futures.Future[_T]:
+        """Queue ``fn(connection)`` for the writer; its future resolves after the commit."""
+        self._check_open()
         future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-        self._queue.put((fn, future))
+        self._queue.put(_Op(fn, sync, future=future))
         return future
 
-    def call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    def call(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
         """Run ``fn`` in the writer and wait (blocking) until it is committed."""
-        return self.submit(fn).result()
+        return self.submit(fn, sync=sync).result()
 
-    async def acall(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn`` in the writer; resume once it is committed (durable)."""
-        return await asyncio.wrap_future(self.submit(fn))
+    async def acall(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+        """Run ``fn`` in the writer; resume once it is committed (``sync``: and fsynced)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_T] = loop.create_future()
+        self._queue.put(_Op(fn, sync, loop=loop, waiter=waiter))
+        return await waiter
 
     # -- job operations ----------------------------------------------------------------
 
@@ -510,12 +558,26 @@ class Journal:
         return self.call(_select)
 
     async def aupdate(self, index: int, state: JobState, **fields: Any) -> None:
-        """Set a job's state (and columns such as ``task_id``); durable when it returns."""
-        await self.acall(_updater(index, state, fields))
+        """Set a job's state (and columns such as ``task_id``); committed when it returns."""
+        await self.acall(_updater(index, state, fields), sync=state in _CRITICAL)
 
     def update(self, index: int, state: JobState, **fields: Any) -> None:
         """Blocking :meth:`aupdate`."""
-        self.call(_updater(index, state, fields))
+        self.call(_updater(index, state, fields), sync=state in _CRITICAL)
+
+
+#: States whose loss in a power cut could cost money (``sending``) or a task id (``created``).
+_CRITICAL: Final = frozenset({"sending", "created"})
+
+
+def _wake(waiters: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for waiter, ok, value in waiters:
+        if waiter.done():  # cancelled by its caller; the write happened anyway
+            continue
+        if ok:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(value)
 
 
 def _select(conn: sqlite3.Connection) -> list[JobRow]:

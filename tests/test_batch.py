@@ -399,3 +399,22 @@ async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
         with pytest.raises(d.TaskTimeoutError):
             await client.wait(task.id, timeout=0.02)
         assert server.stats.polls == 3  # an immediate poll, then one at the deadline
+
+
+def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        synced = journal.stats.synced_commits
+        journal.update(0, "completed", files="[]")
+        journal.update(0, "failed", error_code="x")
+        assert journal.stats.synced_commits == synced
+        journal.update(0, "sending", request_id="r")
+        journal.update(0, "created", task_id="t")
+        assert journal.stats.synced_commits == synced + 2
+    with Journal(tmp_path / "k.db", fsync="all") as every:
+        every.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        before = every.stats.synced_commits
+        every.update(0, "completed", files="[]")
+        assert every.stats.synced_commits == before + 1
+    with pytest.raises(ValueError, match="fsync"):
+        Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
