@@ -289,6 +289,7 @@ class JobRow:
     request_id: str | None = None
     task_id: str | None = None
     result: Mapping[str, Any] | None = None
+    #: The saved images, as names relative to the output folder.
     files: tuple[str, ...] = ()
     cost: Decimal | None = None
     error_code: str | None = None
@@ -774,7 +775,7 @@ class _Engine:
         self, jobs: Sequence[BatchJob], *, retry_unknown: bool, retry_failed: bool
     ) -> BatchReport:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
-        present = await asyncio.to_thread(_existing_files, rows.values())
+        present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
         await asyncio.to_thread(_remove_stale_parts, self.out)
         by_index = {job.index: job for job in jobs}
         self.state = BatchState(total=len(jobs))
@@ -786,7 +787,8 @@ class _Engine:
                 self.state.skipped += 1
                 self.state.done += 1
                 cost += row.cost or 0
-                self.emit("skipped", job.index, task_id=row.task_id, files=row.files)
+                files = tuple(str(self.out / f) for f in row.files)
+                self.emit("skipped", job.index, task_id=row.task_id, files=files)
             elif row.state in ("sending", "unknown") and not retry_unknown:
                 self.unknown[job.index] = row.request_id
                 self.state.failed += 1
@@ -939,7 +941,7 @@ class _Engine:
                     path = await self.client.download(
                         url, self.out, result_stem(index, result.task_id, n)
                     )
-                    files.append(str(path))
+                    files.append(path.name)
             except DreamOError as exc:
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
                 await self.journal.aupdate(
@@ -958,17 +960,18 @@ class _Engine:
             )
             self.state.done += 1
             self.state.cost += result.cost or 0
-            self.emit("completed", index, task_id=result.task_id, files=tuple(files))
+            paths = tuple(str(self.out / f) for f in files)
+            self.emit("completed", index, task_id=result.task_id, files=paths)
         finally:
             self.download_slots.release()
 
 
-def _existing_files(rows: Iterable[JobRow]) -> set[int]:
+def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
     """Indexes of completed jobs whose every image is still on disk (and still an image)."""
     return {
         row.index
         for row in rows
-        if row.state == "completed" and all(is_saved_image(f) for f in row.files)
+        if row.state == "completed" and all(is_saved_image(out / f) for f in row.files)
     }
 
 
@@ -999,7 +1002,11 @@ def _result_json(result: GenerationResult) -> dict[str, Any]:
 
 
 def write_results(rows: Iterable[JobRow], path: Path) -> None:
-    """Write ``results.jsonl`` (one line per job) atomically; no secret ever goes in."""
+    """Write ``results.jsonl`` (one line per job) atomically; no secret ever goes in.
+
+    ``files`` are names relative to the folder of ``results.jsonl`` (the output
+    folder), so the folder can be moved or shared as a whole.
+    """
     temp = path.with_name(f".{path.name}.tmp")
     with open(temp, "w", encoding="utf-8") as handle:
         for row in rows:

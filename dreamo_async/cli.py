@@ -578,7 +578,6 @@ if click is not None:
                     retry_unknown=retry_unknown,
                     retry_failed=retry_failed,
                     as_json=as_json,
-                    title=f"dreamo batch {jobs_file}",
                 )
 
         _run(go)
@@ -593,7 +592,6 @@ if click is not None:
         retry_unknown: bool,
         retry_failed: bool,
         as_json: bool,
-        title: str,
         extra_rows: Callable[[], Mapping[str, str]] | None = None,
         reports: list[Any] | None = None,
     ) -> int:
@@ -653,7 +651,7 @@ if click is not None:
                     "exit_code": code,
                 }
             )
-        table = Table(title=f"{title}: summary", show_header=False, title_justify="left")
+        table = Table(title="summary", show_header=False, title_justify="left")
         for name, value in rows.items():
             table.add_row(name, escape(value))
         (err if as_json else Console(highlight=False)).print(table)
@@ -828,7 +826,6 @@ if click is not None:
                         retry_unknown=False,
                         retry_failed=False,
                         as_json=as_json,
-                        title="dreamo demo",
                         reports=outcome,
                         extra_rows=lambda: {
                             **(

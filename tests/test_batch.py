@@ -101,10 +101,9 @@ async def test_a_run_journals_every_job_and_saves_every_result(
         assert row.creates == 1
         assert row.task_id is not None
         if row.state == "completed":
-            (path,) = row.files
-            assert Path(path).name == f"{result_stem(row.index, row.task_id, 0)}.png"
-            assert read(path).startswith(b"\x89PNG")
-            assert Path(path).parent == out
+            (name,) = row.files
+            assert name == f"{result_stem(row.index, row.task_id, 0)}.png"
+            assert read(out / name).startswith(b"\x89PNG")
     assert rows[2].error_code == "003013095"
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["state"] for r in results] == ["completed"] * 2 + ["failed"] + ["completed"] * 2
@@ -418,3 +417,22 @@ def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path:
         assert every.stats.synced_commits == before + 1
     with pytest.raises(ValueError, match="fsync"):
         Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
+
+
+async def test_the_output_folder_can_move_between_runs(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "first")
+        move(tmp_path / "first", tmp_path / "second")
+        downloads = server.stats.downloads
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "second")
+    assert report.skipped == 1
+    assert server.stats.downloads == downloads
+    (line,) = read(tmp_path / "second" / "results.jsonl").splitlines()
+    assert json.loads(line)["files"] == [names(tmp_path / "second")[0]]
+
+
+def move(source: Path, target: Path) -> None:
+    source.rename(target)

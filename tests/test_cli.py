@@ -161,10 +161,9 @@ def test_batch_over_a_pipe_logs_plain_lines_and_a_rerun_sends_nothing(
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["state"] for r in results] == ["completed", "completed", "failed", *["completed"] * 2]
     for record in results:
-        for file in record["files"]:
-            assert Path(file).parent == out
-            assert Path(file).name.startswith(f"{record['index']:05d}-{record['task_id']}-0.")
-            assert Path(file).read_bytes().startswith(b"\x89PNG")
+        for name in record["files"]:
+            assert name == f"{record['index']:05d}-{record['task_id']}-0.png"
+            assert (out / name).read_bytes().startswith(b"\x89PNG")
     assert_no_secret(out)
     assert service.creates_of(names) == [1] * 5
 
@@ -395,9 +394,9 @@ def test_sigkill_mid_run_then_restart_creates_each_task_exactly_once(
         rows = conn.execute("SELECT idx, task_id, files, creates FROM jobs").fetchall()
     for index, task_id, files, creates in rows:
         assert creates == 1
-        (file,) = json.loads(files)
-        assert Path(file) == out / f"{index:05d}-{task_id}-0.png"
-        assert Path(file).read_bytes().startswith(b"\x89PNG")
+        (name,) = json.loads(files)
+        assert name == f"{index:05d}-{task_id}-0.png"
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["state"] for r in results] == ["completed"] * 12
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
