@@ -12,7 +12,8 @@ Figures (medians of several runs; every ratio uses a baseline measured in the sa
     job, for each ``Journal(fsync=...)`` mode (``critical``, the default, fsyncs the
     group commits that hold a ``sending`` or ``created`` write), against the baseline:
     the same SQL on an in-memory database in the caller's thread (no thread, no disk).
-(b) the whole engine against FakeDreamOServer on loopback: ``run_batch`` with the
+(b) the whole engine against FakeDreamOServer on loopback, in its own process (so the
+    figures are the client's own cost, not the fake's): ``run_batch`` with the
     durable journal against ``run_batch`` with the in-memory baseline journal; the
     difference per job is the journal's overhead inside a real run.
 (c) jobs/s of ``run_batch`` (the ``dreamo batch`` engine: journal, downloads to disk,
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -39,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import dreamo_async as d  # noqa: E402
 from dreamo_async.batch import _SCHEMA, BatchJob, Journal, run_batch  # noqa: E402
-from dreamo_async.testing import FakeDreamOServer, make_png  # noqa: E402
+from dreamo_async.testing import make_png  # noqa: E402
 
 _T = TypeVar("_T")
 KEY = "bench-key"
@@ -67,6 +70,24 @@ class MemoryJournal(Journal):
 
     async def acall(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
         return fn(self._conn)
+
+
+@contextlib.contextmanager
+def fake_service_process() -> Iterator[str]:
+    """FakeDreamOServer in its own process (20 ms tasks): the client's CPU is measured alone."""
+    argv = [sys.executable, "-m", "dreamo_async.testing", "--api-key", KEY]
+    process = subprocess.Popen(
+        [*argv, "--task-duration-ms", "20"], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("READY "), line
+        yield line.split()[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
 
 
 def journal_factory(kind: str, path: Path) -> Journal:
@@ -108,18 +129,16 @@ def requests_for(count: int, image: Path, tag: str) -> list[dict[str, Any]]:
     return [{"prompt": f"{tag} {i}", "images": [str(image)], "seed": i} for i in range(count)]
 
 
-def client_for(server: FakeDreamOServer) -> d.DreamOClient:
+def client_for(server: str) -> d.DreamOClient:
     return d.DreamOClient(
         api_key=KEY,
-        base_url=server.url,
+        base_url=server,
         max_concurrency=CONCURRENCY,
         poll=d.PollPolicy(initial_delay=0.01, max_delay=0.05, jitter=0.1, timeout=60),
     )
 
 
-async def engine_run(
-    server: FakeDreamOServer, kind: str, jobs: int, image: Path, folder: Path
-) -> float:
+async def engine_run(server: str, kind: str, jobs: int, image: Path, folder: Path) -> float:
     """Seconds for ``run_batch`` of ``jobs`` jobs with the given journal kind."""
     run_folder = Path(tempfile.mkdtemp(dir=folder))
     journal = journal_factory(kind, run_folder / "journal.db").open()
@@ -136,7 +155,7 @@ async def engine_run(
     return elapsed
 
 
-async def generate_many_run(server: FakeDreamOServer, jobs: int, image: Path) -> float:
+async def generate_many_run(server: str, jobs: int, image: Path) -> float:
     async with client_for(server) as client:
         started = time.perf_counter()
         done = 0
@@ -182,9 +201,10 @@ async def main(quick: bool) -> None:
             value = statistics.median(values)
             print(f"    {labels[kind]:<40}{value:>10.1f}{value / base:>12.2f}")
 
-        async with FakeDreamOServer(api_key=KEY, task_duration_ms=20) as server:
+        with fake_service_process() as server:
             print(
-                f"\n(b)+(c) against FakeDreamOServer (20 ms tasks), concurrency {CONCURRENCY}, "
+                f"\n(b)+(c) against FakeDreamOServer in another process (20 ms tasks), "
+                f"concurrency {CONCURRENCY}, "
                 f"{engine_jobs} jobs, median of {runs}"
             )
             await generate_many_run(server, 20, image)  # warm up connections and threads

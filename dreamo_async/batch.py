@@ -777,7 +777,6 @@ class _Engine:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
         await asyncio.to_thread(_remove_stale_parts, self.out)
-        by_index = {job.index: job for job in jobs}
         self.state = BatchState(total=len(jobs))
         work: list[tuple[BatchJob, JobRow]] = []
         cost = Decimal(0)
@@ -821,7 +820,6 @@ class _Engine:
             for task in [*workers, *self.downloads]:
                 task.cancel()
             await asyncio.gather(*workers, *self.downloads, return_exceptions=True)
-        del by_index
         return BatchReport(
             total=len(jobs),
             completed=self.state.done,
@@ -857,9 +855,7 @@ class _Engine:
         created: Task | None = None
         if task_id is None:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", category=DeprecationWarning)
-                    request = client.build_request(**job.params)
+                request = client.build_request(**job.params)
             except InvalidRequestError as exc:
                 await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
                 self._fail(index, "invalid", str(exc))

@@ -338,21 +338,9 @@ if click is not None:
                 raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
             created.append(task.id)
             err.print(f"task {task.id} created")
-            status = err.status(f"{task.id}: {task.raw_status}") if err.is_terminal else None
-
-            def on_poll(snapshot: d.Task) -> None:
-                text = _describe(snapshot)
-                if status is not None:
-                    status.update(text)
-
             try:
-                if status is not None:
-                    status.start()
-                try:
-                    result = await client.wait(task.id, on_poll=on_poll)
-                finally:
-                    if status is not None:
-                        status.stop()
+                with _StatusLine(err, task) as line:
+                    result = await client.wait(task, on_poll=line.update)
                 files = [
                     await client.download(url, out, result_stem(0, result.task_id, n))
                     for n, url in enumerate(result.image_urls)
@@ -376,6 +364,32 @@ if click is not None:
                 click.echo(str(path))
             err.print(f"done: {len(files)} image(s), cost ${_money(result.cost) or '?'}")
         return EXIT_OK
+
+    class _StatusLine:
+        """The live status of one task: a spinner line on a terminal, a log line per change."""
+
+        def __init__(self, console: Console, task: Any) -> None:
+            self.console = console
+            self.last: str | None = None
+            first = _describe(task) if task is not None else "polling"
+            self.status = console.status(first) if console.is_terminal else None
+
+        def __enter__(self) -> _StatusLine:
+            if self.status is not None:
+                self.status.start()
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            if self.status is not None:
+                self.status.stop()
+
+        def update(self, task: Any) -> None:
+            text = _describe(task)
+            if self.status is not None:
+                self.status.update(escape(text))
+            elif task.raw_status != self.last:
+                self.console.print(escape(text), soft_wrap=True)
+            self.last = task.raw_status
 
     def _describe(task: Any) -> str:
         progress = f" {task.progress:.0%}" if task.progress is not None else ""
@@ -447,16 +461,9 @@ if click is not None:
                 timeout=timeout,
                 retries=retries,
             ) as client:
-                last: list[str] = []
-
-                def on_poll(snapshot: d.Task) -> None:
-                    text = _describe(snapshot)
-                    if not err.is_terminal and (not last or last[-1] != snapshot.raw_status):
-                        err.print(text)
-                    last.append(snapshot.raw_status or "")
-
                 try:
-                    result = await client.wait(task_id, on_poll=on_poll)
+                    with _StatusLine(err, None) as line:
+                        result = await client.wait(task_id, on_poll=line.update)
                     files = []
                     if out is not None:
                         for n, url in enumerate(result.image_urls):
@@ -475,8 +482,8 @@ if click is not None:
                     }
                 )
             else:
-                for line in [*(str(f) for f in files)] or result.image_urls:
-                    click.echo(line)
+                for text in [str(f) for f in files] or result.image_urls:
+                    click.echo(text)
             return EXIT_OK
 
         _run(go, lambda: f"the task keeps running: dreamo wait {task_id}")

@@ -15,8 +15,8 @@ Why each rule:
   per file (it halved the throughput of bulk runs): after a power cut a rename
   may be lost, which :func:`is_saved_image` detects, and a resumed batch fetches
   the image again from its task.
-* **Streamed and capped**: chunks are written as they arrive (memory stays at one
-  chunk per download), and more than ``max_bytes`` stops the download.
+* **Streamed and capped**: up to 1 MiB is held in memory, then chunks go to the
+  file as they arrive, and more than ``max_bytes`` stops the download.
 
 The HTTP side (retries, errors) is :meth:`Transport.download_stream`; this module
 only handles files.
@@ -25,9 +25,9 @@ only handles files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final
 
@@ -52,6 +52,9 @@ __all__ = [
 IMAGE_EXTENSIONS: Final = {"JPEG": "jpg", "PNG": "png", "WebP": "webp"}
 _SAFE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SNIFF_BYTES: Final = 512
+#: Bytes of one download kept in memory before they spill to its temporary file.
+SPILL_BYTES: Final = 1 << 20
+_PART_IDS: Final = itertools.count()
 
 
 def safe_component(value: str, what: str = "task id") -> str:
@@ -67,26 +70,56 @@ def result_stem(index: int, task_id: str, n: int) -> str:
 
 
 class _PartFile:
-    """The temporary file of one download; every retry starts it afresh."""
+    """The temporary file of one download; every retry starts it afresh.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    Up to :data:`SPILL_BYTES` stay in memory and the worker thread that fsyncs
+    also creates and writes the file: creating files on the event loop cost
+    ~0.3 ms each in bulk runs (directory locks shared with concurrent fsyncs).
+    A larger image spills to the file as it streams, so memory stays bounded.
+    """
+
+    def __init__(self, directory: Path, stem: str) -> None:
+        self.path = directory / f".{stem}.{os.getpid()}-{next(_PART_IDS)}.part"
         self.handle: IO[bytes] | None = None
-        self.head = bytearray()
+        self.buffer = bytearray()
+        self.head = b""
+        self.renamed = False
 
     def begin(self) -> _PartFile:
         self.close()
-        # Small synchronous writes into the page cache (one 64 KiB chunk at a time)
-        # cost microseconds; the slow part, fsync, runs in a worker thread.
-        self.handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self.head.clear()
+        self.buffer.clear()
+        self.head = b""
         return self
 
     def __call__(self, chunk: bytes) -> None:
-        assert self.handle is not None
         if len(self.head) < _SNIFF_BYTES:
             self.head += chunk[: _SNIFF_BYTES - len(self.head)]
-        self.handle.write(chunk)
+        if self.handle is not None:
+            self.handle.write(chunk)
+            return
+        self.buffer += chunk
+        if len(self.buffer) > SPILL_BYTES:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self.handle.write(self.buffer)
+            self.buffer = bytearray()
+
+    def commit(self, final: Path) -> None:
+        """Write what is buffered, fsync, rename into place (worker thread)."""
+        directory = final.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if final.resolve().parent != directory.resolve():
+            raise DownloadError(f"refusing to write {final} outside {directory}")
+        handle = self.handle or open(self.path, "wb")  # noqa: SIM115 - closed below
+        self.handle = None
+        try:
+            handle.write(self.buffer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        finally:
+            handle.close()
+        os.replace(self.path, final)
+        self.renamed = True
 
     def close(self) -> None:
         if self.handle is not None:
@@ -95,8 +128,10 @@ class _PartFile:
 
     def discard(self) -> None:
         self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self.buffer = bytearray()
+        if not self.renamed:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 async def download_to(
@@ -104,40 +139,19 @@ async def download_to(
 ) -> Path:
     """Download ``url`` to ``directory/stem.<ext>`` atomically; return the final path."""
     safe_component(stem, "file name")
-    await anyio.to_thread.run_sync(_prepare_directory, directory)
-    part = _PartFile(directory / f".{stem}.{uuid.uuid4().hex[:8]}.part")
+    part = _PartFile(directory, stem)
     try:
         size = await transport.download_stream(url, max_bytes, part.begin)
-        kind = sniff_format(bytes(part.head))
+        kind = sniff_format(part.head)
         ext = IMAGE_EXTENSIONS.get(kind or "")
         if size == 0 or ext is None:
-            what = "empty" if size == 0 else (kind or f"unrecognised ({bytes(part.head[:8])!r})")
+            what = "empty" if size == 0 else (kind or f"unrecognised ({part.head[:8]!r})")
             raise DownloadError(f"the result for {stem} is {what}, not a JPEG, PNG or WebP image")
         final = directory / f"{stem}.{ext}"
-        handle = part.handle
-        assert handle is not None
-        part.handle = None
-        await anyio.to_thread.run_sync(_commit, handle, part.path, final)
+        await anyio.to_thread.run_sync(part.commit, final)
         return final
     finally:
-        part.discard()  # a no-op once renamed; removes the partial file on any failure
-
-
-def _prepare_directory(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-
-
-def _commit(handle: IO[bytes], part: Path, final: Path) -> None:
-    """fsync the file, rename it into place, fsync the directory (worker thread)."""
-    if final.resolve().parent != final.parent.resolve():
-        handle.close()
-        raise DownloadError(f"refusing to write {final} outside {final.parent}")
-    try:
-        handle.flush()
-        os.fsync(handle.fileno())
-    finally:
-        handle.close()
-    os.replace(part, final)
+        part.discard()  # removes the partial file on any failure
 
 
 def is_saved_image(path: str | os.PathLike[str]) -> bool:

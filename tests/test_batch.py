@@ -436,3 +436,16 @@ async def test_the_output_folder_can_move_between_runs(
 
 def move(source: Path, target: Path) -> None:
     source.rename(target)
+
+
+async def test_a_large_image_spills_to_disk_and_a_capped_one_leaves_nothing(
+    server: FakeDreamOServer, tmp_path: Path
+) -> None:
+    big = make_jpeg(64, 64, padding=2_500_000)  # beyond the 1 MiB held in memory
+    url = server.add_file("big.bin", big)
+    async with client_for(server) as client:
+        saved = await client.download(url, tmp_path / "new", "00000-t-0")
+        assert read(saved) == big
+        with pytest.raises(d.DownloadError, match="cap"):
+            await client.download(url, tmp_path / "new", "00001-t-0", max_bytes=2_000_000)
+    assert names(tmp_path / "new") == ["00000-t-0.jpg"]
