@@ -59,6 +59,8 @@ from .errors import (
     CreateOutcomeUnknownError,
     DreamOError,
     InvalidRequestError,
+    JobsFileError,
+    JournalError,
     NotFoundError,
     PermissionDeniedError,
     TaskFailedError,
@@ -135,19 +137,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 _SCHEMA_VERSION: Final = "1"
 _MAX_GROUP: Final = 1024
-
-
-class JournalError(DreamOError):
-    """The journal cannot be used: locked by another run, or written for other jobs."""
-
-
-class JobsFileError(InvalidRequestError):
-    """The jobs file has problems; ``problems`` lists them as ``file:line: message``."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        more = "" if len(problems) <= 1 else f" (and {len(problems) - 1} more)"
-        super().__init__(f"{problems[0]}{more}", parameter="jobs")
 
 
 # --------------------------------------------------------------------------- jobs
