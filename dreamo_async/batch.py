@@ -716,7 +716,7 @@ async def run_batch(
         report = await engine.run(batch, retry_unknown=retry_unknown, retry_failed=retry_failed)
         if results_name is not None:
             path = out / results_name
-            await asyncio.to_thread(write_results, opened.rows(), path)
+            await asyncio.to_thread(write_results, await opened.acall(_select), path)
             report = attrs.evolve(report, results_path=path)
         return report
     finally:

@@ -98,7 +98,9 @@ def _run(coro_fn: Callable[[], Any], hint: Callable[[], str] = lambda: _JOURNAL_
         _interrupted(hint())
     except _Exit as exc:
         if exc.message:
-            Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(exc.message)}")
+            Console(stderr=True, highlight=False).print(
+                f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True
+            )
         raise SystemExit(exc.code) from None
     raise SystemExit(code)
 
@@ -558,7 +560,7 @@ if click is not None:
         except JobsFileError as exc:
             err = Console(stderr=True, highlight=False)
             for problem in exc.problems[:50]:
-                err.print(f"[red]error:[/red] {escape(problem)}")
+                err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
             if len(exc.problems) > 50:
                 err.print(f"... and {len(exc.problems) - 50} more")
             err.print("nothing was sent")
@@ -668,13 +670,16 @@ if click is not None:
             )
             err.print(
                 f"[yellow]{len(report.unknown)} job(s) may have created a task whose id was "
-                f"never received[/yellow]: {escape(ids)}. They were NOT sent again. Check with "
-                "the provider, then re-run with --retry-unknown to send them again (may pay twice)."
+                f"never received[/yellow]: {escape(ids)}. They were NOT sent again. Check "
+                "with the provider, then re-run with --retry-unknown to send them again "
+                "(may pay twice).",
+                soft_wrap=True,
             )
         if report.fatal is not None:
             err.print(
                 f"[red]stopped:[/red] {escape(str(report.fatal))}. Fix it and run the same "
-                "command again: finished jobs are kept, created tasks are polled, not re-created."
+                "command again: finished jobs are kept, created tasks are polled, not re-created.",
+                soft_wrap=True,
             )
         return code
 

@@ -400,3 +400,47 @@ def test_sigkill_mid_run_then_restart_creates_each_task_exactly_once(
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["state"] for r in results] == ["completed"] * 12
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def inject(service: Service, endpoint: str, fault: dict[str, Any]) -> None:
+    body = json.dumps({"endpoint": endpoint, "fault": fault}).encode()
+    request = urllib.request.Request(f"{service.url}/_fake/inject", data=body, method="POST")
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        assert answer.status == 200
+
+
+def test_a_lost_create_answer_is_reported_and_resent_only_when_asked(
+    service: Service, tmp_path: Path
+) -> None:
+    from dreamo_async.testing import Fault
+
+    names = prompts(2)
+    jobs = make_jobs(tmp_path, names)
+    out = tmp_path / "out"
+    inject(service, "create", Fault.drop_after().to_dict())  # the task exists, the answer is lost
+    first = dreamo(*batch_args(service, jobs, out, "--concurrency", "1"))
+    assert first.returncode == 1, first.stderr
+    assert "job 0 create outcome UNKNOWN" in first.stderr
+    assert "NOT sent again" in first.stderr
+    assert "--retry-unknown" in first.stderr
+    assert service.creates_of(names) == [1, 1]
+
+    again = dreamo(*batch_args(service, jobs, out))
+    assert again.returncode == 1
+    assert service.creates_of(names) == [1, 1]  # never re-sent silently
+
+    decided = dreamo(*batch_args(service, jobs, out, "--retry-unknown"))
+    assert decided.returncode == 0, decided.stderr
+    assert service.creates_of(names) == [2, 1]  # the user chose to pay again
+
+
+def test_generate_shows_a_live_status_line_on_a_terminal(service: Service, tmp_path: Path) -> None:
+    image = str(sample_images()[0])
+    argv = [DREAMO, "generate", "-p", prompts(1)[0] + " [slow:400]", "-i", image]
+    argv += ["--out", str(tmp_path), "--base-url", service.url, "--poll-interval", "0.05"]
+    code, output = run_in_pty(argv, env())
+    assert code == 0, output
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output)
+    task_id = plain.split("task ", 1)[1].split()[0]
+    assert f"{task_id}: processing" in plain
+    assert str(tmp_path / f"00000-{task_id}-0.png") in plain.replace("\r\n", "")
