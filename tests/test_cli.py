@@ -334,10 +334,10 @@ def read_until(stream: IO[str], needle: str, count: int, seen: list[str]) -> Non
         seen.append(line)
 
 
-def test_ctrl_c_exits_130_and_the_rerun_polls_without_creating(
+def test_a_second_run_is_refused_ctrl_c_exits_130_and_the_rerun_polls_only(
     service: Service, tmp_path: Path
 ) -> None:
-    names = prompts(4, *[" [slow:2000]"] * 4)
+    names = prompts(4, *[" [slow:4000]"] * 4)
     jobs = make_jobs(tmp_path, names)
     out = tmp_path / "out"
     args = [DREAMO, *batch_args(service, jobs, out, "--concurrency", "4")]
@@ -345,6 +345,9 @@ def test_ctrl_c_exits_130_and_the_rerun_polls_without_creating(
     assert process.stderr is not None
     seen: list[str] = []
     read_until(process.stderr, "created task", 4, seen)
+    second = dreamo(*batch_args(service, jobs, out))  # the same journal, while in use
+    assert second.returncode == 2
+    assert "in use by another run" in second.stderr
     process.send_signal(signal.SIGINT)
     rest = process.stderr.read()
     assert process.wait(timeout=20) == 130, rest
