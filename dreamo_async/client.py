@@ -14,7 +14,8 @@ import os
 import random
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -251,11 +252,23 @@ class DreamOClient:
             task = await self._create(built)
             return await self._poll(task, started=started, timeout=deadline_s)
 
-    async def submit(self, request: GenerationRequest | None = None, /, **params: Any) -> Task:
-        """Create a task and return at once (no polling): the task id is yours to ``wait`` on."""
+    async def submit(
+        self,
+        request: GenerationRequest | None = None,
+        /,
+        *,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+        **params: Any,
+    ) -> Task:
+        """Create a task and return at once (no polling): the task id is yours to ``wait`` on.
+
+        ``before_send(request_id)`` is awaited after the images are prepared, right
+        before the create request first leaves, with the ``X-Request-Id`` it carries:
+        the hook where a journal records that a task may exist from now on.
+        """
         built = self.build_request(request, **params)
         async with self._job():
-            return await self._create(built)
+            return await self._create(built, before_send=before_send)
 
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
@@ -263,18 +276,50 @@ class DreamOClient:
         return await self._transport.get_task(task_id)
 
     async def wait(
-        self, task_id: str, *, timeout: float | _Unset | None = _UNSET
+        self,
+        task_id: str | Task,
+        *,
+        timeout: float | _Unset | None = _UNSET,
+        on_poll: Callable[[Task], None] | None = None,
     ) -> GenerationResult:
         """Poll an existing task until it ends (resume after a timeout, a restart...).
 
-        It takes no job slot: the task already runs at the service.
+        It takes no job slot: the task already runs at the service. Given the
+        :class:`Task` that ``submit`` returned, polling starts from it (after the
+        first delay, as ``generate`` does) instead of with an immediate poll.
+        ``on_poll`` is called with every task snapshot received (a live status line).
         """
         self._check_open()
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         loop = asyncio.get_running_loop()
         with self._tracked():
-            first = await self._transport.get_task(task_id)
-            return await self._poll(first, started=loop.time(), timeout=deadline_s)
+            if isinstance(task_id, Task):
+                first = task_id
+            else:
+                first = await self._transport.get_task(task_id)
+            return await self._poll(
+                first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
+            )
+
+    async def download(
+        self,
+        url: str,
+        directory: str | os.PathLike[str],
+        stem: str,
+        *,
+        max_bytes: int | None = None,
+    ) -> Path:
+        """Save one result image as ``directory/stem.<ext>`` (atomically; see ``download.py``).
+
+        Streamed with retries, capped at ``max_bytes`` (default
+        ``Limits.max_download_bytes``), checked to be a JPEG, PNG or WebP by its
+        bytes; the extension comes from the content. Raises :class:`DownloadError`.
+        """
+        from .download import download_to  # local: keeps file handling out of import time
+
+        self._check_open()
+        cap = self.limits.max_download_bytes if max_bytes is None else max_bytes
+        return await download_to(self._transport, url, Path(directory), stem, max_bytes=cap)
 
     async def generate_many(
         self,
@@ -338,7 +383,12 @@ class DreamOClient:
     def _tracked(self) -> _Tracker:
         return _Tracker(self)
 
-    async def _create(self, request: GenerationRequest) -> Task:
+    async def _create(
+        self,
+        request: GenerationRequest,
+        *,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Task:
         prepared = await prepare_images(
             request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
         )
@@ -351,7 +401,9 @@ class DreamOClient:
         request_id = uuid.uuid4().hex
         logger.debug("create %s (%d bytes, request id %s)", request.model, len(body), request_id)
         try:
-            task = await self._transport.create(body, request_id=request_id)
+            task = await self._transport.create(
+                body, request_id=request_id, before_send=before_send
+            )
         except asyncio.CancelledError:
             logger.warning(
                 "a create request was cancelled in flight; a task may exist (X-Request-Id %s)",
@@ -364,8 +416,17 @@ class DreamOClient:
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
         return await self._transport.download(url, max_bytes)
 
-    async def _poll(self, task: Task, *, started: float, timeout: float | None) -> GenerationResult:
+    async def _poll(
+        self,
+        task: Task,
+        *,
+        started: float,
+        timeout: float | None,
+        on_poll: Callable[[Task], None] | None = None,
+    ) -> GenerationResult:
         loop = asyncio.get_running_loop()
+        if on_poll is not None:
+            on_poll(task)
         deadline = None if timeout is None else started + timeout
         schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
         schedule.observe(loop.time(), task.progress)
@@ -379,6 +440,8 @@ class DreamOClient:
             await asyncio.sleep(delay)
             task = await self._transport.get_task(task.id)
             schedule.observe(loop.time(), task.progress)
+            if on_poll is not None:
+                on_poll(task)
         if task.status is TaskStatus.FAILED:
             error = task.error
             raise TaskFailedError(

@@ -35,6 +35,7 @@ from .errors import (
     APIError,
     ConfigurationError,
     CreateOutcomeUnknownError,
+    DownloadError,
     RateLimitError,
     ResponseFormatError,
     ServerError,
@@ -152,8 +153,19 @@ class Transport:
 
     # -- the two calls -------------------------------------------------------------
 
-    async def create(self, body: bytes | BodyParts, *, request_id: str | None = None) -> Task:
-        """Send a create request; retried only while no task can exist."""
+    async def create(
+        self,
+        body: bytes | BodyParts,
+        *,
+        request_id: str | None = None,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Task:
+        """Send a create request; retried only while no task can exist.
+
+        ``before_send(request_id)`` is awaited once, right before the body first
+        leaves (after the rate limiter): a journal records "outcome unknown from
+        here on" durably before any task can exist.
+        """
         request_id = request_id or uuid.uuid4().hex
         headers = {
             **self._auth_headers(),
@@ -165,6 +177,8 @@ class Transport:
         while True:
             attempt += 1
             await self.limiter.acquire(Priority.CREATE)
+            if before_send is not None and attempt == 1:
+                await before_send(request_id)
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
@@ -232,6 +246,39 @@ class Transport:
                     payload = await self._read_capped(response)
                     raise self._error_from_response(response.status, payload, response, None)
                 return await self._read_capped(response, cap=max_bytes, what="download")
+
+        return await self._idempotent(once, None, f"download {_safe_url(url)}")
+
+    async def download_stream(
+        self, url: str, max_bytes: int, begin: Callable[[], Callable[[bytes], None]]
+    ) -> int:
+        """GET ``url`` streamed chunk by chunk into a sink; retried; returns the byte count.
+
+        ``begin()`` is called at the start of every attempt and returns the sink
+        for that attempt's chunks (so a retry starts a fresh file). More than
+        ``max_bytes`` raises :class:`DownloadError` at once (not retried).
+        """
+
+        async def once() -> int:
+            async with self.session.get(url) as response:
+                if response.status != 200:
+                    payload = await self._read_capped(response)
+                    raise self._error_from_response(response.status, payload, response, None)
+                declared = response.content_length
+                if declared is not None and declared > max_bytes:
+                    raise DownloadError(
+                        f"{_safe_url(url)}: {declared} bytes exceed the {max_bytes}-byte cap"
+                    )
+                sink = begin()
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DownloadError(
+                            f"{_safe_url(url)}: more than the {max_bytes}-byte cap"
+                        )
+                    sink(chunk)
+                return size
 
         return await self._idempotent(once, None, f"download {_safe_url(url)}")
 
