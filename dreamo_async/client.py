@@ -22,7 +22,7 @@ import aiohttp
 import anyio
 import attrs
 
-from .errors import ClientClosedError, TaskFailedError, TaskTimeoutError
+from .errors import ClientClosedError, DreamOError, TaskFailedError, TaskTimeoutError
 from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
@@ -262,7 +262,7 @@ class DreamOClient:
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
         self._check_open()
-        return await self._transport.get_task(task_id)
+        return await self._get_task(task_id)
 
     async def wait(
         self, task_id: str, *, timeout: float | _Unset | None = _UNSET
@@ -275,7 +275,7 @@ class DreamOClient:
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         loop = asyncio.get_running_loop()
         with self._tracked():
-            first = await self._transport.get_task(task_id)
+            first = await self._get_task(task_id)
             return await self._poll(first, started=loop.time(), timeout=deadline_s)
 
     async def generate_many(
@@ -368,6 +368,15 @@ class DreamOClient:
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
         return await self._transport.download(url, max_bytes)
 
+    async def _get_task(self, task_id: str) -> Task:
+        """One poll; an error is tagged with the task id, so the caller can resume or report."""
+        try:
+            return await self._transport.get_task(task_id)
+        except DreamOError as exc:
+            if exc.task_id is None:
+                exc.task_id = task_id
+            raise
+
     async def _poll(self, task: Task, *, started: float, timeout: float | None) -> GenerationResult:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else started + timeout
@@ -381,7 +390,7 @@ class DreamOClient:
                     raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
                 delay = min(delay, deadline - now)
             await asyncio.sleep(delay)
-            task = await self._transport.get_task(task.id)
+            task = await self._get_task(task.id)
             schedule.observe(loop.time(), task.progress)
         if task.status is TaskStatus.FAILED:
             error = task.error

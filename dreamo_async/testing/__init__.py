@@ -26,6 +26,7 @@ Standalone, in another process: ``python -m dreamo_async.testing --port 0``.
 """
 
 from ..retry import set_testing
+from ._chaos import ChaosConfig, ChaosReport, run_chaos
 from ._faults import CHAOS_FAULTS, Endpoint, Fault
 from ._images import image_info, make_jpeg, make_png, sample_images
 from ._stats import RecordedRequest, RefusalRecord, ServerStats
@@ -36,6 +37,8 @@ __all__ = [
     "CHAOS_FAULTS",
     "CREATE_PATH",
     "TASK_PATH",
+    "ChaosConfig",
+    "ChaosReport",
     "Endpoint",
     "FakeDreamOServer",
     "FakeTask",
@@ -46,6 +49,7 @@ __all__ = [
     "image_info",
     "make_jpeg",
     "make_png",
+    "run_chaos",
     "sample_images",
     "set_testing",
 ]
