@@ -342,7 +342,7 @@ class Transport:
 def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, Any]:
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep
         raise ResponseFormatError(
             f"the answer is not valid JSON ({len(payload)} bytes)",
             status=status,
