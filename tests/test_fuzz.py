@@ -238,7 +238,7 @@ retry_after_texts = (
     | st.integers().map(str)
     | st.datetimes().map(lambda t: t.strftime("%a, %d %b %Y %H:%M:%S GMT"))
     | st.from_regex(
-        r"\A(Mon|Sun), \d{1,3} (Jan|Feb|Foo) -?\d{1,6} \d\d:\d\d:\d\d ([+-]\d{4}|GMT|XYZ)\Z"
+        r"\A(Mon|Sun), \d{1,3} (Jan|Feb|Foo) -?\d{1,12} \d\d:\d\d:\d\d ([+-]\d{4}|GMT|XYZ)\Z"
     )
 )
 
@@ -248,6 +248,7 @@ retry_after_texts = (
 @example("Fri, 31 Dec 9999 23:59:59 GMT")
 @example("Mon, 01 Jan 0001 00:00:00 GMT")
 @example("Thu, 01 Jan 1970 00:00:00 +9999")
+@example("Mon, 01 Jan 99999999999 00:00:00 GMT")  # found by atheris: OverflowError
 @example("1e999")
 @example("nan")
 @example("-5")

@@ -330,9 +330,9 @@ async def run_chaos(
 
     Every job must end as a result or a :class:`DreamOError`; anything else is
     re-raised (the run fails loudly). The client uses short timeouts and small
-    retry delays so thousands of jobs take seconds. A short run without faults
-    comes first, so that lazy imports and bounded caches are not counted as
-    memory growth.
+    retry delays so thousands of jobs take seconds. A run of as many jobs without
+    faults comes first, so that lazy imports, bounded caches and containers sized
+    for the number of live jobs are not counted as memory growth.
     """
     from ..errors import CreateOutcomeUnknownError, DreamOError
     from ._images import make_png
@@ -374,7 +374,9 @@ async def run_chaos(
         async with FakeDreamOServer(
             api_key=_KEY, task_duration_ms=task_duration_ms, chaos_config=None
         ) as server:
-            await run(server, min(jobs, 2 * concurrency))  # warm-up, no faults
+            # Warm-up without faults, as many jobs: lazy imports, bounded caches and the
+            # hash tables sized for `jobs` live asyncio tasks are then not counted as growth.
+            await run(server, jobs)
             outcomes.clear()
             with_task_id.clear()
             server.forget_tasks()
@@ -418,6 +420,8 @@ async def run_chaos(
                 fds_after=_open_fds(),
             )
             del stats
+            known_tasks.clear()  # the run's own bookkeeping, not the client's memory
+            maybe_created.clear()
             server.set_chaos(None)
             server.forget_tasks()  # what the service keeps is not the client's memory
             server.reset_stats()
