@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -102,6 +103,11 @@ class DreamOClient:
     :meth:`aclose`). Construction needs no running loop; the HTTP session is
     made inside the loop on first use. One client is meant to be shared by all
     the coroutines of a process: the limits it enforces are per client.
+
+    Security options: ``allow_private_urls`` lets the client download image URLs
+    (mixed with local images) from private, loopback and link-local addresses,
+    refused by default; ``ssl_context`` replaces the system's trusted certificates
+    (certificate verification itself cannot be turned off).
     """
 
     def __init__(
@@ -123,6 +129,8 @@ class DreamOClient:
         task_path: str | None = None,
         fit_images: bool = False,
         seed: int | None = None,
+        allow_private_urls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -151,6 +159,8 @@ class DreamOClient:
             timeout=request_timeout,
             max_connections=max_connections,
             rng=self._rng,
+            allow_private_urls=allow_private_urls,
+            ssl_context=ssl_context,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
         self._jobs: set[asyncio.Task[Any]] = set()
@@ -366,7 +376,8 @@ class DreamOClient:
         return task
 
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
-        return await self._transport.download(url, max_bytes)
+        # A URL from the user: public addresses only, unless allow_private_urls.
+        return await self._transport.download(url, max_bytes, untrusted=True)
 
     async def _get_task(self, task_id: str) -> Task:
         """One poll; an error is tagged with the task id, so the caller can resume or report."""
