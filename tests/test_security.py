@@ -1,4 +1,4 @@
-"""Security: size caps, URL schemes, the private-network guard, TLS, and the API key.
+"""Security: size caps, URL schemes, the private-network guard, TLS, the API key, file names.
 
 Over real HTTP against FakeDreamOServer on 127.0.0.1, which the private-network
 guard refuses by default: tests that need the client to download from it say
@@ -19,9 +19,12 @@ import tracemalloc
 
 import aiohttp
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import dreamo_async as d
 from dreamo_async._netguard import address_problem, guarded_socket_factory
+from dreamo_async._paths import open_exclusive, safe_output_path
 from dreamo_async.testing import ChaosConfig, FakeDreamOServer, Fault, make_png
 from dreamo_async.testing.pytest_plugin import ServerFactory
 
@@ -360,3 +363,46 @@ async def test_the_api_key_never_reaches_logs_errors_reprs_or_tracebacks(
     assert leaks == []
     assert "key=...cdef" in repr(client)
     assert server.stats.refused["auth"] == 1  # the key really was sent (and checked)
+
+
+# ------------------------------------------------------------------------------ files
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    st.text(max_size=300)
+    | st.lists(st.sampled_from(["..", ".", "/", "\\", "%2e", "%2f", "%252e", "C:", "\x00", "a"]))
+    .map("".join)
+)
+@example("../../.ssh/authorized_keys")
+@example("/etc/passwd")
+@example("..\\..\\Windows\\win.ini")
+@example("%2e%2e%2f%2e%2e%2fetc%2fpasswd")
+@example("%252e%252e%252fsecret")
+@example("CON.png")
+@example("..")
+@example("a" * 1000 + ".png")
+@example("é" * 300)
+def test_a_file_name_from_a_response_stays_inside_the_output_folder(name: str) -> None:
+    folder = pathlib.Path("/srv/out")
+    path = safe_output_path(folder, name)
+    assert path.parent == folder
+    assert path.name not in ("", ".", "..")
+    assert not path.name.startswith(".")
+    assert not set(path.name) & set("/\\\x00:")
+    assert len(path.name.encode()) <= 200
+    assert path.name.split(".")[0].upper() not in ("CON", "NUL", "AUX", "PRN")
+
+
+def test_open_exclusive_never_follows_a_planted_symlink(tmp_path: pathlib.Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "0.png").symlink_to(outside)
+    with pytest.raises(OSError):  # noqa: PT011  # EEXIST or ELOOP, by platform
+        open_exclusive(safe_output_path(folder, "0.png"))
+    assert outside.read_text() == "keep"
+    with open_exclusive(safe_output_path(folder, "../1.png")) as handle:
+        handle.write(PNG)
+    assert (folder / "1.png").read_bytes() == PNG
