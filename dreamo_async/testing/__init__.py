@@ -17,7 +17,10 @@ endpoint ``"create"``, ``"poll"`` or ``"download"`` and a fault from
 ``Fault.envelope_error()``, ``Fault.drop_before()``, ``Fault.drop_after()``,
 ``Fault.create_then_500()``, ``Fault.invalid_json()``, ``Fault.wrong_shape()``,
 ``Fault.slow(ms)``, ``Fault.huge(size)`` (any of them ``.after(ms)``); or seeded
-random faults with ``server.chaos(probability, seed=...)``. Counters from the
+random faults with ``server.chaos(probability, seed=...)``; every fault at once, with
+per-task faults (never finishing, vanishing into 404) and 429 storms, with
+``FakeDreamOServer(chaos_config=ChaosConfig.everything(0.03, seed=1))``, and a whole
+run checked for lost jobs and leaks with ``await run_chaos(500)``. Counters from the
 server's side are in ``server.stats`` (:class:`ServerStats`).
 
 With pytest and pytest-asyncio installed, the ``dreamo_server`` and
