@@ -9,6 +9,7 @@ atheris targets of ``fuzz/``.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import tracemalloc
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import dreamo_async as d
-from dreamo_async.testing import make_jpeg, make_png
+from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
 
 from .fuzz_targets import (
     jpeg_with_frame,
@@ -327,3 +328,16 @@ def test_any_answer_to_a_poll_is_a_task_or_an_api_error(
     else:
         assert status == 200
         assert isinstance(task, d.Task)
+
+
+async def test_an_absurd_retry_after_raises_at_once_instead_of_sleeping(
+    dreamo_server: FakeDreamOServer,
+) -> None:
+    far = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+    dreamo_server.inject("create", Fault.status(429, retry_after=far))
+    async with d.DreamOClient(api_key="test-key", base_url=dreamo_server.url) as client:
+        with pytest.raises(d.RateLimitError) as info:
+            await client.submit(prompt="p", images=[make_png(64, 64)])
+    assert info.value.retry_after is not None
+    assert info.value.retry_after > 200_000_000_000  # seconds: about 7,900 years
+    assert dreamo_server.stats.create_requests == 1  # no retry, no sleep

@@ -201,6 +201,31 @@ async def test_every_spelling_of_a_loopback_host_is_refused(
     assert dreamo_server.stats.downloads == 0
 
 
+@pytest.mark.parametrize("allow", [False, True])
+async def test_a_public_looking_name_that_resolves_to_loopback_is_refused_at_connect_time(
+    dreamo_server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch, allow: bool
+) -> None:
+    """DNS rebinding: the name means nothing, the address connected to decides."""
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def rebinding(host: object, *args: object, **kwargs: object) -> object:
+        if host == "images.example.com":
+            host = "127.0.0.1"
+        return await real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    dreamo_server.add_file("ref.png", PNG)
+    url = f"http://images.example.com:{dreamo_server.port}/assets/ref.png"
+    async with _client(dreamo_server, allow_private_urls=allow) as client:
+        if allow:
+            await client.generate(prompt="p", images=[PNG, url])
+        else:
+            with pytest.raises(d.ImageError, match=r"127\.0\.0\.1 is a loopback address"):
+                await client.generate(prompt="p", images=[PNG, url])
+    assert dreamo_server.stats.downloads == (1 if allow else 0)
+
+
 async def test_allow_private_urls_lets_the_client_fetch_from_the_local_network(
     dreamo_server: FakeDreamOServer,
 ) -> None:
