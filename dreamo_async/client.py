@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -23,7 +24,7 @@ import aiohttp
 import attrs
 
 from ._body import BodyParts
-from .errors import ClientClosedError, TaskFailedError, TaskTimeoutError
+from .errors import ClientClosedError, DreamOError, TaskFailedError, TaskTimeoutError
 from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
@@ -101,6 +102,11 @@ class DreamOClient:
     :meth:`aclose`). Construction needs no running loop; the HTTP session is
     made inside the loop on first use. One client is meant to be shared by all
     the coroutines of a process: the limits it enforces are per client.
+
+    Security options: ``allow_private_urls`` lets the client download image URLs
+    (mixed with local images) from private, loopback and link-local addresses,
+    refused by default; ``ssl_context`` replaces the system's trusted certificates
+    (certificate verification itself cannot be turned off).
     """
 
     def __init__(
@@ -122,6 +128,8 @@ class DreamOClient:
         task_path: str | None = None,
         fit_images: bool = False,
         seed: int | None = None,
+        allow_private_urls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -150,6 +158,8 @@ class DreamOClient:
             timeout=request_timeout,
             max_connections=max_connections,
             rng=self._rng,
+            allow_private_urls=allow_private_urls,
+            ssl_context=ssl_context,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
         self._jobs: set[asyncio.Task[Any]] = set()
@@ -273,7 +283,7 @@ class DreamOClient:
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
         self._check_open()
-        return await self._transport.get_task(task_id)
+        return await self._get_task(task_id)
 
     async def wait(
         self,
@@ -296,7 +306,7 @@ class DreamOClient:
             if isinstance(task_id, Task):
                 first = task_id
             else:
-                first = await self._transport.get_task(task_id)
+                first = await self._get_task(task_id)
             return await self._poll(
                 first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
             )
@@ -414,7 +424,17 @@ class DreamOClient:
         return task
 
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
-        return await self._transport.download(url, max_bytes)
+        # A URL from the user: public addresses only, unless allow_private_urls.
+        return await self._transport.download(url, max_bytes, untrusted=True)
+
+    async def _get_task(self, task_id: str) -> Task:
+        """One poll; an error is tagged with the task id, so the caller can resume or report."""
+        try:
+            return await self._transport.get_task(task_id)
+        except DreamOError as exc:
+            if exc.task_id is None:
+                exc.task_id = task_id
+            raise
 
     async def _poll(
         self,
@@ -438,7 +458,7 @@ class DreamOClient:
                     raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
                 delay = min(delay, deadline - now)
             await asyncio.sleep(delay)
-            task = await self._transport.get_task(task.id)
+            task = await self._get_task(task.id)
             schedule.observe(loop.time(), task.progress)
             if on_poll is not None:
                 on_poll(task)

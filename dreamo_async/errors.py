@@ -80,7 +80,14 @@ class DreamOWarning(UserWarning):
 
 
 class DreamOError(Exception):
-    """Base class of every error this library raises."""
+    """Base class of every error this library raises.
+
+    ``task_id`` names the task the error is about whenever one is known (a poll
+    that failed, a deadline, a failed task), so the caller can resume with
+    ``client.wait(err.task_id)`` or report it; ``None`` before a task exists.
+    """
+
+    task_id: str | None = None
 
 
 class InvalidRequestError(DreamOError, ValueError):
@@ -147,6 +154,8 @@ class APIError(DreamOError):
             parts.append(f"code {self.code}")
         if self.request_id is not None:
             parts.append(f"request id {self.request_id}")
+        if self.task_id is not None and self.task_id not in self.message:
+            parts.append(f"task {self.task_id}")
         return " | ".join(parts)
 
 
@@ -193,6 +202,8 @@ class APIConnectionError(DreamOError, ConnectionError):
 class TaskFailedError(DreamOError):
     """The task ended in a failure status. ``code`` is the provider's error code."""
 
+    task_id: str
+
     def __init__(self, task_id: str, code: str | None, message: str | None) -> None:
         self.task_id = task_id
         self.code = code
@@ -216,6 +227,8 @@ class TaskTimeoutError(DreamOError, TimeoutError):
 
     The task keeps running at the service: ``await client.wait(err.task_id)`` resumes.
     """
+
+    task_id: str
 
     def __init__(self, task_id: str, timeout: float, last_status: str | None = None) -> None:
         self.task_id = task_id
