@@ -29,7 +29,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, BinaryIO, Final
 
 import anyio
 
@@ -44,6 +44,7 @@ __all__ = [
     "download_to",
     "fsync_directory",
     "is_saved_image",
+    "open_exclusive",
     "result_stem",
     "safe_component",
 ]
@@ -55,6 +56,17 @@ _SNIFF_BYTES: Final = 512
 #: Bytes of one download kept in memory before they spill to its temporary file.
 SPILL_BYTES: Final = 1 << 20
 _PART_IDS: Final = itertools.count()
+
+
+def open_exclusive(path: Path) -> BinaryIO:
+    """Create ``path`` for writing; fail if it exists, and never follow a symlink there.
+
+    The temporary file's name is ours, but the folder is the user's: a symlink
+    planted under that name must not redirect the write elsewhere.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_BINARY", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
 def safe_component(value: str, what: str = "task id") -> str:
@@ -87,6 +99,8 @@ class _PartFile:
 
     def begin(self) -> _PartFile:
         self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a retry starts the file afresh
         self.buffer.clear()
         self.head = b""
         return self
@@ -100,7 +114,7 @@ class _PartFile:
         self.buffer += chunk
         if len(self.buffer) > SPILL_BYTES:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self.handle = open_exclusive(self.path)
             self.handle.write(self.buffer)
             self.buffer = bytearray()
 
@@ -110,7 +124,7 @@ class _PartFile:
         directory.mkdir(parents=True, exist_ok=True)
         if final.resolve().parent != directory.resolve():
             raise DownloadError(f"refusing to write {final} outside {directory}")
-        handle = self.handle or open(self.path, "wb")  # noqa: SIM115 - closed below
+        handle = self.handle or open_exclusive(self.path)
         self.handle = None
         try:
             handle.write(self.buffer)

@@ -109,6 +109,7 @@ async def test_a_run_journals_every_job_and_saves_every_result(
     assert [r["state"] for r in results] == ["completed"] * 2 + ["failed"] + ["completed"] * 2
     assert results[2]["error"]["code"] == "003013095"
     assert KEY not in (out / "results.jsonl").read_text()
+    assert KEY.encode() not in _journal_bytes(tmp_path / "j.db")
     assert not list(out.glob(".*.part"))
     kinds = {e.kind for e in events}
     assert {"created", "polled", "completed", "failed"} <= kinds
@@ -449,3 +450,8 @@ async def test_a_large_image_spills_to_disk_and_a_capped_one_leaves_nothing(
         with pytest.raises(d.DownloadError, match="cap"):
             await client.download(url, tmp_path / "new", "00001-t-0", max_bytes=2_000_000)
     assert names(tmp_path / "new") == ["00000-t-0.jpg"]
+
+
+def _journal_bytes(journal: Path) -> bytes:
+    """Everything a journal wrote: the database, its WAL, shared memory and lock files."""
+    return b"".join(path.read_bytes() for path in sorted(journal.parent.glob(journal.name + "*")))
