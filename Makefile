@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench fuzz clean
+.PHONY: demo test lint typecheck unit bench fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check dreamo_async tests benchmarks examples
+	$(BIN)/ruff check dreamo_async tests benchmarks examples fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -31,5 +31,29 @@ unit: $(STAMP)
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# Long fuzzing (atheris when it installs, else hypothesis alone) and the chaos suite at
+# scale. FUZZ_SECONDS per atheris target, FUZZ_EXAMPLES per hypothesis property.
+FUZZ_SECONDS  ?= 60
+FUZZ_EXAMPLES ?= 10000
+CHAOS_JOBS    ?= 5000
+FUZZ_TARGETS  := image response error_body retry_after
+
+fuzz: $(STAMP)
+	mkdir -p .fuzz-corpus
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]' || echo "atheris did not install: hypothesis only"
+	if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+	  for t in $(FUZZ_TARGETS); do \
+	    $(BIN)/python fuzz/atheris_run.py $$t $(FUZZ_SECONDS) > .fuzz-corpus/$$t.log 2>&1 \
+	      || { tail -40 .fuzz-corpus/$$t.log; exit 1; }; \
+	    echo "atheris $$t: $$(grep '^Done' .fuzz-corpus/$$t.log)"; \
+	  done; \
+	fi
+	DREAMO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DREAMO_FUZZ_RANDOM=1 \
+	  $(BIN)/pytest tests/test_fuzz.py -q -o timeout=0 --hypothesis-show-statistics
+	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
+
+chaos: $(STAMP)
+	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus

@@ -9,8 +9,8 @@ Run from the repository root::
 Figures (medians of several runs; every ratio uses a baseline measured in the same run):
 
 (a) full-size request: 5 x ~4.7 MB JPEG files -> create body built (prepare_images,
-    then wire.encode_create_body off the loop, as the client does) against bare
-    pybase64 encoding of the same bytes already in memory. Target <= 1.3x.
+    then the body's parts, as the client does) against bare pybase64 encoding of
+    the same bytes already in memory. Target <= 1.3x.
 (b) worst event-loop lag seen by a 1 ms ticker while 4 such jobs run at once. Target <= 5 ms.
 (c) header check, µs per image, our parser against Pillow's lazy ``Image.open().size``
     on the odd-files corpus of ``tests/image_corpus.py``, with how many verdicts each
@@ -48,15 +48,15 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 import pybase64  # noqa: E402
 
+from dreamo_async._body import BodyParts  # noqa: E402
 from dreamo_async.images import (  # noqa: E402
     ImageSource,
-    PreparedImages,
     _stage_threads,
     classify_images,
     prepare_images,
     stage_limiter,
 )
-from dreamo_async.wire import encode_create_body  # noqa: E402
+from dreamo_async.wire import create_body_parts  # noqa: E402
 
 MODEL = "spark_multi_dreamo"
 PARAMS = {"prompt": "the cat from image 1 wearing the hat from image 2", "seed": 7}
@@ -117,32 +117,24 @@ def _make_full_size_jpeg(seed: int) -> bytes:
 
 
 async def build_body(sources: Sequence[ImageSource], variant: str = "client") -> int:
-    """What the client does for one create call, up to the bytes it POSTs, then drop them.
+    """What the client does for one create call, up to the body it POSTs, then drop it.
 
-    ``client``: as ``DreamOClient._create`` does today: the body is joined in a
-    worker thread and freed on the event loop's thread (freeing 31 MB is a
-    munmap of a few ms, with the GIL held). ``tuned``: the body is built under
-    :func:`stage_limiter` and freed in a worker thread, as suggested to the client.
+    ``client``: as ``DreamOClient._create`` does: the images are read, checked and
+    encoded in a worker thread, and the body is the JSON head plus the encoded
+    images as separate parts (:class:`BodyParts`), never joined. ``joined``: the
+    earlier design, for comparison: the parts joined into one 31 MB buffer in a
+    worker thread.
     """
     prepared = await prepare_images(sources)
-    if variant == "client":
-        body = await anyio.to_thread.run_sync(
-            encode_create_body, MODEL, PARAMS, prepared.base64, prepared.urls
-        )
-        del prepared
-        return len(body)
-    holder = [prepared]
+    parts = create_body_parts(MODEL, PARAMS, prepared.base64, prepared.urls)
     del prepared
-    boxed = await anyio.to_thread.run_sync(_body_and_drop, holder, limiter=stage_limiter())
-    size = len(boxed[0])
-    await anyio.to_thread.run_sync(boxed.clear, limiter=stage_limiter())
-    return size
-
-
-def _body_and_drop(holder: list[PreparedImages]) -> list[bytes]:
-    """Build the body and free the encoded images in the worker thread."""
-    prepared = holder.pop()
-    return [encode_create_body(MODEL, PARAMS, prepared.base64, prepared.urls)]
+    if variant == "client":
+        body = BodyParts(parts)
+        del parts
+        return len(body)
+    joined = await anyio.to_thread.run_sync(b"".join, parts, limiter=stage_limiter())
+    del parts
+    return len(joined)
 
 
 async def prepare_only(sources: Sequence[ImageSource]) -> int:
@@ -169,7 +161,7 @@ async def bench_body(paths: Sequence[Path], runs: int) -> dict[str, float]:
     for kind, sources in inputs.items():
         work[f"prepare_{kind}"] = functools.partial(prepare_only, sources)
         work[f"client_{kind}"] = functools.partial(build_body, sources, "client")
-        work[f"tuned_{kind}"] = functools.partial(build_body, sources, "tuned")
+        work[f"joined_{kind}"] = functools.partial(build_body, sources, "joined")
     # Round-robin, after two warm-up rounds: every variant sees the same drift of the
     # allocator's state (on VMs where a fresh page faults in at several µs, that
     # state moves single timings by milliseconds; --warm-heap takes it out).
@@ -234,7 +226,7 @@ async def worst_lag(
 async def bench_lag(paths: Sequence[Path], runs: int) -> dict[str, float]:
     sources = classify_images(paths)
     result = {"idle_ms": statistics.median([await _idle_lag() for _ in range(5)]) * 1e3}
-    for variant in ("client", "tuned"):
+    for variant in ("client", "joined"):
         lags = [await worst_lag(sources, variant) for _ in range(runs)]
         result[f"{variant}_ms"] = statistics.median(lags) * 1e3
         result[f"{variant}_max_ms"] = max(lags) * 1e3
@@ -342,7 +334,7 @@ def _peak_rss_kb() -> int:
 
 def bench_memory(runs: int) -> dict[str, float]:
     result = {}
-    for variant in ("client", "tuned"):
+    for variant in ("client", "joined"):
         small = statistics.median(peak_rss_mb(20, variant) for _ in range(runs))
         large = statistics.median(peak_rss_mb(200, variant) for _ in range(runs))
         result.update({f"{variant}_20": small, f"{variant}_200": large})
@@ -395,8 +387,8 @@ def main() -> None:
     )
     for row in _rows(body, lag, headers, memory):
         print(f"{row[0]:<44}{row[1]:>11}  {row[2]:<22}{row[3]}")
-    print("\nclient = DreamOClient._create as written: body joined in a thread, freed on the loop;")
-    print("tuned  = body built under stage_limiter() and freed in a worker thread.")
+    print("\nclient = DreamOClient._create: encoded images sent as body parts, never joined;")
+    print("joined = the earlier design: parts joined into one buffer in a worker thread.")
     if headers["pillow_wrong"]:
         print("Pillow's lazy open gets these wrong:", ", ".join(headers["pillow_wrong"]))
     if headers["own_wrong"]:
@@ -416,12 +408,12 @@ def _rows(
     ]  # fmt: skip
     for kind in ("bytes", "paths"):
         for name, label in (("prepare", "prepare_images only"), ("client", "body, client"),
-                            ("tuned", "body, tuned")):  # fmt: skip
+                            ("joined", "body, joined (old)")):  # fmt: skip
             value = body[f"{name}_{kind}_ms"]
             rows.append((f"(a) {label}, from {kind}", f"{value:.1f} ms",
                          f"{value / base:.2f}x", _verdict(value / base, 1.3)))  # fmt: skip
     rows.append(("(b) loop lag, idle loop", f"{lag['idle_ms']:.2f} ms", "", ""))
-    for variant in ("client", "tuned"):
+    for variant in ("client", "joined"):
         value = lag[f"{variant}_ms"]
         rows.append((f"(b) worst loop lag, 4 jobs, {variant}", f"{value:.2f} ms",
                      f"max {lag[f'{variant}_max_ms']:.2f} ms", _verdict(value, 5)))  # fmt: skip
@@ -433,7 +425,7 @@ def _rows(
          f"{files - len(headers['pillow_wrong'])}/{files} right",
          f"{headers['pillow_us'] / headers['own_us']:.1f}x slower"),
     ]  # fmt: skip
-    for variant in ("client", "tuned"):
+    for variant in ("client", "joined"):
         small, large = memory[f"{variant}_20"], memory[f"{variant}_200"]
         rows += [
             (f"(d) peak RSS, 20 jobs, {variant}", f"{small:.0f} MB", "", ""),

@@ -1,27 +1,62 @@
-"""The ``dreamo`` command.
+"""The ``dreamo`` command: one generation, resumable bulk runs, task lookups, a demo.
 
-Built on click (arguments, help, exit codes) and rich (progress bars, tables):
-both are well kept, and neither is needed by library users, so they live in
-the ``cli`` extra; without them the command prints an install hint.
+Built on two well-kept libraries rather than hand-rolled code, both in the
+``cli`` extra (library users need neither; without them the command prints an
+install hint):
+
+* **click** parses and validates arguments (types, ranges, choices, files) with
+  usage errors on exit code 2 and help text for free, and ships ``CliRunner``
+  for tests;
+* **rich** draws the progress bar and the summary table, and falls back to
+  plain text by itself when the output is not a terminal (a pipe, a CI log).
+
+Exit codes: 0 every job done, 1 some jobs failed (or their outcome is
+unknown), 2 usage or input error (nothing was sent), 3 the service is
+unreachable or refused the key, 130 interrupted (Ctrl-C; the journal keeps
+every state, so re-running resumes).
+
+The API key comes from ``DREAMO_API_KEY`` / ``VTRIX_API_KEY`` or from
+``--api-key-file``; there is deliberately no ``--api-key`` option, which would
+land in shell history and in ``ps`` output.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sys
+import tempfile
 import time
-from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeVar
 
 __all__ = ["main"]
 
 _INSTALL_HINT = "the dreamo command needs the 'cli' extra: pip install 'dreamo_async[cli]'\n"
 
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_SERVICE: Final = 3
+EXIT_INTERRUPTED: Final = 130
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 try:
     import click
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 except ImportError:  # pragma: no cover - exercised only without the extra
     click = None  # type: ignore[assignment]
@@ -31,105 +66,818 @@ def main() -> None:
     """Console-script entry point."""
     if click is None:  # pragma: no cover
         sys.stderr.write(_INSTALL_HINT)
-        raise SystemExit(2)
-    cli()
+        raise SystemExit(EXIT_USAGE)
+    try:
+        cli.main(prog_name="dreamo", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - click turns it into Abort below
+        _interrupted()
+
+
+_JOURNAL_HINT: Final = "every job state is in the journal; run the same command again to resume"
+
+
+def _interrupted(hint: str = _JOURNAL_HINT) -> NoReturn:
+    sys.stderr.write(f"\ninterrupted: {hint}\n")
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+class _Exit(Exception):
+    """Leave a command with an exit code after printing ``message`` (to stderr)."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _run(coro_fn: Callable[[], Any], hint: Callable[[], str] = lambda: _JOURNAL_HINT) -> NoReturn:
+    """Run a command's coroutine; map our errors and Ctrl-C to exit codes."""
+    try:
+        code = asyncio.run(coro_fn())
+    except KeyboardInterrupt:
+        _interrupted(hint())
+    except _Exit as exc:
+        if exc.message:
+            Console(stderr=True, highlight=False).print(
+                f"[red]error:[/red] {escape(exc.message)}", soft_wrap=True
+            )
+        raise SystemExit(exc.code) from None
+    raise SystemExit(code)
+
+
+def _read_key(api_key_file: Path | None) -> str:
+    from .client import API_KEY_ENV_VARS
+
+    if api_key_file is not None:
+        try:
+            key = api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Exit(EXIT_USAGE, f"cannot read --api-key-file {api_key_file}: {exc}") from None
+        if not key:
+            raise _Exit(EXIT_USAGE, f"--api-key-file {api_key_file} is empty")
+        return key
+    for name in API_KEY_ENV_VARS:
+        if value := os.environ.get(name, "").strip():
+            return value
+    raise _Exit(
+        EXIT_USAGE,
+        "no API key: set DREAMO_API_KEY (or VTRIX_API_KEY), or pass --api-key-file FILE",
+    )
+
+
+def _service_error(exc: BaseException) -> int | None:
+    """Exit code 3 for errors that mean "the service cannot be used", else ``None``."""
+    from .errors import APIConnectionError, AuthenticationError, PermissionDeniedError
+
+    if isinstance(exc, AuthenticationError | PermissionDeniedError | APIConnectionError):
+        return EXIT_SERVICE
+    return None
 
 
 if click is not None:
 
-    @click.group()
+    def _common(fn: _F) -> _F:
+        """Options every command that talks to the service takes."""
+        fn = click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print machine-readable JSON on stdout (human output goes to stderr).",
+        )(fn)
+        fn = click.option(
+            "--base-url",
+            envvar="DREAMO_BASE_URL",
+            default=None,
+            metavar="URL",
+            help="Service base URL (default https://cloud.vtrix.ai; env DREAMO_BASE_URL).",
+        )(fn)
+        fn = click.option(
+            "--retries",
+            type=click.IntRange(0, 20),
+            default=4,
+            show_default=True,
+            help="Retries of a request that surely did nothing (never of an ambiguous create).",
+        )(fn)
+        return click.option(
+            "--api-key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Read the API key from this file (default: env DREAMO_API_KEY or "
+            "VTRIX_API_KEY). There is no --api-key: it would land in shell history.",
+        )(fn)
+
+    def _polling(fn: _F) -> _F:
+        fn = click.option(
+            "--poll-interval",
+            type=click.FloatRange(0.01, 60),
+            default=1.0,
+            show_default=True,
+            help="First delay between polls, seconds (it grows up to 10 s).",
+        )(fn)
+        return click.option(
+            "--timeout",
+            type=click.FloatRange(0, min_open=True),
+            default=600.0,
+            show_default=True,
+            help="Deadline of each job once created, seconds.",
+        )(fn)
+
+    def _make_client(
+        *,
+        api_key: str,
+        base_url: str | None,
+        concurrency: int = 4,
+        rps: float | None = None,
+        poll_interval: float = 1.0,
+        timeout: float = 600.0,
+        retries: int = 4,
+    ) -> Any:
+        import dreamo_async as d
+
+        try:
+            return d.DreamOClient(
+                api_key=api_key,
+                base_url=base_url,
+                max_concurrency=concurrency,
+                requests_per_second=rps,
+                burst=max(1, int(rps or 1)),
+                poll=d.PollPolicy(
+                    initial_delay=poll_interval,
+                    max_delay=max(10.0, poll_interval),
+                    timeout=timeout,
+                ),
+                retry=d.RetryPolicy(max_attempts=retries + 1),
+            )
+        except d.ConfigurationError as exc:
+            raise _Exit(EXIT_USAGE, str(exc)) from None
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(package_name="dreamo_async")
     def cli() -> None:
-        """Generate images with Spark DreamO (Multi-IP) from the command line."""
+        """Generate images with Spark DreamO (Multi-IP) from the command line.
+
+        Key: env DREAMO_API_KEY or VTRIX_API_KEY, or --api-key-file. Exit codes:
+        0 all done, 1 some jobs failed, 2 usage/input error, 3 service unreachable
+        or key refused, 130 interrupted.
+        """
+
+    # -- generate ------------------------------------------------------------------------
 
     @cli.command()
-    @click.option("--jobs", default=24, show_default=True, help="Number of generations.")
-    @click.option("--concurrency", default=6, show_default=True, help="Jobs alive at once.")
-    @click.option("--rps", default=20.0, show_default=True, help="HTTP requests per second.")
+    @click.option("-p", "--prompt", required=True, help="The text instruction.")
     @click.option(
-        "--task-ms", default=1500, show_default=True, help="Simulated generation time (ms)."
+        "-i",
+        "--image",
+        "images",
+        multiple=True,
+        required=True,
+        help="Reference image (path or http(s) URL); repeat for up to 5.",
     )
-    def demo(jobs: int, concurrency: int, rps: float, task_ms: int) -> None:
-        """A bulk generation against the built-in fake service (no key, no network)."""
-        outcome = asyncio.run(_demo(jobs, concurrency, rps, task_ms))
-        raise SystemExit(outcome)
-
-
-async def _demo(jobs: int, concurrency: int, rps: float, task_ms: int) -> int:
-    # Imported here: the library never imports its test seam, only this command does.
-    import dreamo_async as d
-    from dreamo_async.testing import FakeDreamOServer, sample_images
-
-    console = Console()
-    images = sample_images()
-    prompts = [
-        "the subject of image 1 as a watercolour postcard",
-        "image 1's character exploring a neon city at night",
-        "a product shot of the object in image 1 on white marble",
-        "the subject of image 1 and image 2 sharing a picnic",
-    ]
-    requests: list[dict[str, Any]] = []
-    for i in range(jobs):
-        refs = [images[i % len(images)], images[(i + 1) % len(images)]][: 1 + i % 2]
-        prompt = prompts[i % len(prompts)]
-        if i in (jobs // 3, 2 * jobs // 3):
-            prompt += " [fail:003013095]"  # scripted failures show the error path
-        requests.append(
-            {"prompt": prompt, "images": refs, "seed": i, "ref_types": ["IP"] * len(refs)}
+    @click.option(
+        "--ref-type",
+        "ref_types",
+        multiple=True,
+        type=click.Choice(["IP", "ID", "STYLE", "AUTO"], case_sensitive=False),
+        help="One per image, in order: IP (subject), ID (face), STYLE, AUTO.",
+    )
+    @click.option(
+        "--model",
+        type=click.Choice(["spark_multi_dreamo", "spark_dreamo"]),
+        default=None,
+        help="Model id (default spark_multi_dreamo).",
+    )
+    @click.option("--guidance-scale1", type=click.FloatRange(1.0, 7.0), help="1.0-7.0, text.")
+    @click.option("--guidance-scale2", type=click.FloatRange(1.0, 7.0), help="1.0-7.0, images.")
+    @click.option("--ddim-steps", type=click.IntRange(1, 50), help="1-50 denoising steps.")
+    @click.option("--swap-face/--no-swap-face", default=None, help="Face-ID enhancement.")
+    @click.option(
+        "--use-rephraser/--no-rephraser", default=None, help="Let the server rewrite the prompt."
+    )
+    @click.option(
+        "--rephraser-level",
+        type=click.Choice(["general", "fine", "coarse"]),
+        default=None,
+        help="How finely the prompt is rewritten.",
+    )
+    @click.option("--seed", type=click.IntRange(-1, 2**31 - 1), help="-1 = random.")
+    @click.option("--width", type=click.IntRange(512, 2048), help="512-2048.")
+    @click.option("--height", type=click.IntRange(512, 2048), help="512-2048.")
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("."),
+        show_default=True,
+        help="Folder for the result images.",
+    )
+    @_polling
+    @_common
+    def generate(
+        prompt: str,
+        images: Sequence[str],
+        ref_types: Sequence[str],
+        out: Path,
+        api_key_file: Path | None,
+        base_url: str | None,
+        as_json: bool,
+        timeout: float,
+        poll_interval: float,
+        retries: int,
+        **knobs: Any,
+    ) -> None:
+        """One generation: print the task id at once, a live status, then the saved files."""
+        params: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
+        params["prompt"] = prompt
+        params["images"] = list(images)
+        if ref_types:
+            params["ref_types"] = [r.upper() for r in ref_types]
+        created: list[str] = []
+        _run(
+            lambda: _generate(
+                params,
+                out,
+                api_key_file,
+                base_url,
+                as_json,
+                timeout,
+                poll_interval,
+                retries,
+                created,
+            ),
+            lambda: f"resume with: dreamo wait {created[0]}" if created else "no task was created",
         )
 
-    console.print(
-        f"[bold]dreamo demo[/bold]: {jobs} jobs against the built-in fake service "
-        f"(max_concurrency={concurrency}, {rps:g} requests/s, ~{task_ms} ms per task; "
-        f"2 jobs are scripted to fail)"
-    )
-    failures: Counter[str] = Counter()
-    cost = Decimal(0)
-    completed = 0
-    started = time.perf_counter()
-    async with FakeDreamOServer(
-        api_key="demo-key", task_duration_ms=task_ms, report_progress=True
-    ) as server:
-        poll = d.PollPolicy(initial_delay=0.2, max_delay=1.0, timeout=60)
-        async with d.DreamOClient(
-            api_key="demo-key",
-            base_url=server.url,
-            max_concurrency=concurrency,
-            requests_per_second=rps,
-            burst=2,
-            poll=poll,
-        ) as client:
-            with Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            ) as progress:
-                bar = progress.add_task("generating", total=jobs)
-                async for item in client.generate_many(requests):
-                    progress.advance(bar)
-                    if item.result is not None:
-                        completed += 1
-                        cost += item.result.cost or 0
-                        if not console.is_terminal:
-                            console.print(f"job {item.index:>3} done: {item.result.image_urls[0]}")
-                    else:
-                        error = item.error
-                        code = getattr(error, "code", None) or type(error).__name__
-                        failures[str(code)] += 1
-                        console.print(f"job {item.index:>3} [red]failed[/red]: {error}")
-        stats = server.stats
-    elapsed = time.perf_counter() - started
+    async def _generate(
+        params: dict[str, Any],
+        out: Path,
+        api_key_file: Path | None,
+        base_url: str | None,
+        as_json: bool,
+        timeout: float,
+        poll_interval: float,
+        retries: int,
+        created: list[str],
+    ) -> int:
+        import dreamo_async as d
+        from dreamo_async.download import result_stem
 
-    table = Table(title="summary", show_header=False)
-    table.add_row("jobs", str(jobs))
-    table.add_row("completed", str(completed))
-    table.add_row("failed", ", ".join(f"{n} × {c}" for c, n in failures.items()) or "0")
-    table.add_row("total cost", f"${cost}")
-    table.add_row("wall time", f"{elapsed:.1f} s")
-    table.add_row("creates at the server", str(stats.creates))
-    table.add_row("polls at the server", str(stats.polls))
-    console.print(table)
-    return 0 if completed + sum(failures.values()) == jobs else 1
+        err = Console(stderr=True, highlight=False)
+        key = _read_key(api_key_file)
+        async with _make_client(
+            api_key=key,
+            base_url=base_url,
+            concurrency=1,
+            poll_interval=poll_interval,
+            timeout=timeout,
+            retries=retries,
+        ) as client:
+            try:
+                request = client.build_request(**params)
+            except d.InvalidRequestError as exc:
+                raise _Exit(EXIT_USAGE, str(exc)) from None
+            try:
+                task = await client.submit(request)
+            except d.DreamOError as exc:
+                raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
+            created.append(task.id)
+            err.print(f"task {task.id} created")
+            try:
+                with _StatusLine(err, task) as line:
+                    result = await client.wait(task, on_poll=line.update)
+                files = [
+                    await client.download(url, out, result_stem(0, result.task_id, n))
+                    for n, url in enumerate(result.image_urls)
+                ]
+            except d.TaskFailedError as exc:
+                raise _Exit(EXIT_FAILED, str(exc)) from None
+            except d.DreamOError as exc:
+                hint = f" (resume with: dreamo wait {task.id})"
+                raise _Exit(_service_error(exc) or EXIT_FAILED, f"{exc}{hint}") from None
+        if as_json:
+            _print_json(
+                {
+                    "task_id": result.task_id,
+                    "files": [str(f) for f in files],
+                    "image_urls": result.image_urls,
+                    "cost": _money(result.cost),
+                }
+            )
+        else:
+            for path in files:
+                click.echo(str(path))
+            err.print(f"done: {len(files)} image(s), cost ${_money(result.cost) or '?'}")
+        return EXIT_OK
+
+    class _StatusLine:
+        """The live status of one task: a spinner line on a terminal, a log line per change."""
+
+        def __init__(self, console: Console, task: Any) -> None:
+            self.console = console
+            self.last: str | None = None
+            first = _describe(task) if task is not None else "polling"
+            self.status = console.status(first) if console.is_terminal else None
+
+        def __enter__(self) -> _StatusLine:
+            if self.status is not None:
+                self.status.start()
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            if self.status is not None:
+                self.status.stop()
+
+        def update(self, task: Any) -> None:
+            text = _describe(task)
+            if self.status is not None:
+                self.status.update(escape(text))
+            elif task.raw_status != self.last:
+                self.console.print(escape(text), soft_wrap=True)
+            self.last = task.raw_status
+
+    def _describe(task: Any) -> str:
+        progress = f" {task.progress:.0%}" if task.progress is not None else ""
+        return f"{task.id}: {task.raw_status or task.status.value}{progress}"
+
+    # -- status / wait ----------------------------------------------------------------------
+
+    @cli.command()
+    @click.argument("task_id")
+    @_common
+    def status(
+        task_id: str, api_key_file: Path | None, base_url: str | None, as_json: bool, retries: int
+    ) -> None:
+        """One poll of a task: its status, progress, result URLs or error."""
+
+        async def go() -> int:
+            import dreamo_async as d
+
+            key = _read_key(api_key_file)
+            async with _make_client(api_key=key, base_url=base_url, retries=retries) as client:
+                try:
+                    task = await client.get_task(task_id)
+                except d.DreamOError as exc:
+                    raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
+            if as_json:
+                _print_json(_task_json(task))
+            else:
+                click.echo(_describe(task))
+                for image in task.images:
+                    click.echo(image.url)
+                if task.error is not None:
+                    click.echo(f"error {task.error.code}: {task.error.message}")
+            return EXIT_FAILED if task.status is d.TaskStatus.FAILED else EXIT_OK
+
+        _run(go)
+
+    @cli.command(name="wait")
+    @click.argument("task_id")
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Also download the result images into this folder.",
+    )
+    @_polling
+    @_common
+    def wait_cmd(
+        task_id: str,
+        out: Path | None,
+        api_key_file: Path | None,
+        base_url: str | None,
+        as_json: bool,
+        timeout: float,
+        poll_interval: float,
+        retries: int,
+    ) -> None:
+        """Poll a task to its end (after a timeout or a crash); optionally download."""
+
+        async def go() -> int:
+            import dreamo_async as d
+            from dreamo_async.download import result_stem
+
+            err = Console(stderr=True, highlight=False)
+            key = _read_key(api_key_file)
+            async with _make_client(
+                api_key=key,
+                base_url=base_url,
+                poll_interval=poll_interval,
+                timeout=timeout,
+                retries=retries,
+            ) as client:
+                try:
+                    with _StatusLine(err, None) as line:
+                        result = await client.wait(task_id, on_poll=line.update)
+                    files = []
+                    if out is not None:
+                        for n, url in enumerate(result.image_urls):
+                            files.append(
+                                await client.download(url, out, result_stem(0, task_id, n))
+                            )
+                except d.DreamOError as exc:
+                    raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
+            if as_json:
+                _print_json(
+                    {
+                        "task_id": result.task_id,
+                        "image_urls": result.image_urls,
+                        "files": [str(f) for f in files],
+                        "cost": _money(result.cost),
+                    }
+                )
+            else:
+                for text in [str(f) for f in files] or result.image_urls:
+                    click.echo(text)
+            return EXIT_OK
+
+        _run(go, lambda: f"the task keeps running: dreamo wait {task_id}")
+
+    # -- batch --------------------------------------------------------------------------------
+
+    @cli.command()
+    @click.argument("jobs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        required=True,
+        help="Folder for the images, results.jsonl and (by default) the journal.",
+    )
+    @click.option(
+        "--concurrency",
+        type=click.IntRange(1, 512),
+        default=4,
+        show_default=True,
+        help="Jobs creating or polling at once.",
+    )
+    @click.option(
+        "--rps",
+        type=click.FloatRange(0, min_open=True),
+        default=None,
+        help="Most API requests per second (creates and polls together).",
+    )
+    @click.option(
+        "--journal",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="SQLite journal (default OUT/dreamo-journal.db). Re-run with the same one to resume.",
+    )
+    @click.option(
+        "--retry-unknown",
+        is_flag=True,
+        help="Send again jobs whose create outcome is unknown (a task may exist: may pay twice).",
+    )
+    @click.option(
+        "--retry-failed",
+        is_flag=True,
+        help="Create again jobs whose task failed at the service (pays again).",
+    )
+    @_polling
+    @_common
+    def batch(
+        jobs_file: Path,
+        out: Path,
+        concurrency: int,
+        rps: float | None,
+        journal: Path | None,
+        retry_unknown: bool,
+        retry_failed: bool,
+        api_key_file: Path | None,
+        base_url: str | None,
+        as_json: bool,
+        timeout: float,
+        poll_interval: float,
+        retries: int,
+    ) -> None:
+        """Run every job of a JSON-lines file, resumably (one job per line).
+
+        Each line has the keywords of the Python API, e.g.
+        {"prompt": "...", "images": ["a.jpg", "b.png"], "ref_types": ["IP", "ID"], "seed": 7};
+        relative image paths resolve against the file's folder. The whole file is
+        checked before anything is sent.
+        """
+        from .batch import JobsFileError, load_jobs
+
+        try:
+            jobs = load_jobs(jobs_file)
+        except JobsFileError as exc:
+            err = Console(stderr=True, highlight=False)
+            for problem in exc.problems[:50]:
+                err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
+            if len(exc.problems) > 50:
+                err.print(f"... and {len(exc.problems) - 50} more")
+            err.print("nothing was sent")
+            raise SystemExit(EXIT_USAGE) from None
+
+        async def go() -> int:
+            key = _read_key(api_key_file)
+            client = _make_client(
+                api_key=key,
+                base_url=base_url,
+                concurrency=concurrency,
+                rps=rps,
+                poll_interval=poll_interval,
+                timeout=timeout,
+                retries=retries,
+            )
+            async with client:
+                return await _run_batch_ui(
+                    client,
+                    jobs,
+                    out,
+                    journal or out / "dreamo-journal.db",
+                    concurrency=concurrency,
+                    retry_unknown=retry_unknown,
+                    retry_failed=retry_failed,
+                    as_json=as_json,
+                )
+
+        _run(go)
+
+    async def _run_batch_ui(
+        client: Any,
+        jobs: Sequence[Any],
+        out: Path,
+        journal_path: Path,
+        *,
+        concurrency: int,
+        retry_unknown: bool,
+        retry_failed: bool,
+        as_json: bool,
+        extra_rows: Callable[[], Mapping[str, str]] | None = None,
+        reports: list[Any] | None = None,
+    ) -> int:
+        """Run the batch engine with a progress display and print the summary."""
+        from .batch import Journal, JournalError, run_batch
+
+        err = Console(stderr=True, highlight=False)
+        try:
+            journal = Journal(journal_path).open()
+        except JournalError as exc:
+            raise _Exit(EXIT_USAGE, str(exc)) from None
+        display = _Display(err, len(jobs))
+        try:
+            with display:
+                report = await run_batch(
+                    client,
+                    jobs,
+                    journal,
+                    out,
+                    concurrency=concurrency,
+                    retry_unknown=retry_unknown,
+                    retry_failed=retry_failed,
+                    on_event=display.event,
+                )
+        except JournalError as exc:
+            raise _Exit(EXIT_USAGE, str(exc)) from None
+        finally:
+            journal.close()
+        if reports is not None:
+            reports.append(report)
+        code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
+        rows: dict[str, str] = {
+            "jobs": str(report.total),
+            "completed": f"{report.completed}"
+            + (f" ({report.skipped} in earlier runs)" if report.skipped else ""),
+            "failed": ", ".join(f"{n} × {c}" for c, n in sorted(report.failed.items())) or "0",
+            "total cost": f"${report.cost}",
+            "wall time": f"{report.wall_time:.1f} s",
+            "results": str(report.results_path),
+            "journal": str(journal_path),
+        }
+        if extra_rows is not None:
+            rows.update(extra_rows())
+        if as_json:
+            _print_json(
+                {
+                    "jobs": report.total,
+                    "completed": report.completed,
+                    "skipped": report.skipped,
+                    "failed": dict(report.failed),
+                    "unknown": {str(k): v for k, v in report.unknown.items()},
+                    "cost": str(report.cost),
+                    "wall_time": round(report.wall_time, 3),
+                    "results": str(report.results_path),
+                    "journal": str(journal_path),
+                    "fatal": None if report.fatal is None else str(report.fatal),
+                    "exit_code": code,
+                }
+            )
+        table = Table(title="summary", show_header=False, title_justify="left")
+        for name, value in rows.items():
+            table.add_row(name, escape(value))
+        (err if as_json else Console(highlight=False)).print(table)
+        if report.unknown:
+            ids = ", ".join(
+                f"job {i} (X-Request-Id {r})" for i, r in sorted(report.unknown.items())
+            )
+            err.print(
+                f"[yellow]{len(report.unknown)} job(s) may have created a task whose id was "
+                f"never received[/yellow]: {escape(ids)}. They were NOT sent again. Check "
+                "with the provider, then re-run with --retry-unknown to send them again "
+                "(may pay twice).",
+                soft_wrap=True,
+            )
+        if report.fatal is not None:
+            err.print(
+                f"[red]stopped:[/red] {escape(str(report.fatal))}. Fix it and run the same "
+                "command again: finished jobs are kept, created tasks are polled, not re-created.",
+                soft_wrap=True,
+            )
+        return code
+
+    class _Display:
+        """A progress bar on a terminal; one plain line per job event otherwise."""
+
+        def __init__(self, console: Console, total: int) -> None:
+            self.console = console
+            self.total = total
+            self.tty = console.is_terminal
+            self.started = time.monotonic()
+            self.progress: Progress | None = None
+            self.bar: TaskID | None = None
+            self.resumed: dict[str, int] = {}
+
+        def __enter__(self) -> _Display:
+            if self.tty:
+                self.progress = Progress(
+                    TextColumn("[bold]jobs[/bold]"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn(
+                        "[green]{task.fields[done]} done[/green] · "
+                        "[red]{task.fields[failed]} failed[/red] · "
+                        "{task.fields[running]} running · {task.fields[queued]} queued · "
+                        "${task.fields[cost]}"
+                    ),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                    transient=False,
+                )
+                self.progress.start()
+                self.bar = self.progress.add_task(
+                    "jobs", total=self.total, done=0, failed=0, running=0, queued=0, cost="0"
+                )
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            if self.progress is not None:
+                self.progress.stop()
+
+        def event(self, event: Any) -> None:
+            state = event.state
+            if self.progress is not None and self.bar is not None:
+                self.progress.update(
+                    self.bar,
+                    completed=state.done + state.failed,
+                    done=state.done,
+                    failed=state.failed,
+                    running=state.running,
+                    queued=state.queued,
+                    cost=str(state.cost),
+                )
+                if event.kind in ("failed", "unknown"):
+                    self.progress.console.print(self._line(event), soft_wrap=True)
+                return
+            if event.kind != "polled":
+                self.console.print(self._line(event), soft_wrap=True)
+
+        def _line(self, event: Any) -> str:
+            elapsed = time.monotonic() - self.started
+            head = f"[{elapsed:7.2f}s] job {event.index}"
+            if event.kind == "created":
+                text = f"{head} created task {event.task_id}"
+            elif event.kind == "completed":
+                text = f"{head} completed: {', '.join(event.files)}"
+            elif event.kind == "skipped":
+                text = f"{head} already completed (task {event.task_id})"
+            elif event.kind == "unknown":
+                text = f"{head} create outcome UNKNOWN, not re-sent: {event.message or ''}"
+            else:
+                task = f" task {event.task_id}" if event.task_id else ""
+                text = f"{head} failed [{event.code}]{task}: {event.message}"
+            state = event.state
+            return escape(
+                f"{text}  ({state.done} done, {state.failed} failed, {state.running} running, "
+                f"{state.queued} queued)"
+            )
+
+    # -- demo ---------------------------------------------------------------------------------
+
+    @cli.command()
+    @click.option("--jobs", type=click.IntRange(1, 10_000), default=24, show_default=True)
+    @click.option("--concurrency", type=click.IntRange(1, 512), default=6, show_default=True)
+    @click.option("--rps", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True)
+    @click.option(
+        "--task-ms",
+        type=click.FloatRange(0),
+        default=1500,
+        show_default=True,
+        help="Simulated generation time (ms).",
+    )
+    @click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Keep the images here (default: a temporary folder, removed at the end).",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+    def demo(
+        jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
+    ) -> None:
+        """The batch engine against the built-in fake service (no key, no network)."""
+        _run(lambda: _demo(jobs, concurrency, rps, task_ms, out, as_json))
+
+    async def _demo(
+        jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
+    ) -> int:
+        # Imported here: the library never imports its test seam; only this command does.
+        from dreamo_async.batch import BatchJob
+        from dreamo_async.testing import FakeDreamOServer, sample_images
+
+        images = [str(p) for p in sample_images()]
+        prompts = [
+            "the subject of image 1 as a watercolour postcard",
+            "image 1's character exploring a neon city at night",
+            "a product shot of the object in image 1 on white marble",
+            "the subject of image 1 and image 2 sharing a picnic",
+        ]
+        batch = []
+        for i in range(jobs):
+            refs = [images[i % len(images)], images[(i + 1) % len(images)]][: 1 + i % 2]
+            prompt = prompts[i % len(prompts)]
+            if jobs > 2 and i in (jobs // 3, 2 * jobs // 3):
+                prompt += " [fail:003013095]"  # scripted failures show the error path
+            params = {"prompt": prompt, "images": refs, "seed": i, "ref_types": ["IP"] * len(refs)}
+            batch.append(BatchJob(index=i, params=params, line=i + 1, source="<demo>"))
+        err = Console(stderr=True, highlight=False)
+        err.print(
+            f"[bold]dreamo demo[/bold]: {jobs} jobs against the built-in fake service "
+            f"(concurrency {concurrency}, {rps:g} requests/s, ~{task_ms:g} ms per task; "
+            f"{2 if jobs > 2 else 0} jobs are scripted to fail)"
+        )
+        outcome: list[Any] = []
+        with tempfile.TemporaryDirectory(prefix="dreamo-demo-") as scratch:
+            folder = out or Path(scratch)
+            async with FakeDreamOServer(
+                api_key="demo-key", task_duration_ms=task_ms, report_progress=True
+            ) as server:
+                client = _make_client(
+                    api_key="demo-key",
+                    base_url=server.url,
+                    concurrency=concurrency,
+                    rps=rps,
+                    poll_interval=0.2,
+                    timeout=60,
+                )
+                async with client:
+                    code = await _run_batch_ui(
+                        client,
+                        batch,
+                        folder,
+                        folder / "dreamo-journal.db",
+                        concurrency=concurrency,
+                        retry_unknown=False,
+                        retry_failed=False,
+                        as_json=as_json,
+                        reports=outcome,
+                        extra_rows=lambda: {
+                            **(
+                                {}
+                                if out
+                                else {
+                                    "results": "in a temporary folder (keep them with --out DIR)",
+                                    "journal": "in the same temporary folder",
+                                }
+                            ),
+                            "creates at the server": str(server.stats.creates),
+                            "polls at the server": str(server.stats.polls),
+                            "downloads": str(server.stats.downloads),
+                        },
+                    )
+        # Two failures are scripted: the demo succeeds when exactly those failed.
+        scripted = {"003013095": 2} if jobs > 2 else {}
+        if code == EXIT_FAILED and outcome and outcome[0].failed == scripted:
+            return EXIT_OK
+        return code
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _task_json(task: Any) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "status": task.status.value,
+        "raw_status": task.raw_status,
+        "progress": task.progress,
+        "image_urls": [image.url for image in task.images],
+        "cost": _money(task.usage.cost) if task.usage else None,
+        "error": None
+        if task.error is None
+        else {"code": task.error.code, "message": task.error.message},
+    }
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()

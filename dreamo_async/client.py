@@ -12,17 +12,19 @@ import asyncio
 import logging
 import os
 import random
+import ssl
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
 import aiohttp
-import anyio
 import attrs
 
-from .errors import ClientClosedError, TaskFailedError, TaskTimeoutError
+from ._body import BodyParts
+from .errors import ClientClosedError, DreamOError, TaskFailedError, TaskTimeoutError
 from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
@@ -31,7 +33,7 @@ from .ratelimit import LimitsBackend, LocalLimits, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
-from .wire import encode_create_body, request_params
+from .wire import create_body_parts, request_params
 
 __all__ = ["BatchItem", "BatchProgress", "ClientStatistics", "DreamOClient"]
 
@@ -39,8 +41,6 @@ logger = logging.getLogger("dreamo_async")
 
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
-#: Bodies with more base64 than this are serialised in a worker thread.
-_OFFLOOP_BODY_BYTES: Final = 256 * 1024
 
 
 class _Unset:
@@ -102,6 +102,11 @@ class DreamOClient:
     :meth:`aclose`). Construction needs no running loop; the HTTP session is
     made inside the loop on first use. One client is meant to be shared by all
     the coroutines of a process: the limits it enforces are per client.
+
+    Security options: ``allow_private_urls`` lets the client download image URLs
+    (mixed with local images) from private, loopback and link-local addresses,
+    refused by default; ``ssl_context`` replaces the system's trusted certificates
+    (certificate verification itself cannot be turned off).
     """
 
     def __init__(
@@ -123,6 +128,8 @@ class DreamOClient:
         task_path: str | None = None,
         fit_images: bool = False,
         seed: int | None = None,
+        allow_private_urls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -151,6 +158,8 @@ class DreamOClient:
             timeout=request_timeout,
             max_connections=max_connections,
             rng=self._rng,
+            allow_private_urls=allow_private_urls,
+            ssl_context=ssl_context,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
         self._jobs: set[asyncio.Task[Any]] = set()
@@ -253,30 +262,74 @@ class DreamOClient:
             task = await self._create(built)
             return await self._poll(task, started=started, timeout=deadline_s)
 
-    async def submit(self, request: GenerationRequest | None = None, /, **params: Any) -> Task:
-        """Create a task and return at once (no polling): the task id is yours to ``wait`` on."""
+    async def submit(
+        self,
+        request: GenerationRequest | None = None,
+        /,
+        *,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+        **params: Any,
+    ) -> Task:
+        """Create a task and return at once (no polling): the task id is yours to ``wait`` on.
+
+        ``before_send(request_id)`` is awaited after the images are prepared, right
+        before the create request first leaves, with the ``X-Request-Id`` it carries:
+        the hook where a journal records that a task may exist from now on.
+        """
         built = self.build_request(request, **params)
         async with self._job():
-            return await self._create(built)
+            return await self._create(built, before_send=before_send)
 
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
         self._check_open()
-        return await self._transport.get_task(task_id)
+        return await self._get_task(task_id)
 
     async def wait(
-        self, task_id: str, *, timeout: float | _Unset | None = _UNSET
+        self,
+        task_id: str | Task,
+        *,
+        timeout: float | _Unset | None = _UNSET,
+        on_poll: Callable[[Task], None] | None = None,
     ) -> GenerationResult:
         """Poll an existing task until it ends (resume after a timeout, a restart...).
 
-        It takes no job slot: the task already runs at the service.
+        It takes no job slot: the task already runs at the service. Given the
+        :class:`Task` that ``submit`` returned, polling starts from it (after the
+        first delay, as ``generate`` does) instead of with an immediate poll.
+        ``on_poll`` is called with every task snapshot received (a live status line).
         """
         self._check_open()
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         loop = asyncio.get_running_loop()
         with self._tracked():
-            first = await self._transport.get_task(task_id)
-            return await self._poll(first, started=loop.time(), timeout=deadline_s)
+            if isinstance(task_id, Task):
+                first = task_id
+            else:
+                first = await self._get_task(task_id)
+            return await self._poll(
+                first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
+            )
+
+    async def download(
+        self,
+        url: str,
+        directory: str | os.PathLike[str],
+        stem: str,
+        *,
+        max_bytes: int | None = None,
+    ) -> Path:
+        """Save one result image as ``directory/stem.<ext>`` (atomically; see ``download.py``).
+
+        Streamed with retries, capped at ``max_bytes`` (default
+        ``Limits.max_download_bytes``), checked to be a JPEG, PNG or WebP by its
+        bytes; the extension comes from the content. Raises :class:`DownloadError`.
+        """
+        from .download import download_to  # local: keeps file handling out of import time
+
+        self._check_open()
+        cap = self.limits.max_download_bytes if max_bytes is None else max_bytes
+        return await download_to(self._transport, url, Path(directory), stem, max_bytes=cap)
 
     async def generate_many(
         self,
@@ -340,22 +393,27 @@ class DreamOClient:
     def _tracked(self) -> _Tracker:
         return _Tracker(self)
 
-    async def _create(self, request: GenerationRequest) -> Task:
+    async def _create(
+        self,
+        request: GenerationRequest,
+        *,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Task:
         prepared = await prepare_images(
             request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
         )
         params = request_params(request)
-        if prepared.base64 and sum(map(len, prepared.base64)) > _OFFLOOP_BODY_BYTES:
-            body = await anyio.to_thread.run_sync(
-                encode_create_body, request.model, params, prepared.base64, prepared.urls
-            )
-        else:
-            body = encode_create_body(request.model, params, prepared.base64, prepared.urls)
-        del prepared  # the encoded images live only until the body exists
+        parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)
+        del prepared  # the encoded images now live only in the body's parts
+        # Small bodies go as one buffer; large ones as their parts, never joined.
+        body: bytes | BodyParts = parts[0] if len(parts) == 1 else BodyParts(parts)
+        del parts
         request_id = uuid.uuid4().hex
         logger.debug("create %s (%d bytes, request id %s)", request.model, len(body), request_id)
         try:
-            task = await self._transport.create(body, request_id=request_id)
+            task = await self._transport.create(
+                body, request_id=request_id, before_send=before_send
+            )
         except asyncio.CancelledError:
             logger.warning(
                 "a create request was cancelled in flight; a task may exist (X-Request-Id %s)",
@@ -366,10 +424,29 @@ class DreamOClient:
         return task
 
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:
-        return await self._transport.download(url, max_bytes)
+        # A URL from the user: public addresses only, unless allow_private_urls.
+        return await self._transport.download(url, max_bytes, untrusted=True)
 
-    async def _poll(self, task: Task, *, started: float, timeout: float | None) -> GenerationResult:
+    async def _get_task(self, task_id: str) -> Task:
+        """One poll; an error is tagged with the task id, so the caller can resume or report."""
+        try:
+            return await self._transport.get_task(task_id)
+        except DreamOError as exc:
+            if exc.task_id is None:
+                exc.task_id = task_id
+            raise
+
+    async def _poll(
+        self,
+        task: Task,
+        *,
+        started: float,
+        timeout: float | None,
+        on_poll: Callable[[Task], None] | None = None,
+    ) -> GenerationResult:
         loop = asyncio.get_running_loop()
+        if on_poll is not None:
+            on_poll(task)
         deadline = None if timeout is None else started + timeout
         schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
         schedule.observe(loop.time(), task.progress)
@@ -381,8 +458,10 @@ class DreamOClient:
                     raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
                 delay = min(delay, deadline - now)
             await asyncio.sleep(delay)
-            task = await self._transport.get_task(task.id)
+            task = await self._get_task(task.id)
             schedule.observe(loop.time(), task.progress)
+            if on_poll is not None:
+                on_poll(task)
         if task.status is TaskStatus.FAILED:
             error = task.error
             raise TaskFailedError(

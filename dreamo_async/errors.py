@@ -4,7 +4,8 @@ The hierarchy::
 
     DreamOError
     ├── InvalidRequestError (ValueError)     client-side checks, before anything is sent
-    │   └── ImageError                       an input image is unusable (format, size, header...)
+    │   ├── ImageError                       an input image is unusable (format, size, header...)
+    │   └── JobsFileError                    a batch jobs file has problems (``file:line: ...``)
     ├── ConfigurationError                   the client is set up wrong (no API key, bad URL)
     ├── ClientClosedError (RuntimeError)     the client was used after it was closed
     ├── APIError                             the service answered with an error
@@ -18,6 +19,8 @@ The hierarchy::
     ├── TaskFailedError                      the task ended as ``failed`` (provider error code)
     ├── TaskTimeoutError (TimeoutError)      the deadline passed; resume with ``wait(task_id)``
     ├── CreateOutcomeUnknownError            a create request may have made a task: never retried
+    ├── DownloadError                        a result image could not be saved (cap, not an image)
+    ├── JournalError                         a batch journal is locked by another run, or stale
     └── LimitsBackendError                   a shared limits backend (Redis) is unavailable
 
     DreamOWarning (UserWarning)              advisory checks (long prompt, extreme aspect ratio)
@@ -30,7 +33,7 @@ them and chains the original as ``__cause__``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 __all__ = [
@@ -41,10 +44,13 @@ __all__ = [
     "ClientClosedError",
     "ConfigurationError",
     "CreateOutcomeUnknownError",
+    "DownloadError",
     "DreamOError",
     "DreamOWarning",
     "ImageError",
     "InvalidRequestError",
+    "JobsFileError",
+    "JournalError",
     "LimitsBackendError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -74,7 +80,14 @@ class DreamOWarning(UserWarning):
 
 
 class DreamOError(Exception):
-    """Base class of every error this library raises."""
+    """Base class of every error this library raises.
+
+    ``task_id`` names the task the error is about whenever one is known (a poll
+    that failed, a deadline, a failed task), so the caller can resume with
+    ``client.wait(err.task_id)`` or report it; ``None`` before a task exists.
+    """
+
+    task_id: str | None = None
 
 
 class InvalidRequestError(DreamOError, ValueError):
@@ -141,6 +154,8 @@ class APIError(DreamOError):
             parts.append(f"code {self.code}")
         if self.request_id is not None:
             parts.append(f"request id {self.request_id}")
+        if self.task_id is not None and self.task_id not in self.message:
+            parts.append(f"task {self.task_id}")
         return " | ".join(parts)
 
 
@@ -187,6 +202,8 @@ class APIConnectionError(DreamOError, ConnectionError):
 class TaskFailedError(DreamOError):
     """The task ended in a failure status. ``code`` is the provider's error code."""
 
+    task_id: str
+
     def __init__(self, task_id: str, code: str | None, message: str | None) -> None:
         self.task_id = task_id
         self.code = code
@@ -210,6 +227,8 @@ class TaskTimeoutError(DreamOError, TimeoutError):
 
     The task keeps running at the service: ``await client.wait(err.task_id)`` resumes.
     """
+
+    task_id: str
 
     def __init__(self, task_id: str, timeout: float, last_status: str | None = None) -> None:
         self.task_id = task_id
@@ -249,6 +268,36 @@ def _rebuild_outcome_unknown(text: str, request_id: str | None) -> CreateOutcome
     Exception.__init__(err, text)
     err.request_id = request_id
     return err
+
+
+class DownloadError(DreamOError):
+    """A result image could not be saved: over the size cap, not an image, unsafe name.
+
+    HTTP failures of the download itself keep their own classes (``NotFoundError``
+    for an expired URL, ``APIConnectionError``...); this one is for what the
+    client refuses to write.
+    """
+
+
+class JobsFileError(InvalidRequestError):
+    """A batch jobs file has problems; ``problems`` lists them as ``file:line: message``.
+
+    Raised before anything is sent, with every problem of the file, not just the first.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        more = "" if len(self.problems) <= 1 else f" (and {len(self.problems) - 1} more)"
+        super().__init__(
+            f"{self.problems[0] if self.problems else 'no problems'}{more}", parameter="jobs"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.problems,))
+
+
+class JournalError(DreamOError):
+    """A batch journal cannot be used: locked by another run, or written for other jobs."""
 
 
 class LimitsBackendError(DreamOError):

@@ -77,7 +77,7 @@ def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> f
         return seconds if seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: year 99999999999
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)

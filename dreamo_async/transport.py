@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
@@ -29,11 +30,16 @@ import aiohttp
 import attrs
 
 from . import __about__
+from ._body import BodyParts
+from ._imageheaders import sniff_format
+from ._netguard import BlockedAddressError, check_url, guarded_socket_factory, secret_header
 from .errors import (
     APIConnectionError,
     APIError,
     ConfigurationError,
     CreateOutcomeUnknownError,
+    DownloadError,
+    InvalidRequestError,
     RateLimitError,
     ResponseFormatError,
     ServerError,
@@ -99,8 +105,20 @@ class Transport:
         timeout: aiohttp.ClientTimeout | None = None,
         max_connections: int = 100,
         rng: random.Random | None = None,
+        allow_private_urls: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            # aiohttp takes ``False`` to mean "no certificate checks": never by accident here.
+            raise ConfigurationError(
+                f"ssl_context must be an ssl.SSLContext (or None for the system's trusted "
+                f"certificates), got {ssl_context!r}; certificate verification cannot be "
+                "switched off with a flag"
+            )
         self._api_key = api_key
+        self.allow_private_urls = allow_private_urls
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._user_session: aiohttp.ClientSession | None = None
         self.endpoints = endpoints
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
@@ -120,7 +138,7 @@ class Transport:
         """The session, created on first use inside the running loop."""
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, enable_cleanup_closed=False
+                limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -132,14 +150,39 @@ class Transport:
         return self._session
 
     @property
+    def user_session(self) -> aiohttp.ClientSession:
+        """The session for URLs users give (input images): public addresses only.
+
+        Separate from the API session: no Authorization, no cookies, and unless
+        ``allow_private_urls`` every connection's resolved address is checked as
+        the socket is made (DNS rebinding, redirects and IP literals included).
+        """
+        if self._user_session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                ssl=self._ssl,
+                socket_factory=None if self.allow_private_urls else guarded_socket_factory,
+            )
+            self._user_session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
+                cookie_jar=aiohttp.DummyCookieJar(),
+                raise_for_status=False,
+                trust_env=False,
+            )
+        return self._user_session
+
+    @property
     def is_open(self) -> bool:
-        return self._session is not None and not self._session.closed
+        return any(s is not None and not s.closed for s in (self._session, self._user_session))
 
     async def aclose(self) -> None:
-        """Close the session and its connections."""
+        """Close the sessions and their connections."""
         self._closed = True
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
+        for session in (self._session, self._user_session):
+            if session is not None and not session.closed:
+                await session.close()
 
     def _auth_headers(self) -> dict[str, str]:
         if not self._api_key:
@@ -147,12 +190,23 @@ class Transport:
                 "no API key: pass DreamOClient(api_key=...) or set DREAMO_API_KEY "
                 "(or VTRIX_API_KEY) in the environment"
             )
-        return {"Authorization": f"Bearer {self._api_key}"}
+        return {"Authorization": secret_header(f"Bearer {self._api_key}")}
 
     # -- the two calls -------------------------------------------------------------
 
-    async def create(self, body: bytes, *, request_id: str | None = None) -> Task:
-        """Send a create request; retried only while no task can exist."""
+    async def create(
+        self,
+        body: bytes | BodyParts,
+        *,
+        request_id: str | None = None,
+        before_send: Callable[[str], Awaitable[None]] | None = None,
+    ) -> Task:
+        """Send a create request; retried only while no task can exist.
+
+        ``before_send(request_id)`` is awaited once, right before the body first
+        leaves (after the rate limiter): a journal records "outcome unknown from
+        here on" durably before any task can exist.
+        """
         request_id = request_id or uuid.uuid4().hex
         headers = {
             **self._auth_headers(),
@@ -164,6 +218,8 @@ class Transport:
         while True:
             attempt += 1
             await self.limiter.acquire(Priority.CREATE)
+            if before_send is not None and attempt == 1:
+                await before_send(request_id)
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
@@ -222,15 +278,70 @@ class Transport:
 
         return await self._idempotent(once, Priority.POLL, f"poll {task_id}")
 
-    async def download(self, url: str, max_bytes: int) -> bytes:
-        """GET ``url`` (an image), streamed and capped at ``max_bytes``; retried."""
+    async def download(
+        self, url: str, max_bytes: int, *, untrusted: bool = False, expect_image: bool = False
+    ) -> bytes:
+        """GET ``url`` (an image), streamed and capped at ``max_bytes``; retried.
+
+        Only ``http``/``https``. ``untrusted=True`` (a URL a user gave) goes through
+        :attr:`user_session`: private, loopback and link-local addresses are refused
+        unless ``allow_private_urls``. ``expect_image=True`` refuses bytes that are not
+        an image (an HTML error page served with status 200), by content.
+        """
+        check_url(url, allow_private=self.allow_private_urls or not untrusted)
+        session = self.user_session if untrusted else self.session
 
         async def once() -> bytes:
+            try:
+                async with session.get(url) as response:
+                    if response.status != 200:
+                        payload = await self._read_capped(response)
+                        raise self._error_from_response(response.status, payload, response, None)
+                    data = await self._read_capped(response, cap=max_bytes, what="download")
+                    if expect_image:
+                        _check_image(data, response, url)
+                    return data
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, BlockedAddressError):
+                    raise InvalidRequestError(
+                        f"refusing to download {_safe_url(url)}: {exc.os_error.reason}; "
+                        "pass DreamOClient(allow_private_urls=True) to allow it",
+                        parameter="url",
+                    ) from None
+                raise
+
+        return await self._idempotent(once, None, f"download {_safe_url(url)}")
+
+    async def download_stream(
+        self, url: str, max_bytes: int, begin: Callable[[], Callable[[bytes], None]]
+    ) -> int:
+        """GET ``url`` streamed chunk by chunk into a sink; retried; returns the byte count.
+
+        ``begin()`` is called at the start of every attempt and returns the sink
+        for that attempt's chunks (so a retry starts a fresh file). More than
+        ``max_bytes`` raises :class:`DownloadError` at once (not retried).
+        """
+
+        async def once() -> int:
             async with self.session.get(url) as response:
                 if response.status != 200:
                     payload = await self._read_capped(response)
                     raise self._error_from_response(response.status, payload, response, None)
-                return await self._read_capped(response, cap=max_bytes, what="download")
+                declared = response.content_length
+                if declared is not None and declared > max_bytes:
+                    raise DownloadError(
+                        f"{_safe_url(url)}: {declared} bytes exceed the {max_bytes}-byte cap"
+                    )
+                sink = begin()
+                size = 0
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DownloadError(
+                            f"{_safe_url(url)}: more than the {max_bytes}-byte cap"
+                        )
+                    sink(chunk)
+                return size
 
         return await self._idempotent(once, None, f"download {_safe_url(url)}")
 
@@ -315,6 +426,8 @@ class Transport:
         request_id: str | None,
     ) -> APIError:
         message, code, body_hint = parse_error_body(payload, response.content_type)
+        if message is not None and self._api_key and self._api_key in message:
+            message = message.replace(self._api_key, "<redacted>")  # a server echoing the key
         if message is None:
             kind = response.content_type or "no content type"
             message = f"HTTP {status} {response.reason or ''}".strip() + (
@@ -342,7 +455,7 @@ class Transport:
 def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, Any]:
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep
         raise ResponseFormatError(
             f"the answer is not valid JSON ({len(payload)} bytes)",
             status=status,
@@ -355,6 +468,21 @@ def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, A
             request_id=request_id,
         )
     return data
+
+
+def _check_image(data: bytes, response: aiohttp.ClientResponse, url: str) -> None:
+    kind = sniff_format(data[:512])
+    if kind not in _IMAGE_KINDS:
+        what = kind or "not a recognisable image"
+        raise ResponseFormatError(
+            f"the download of {_safe_url(url)} is {what} "
+            f"(Content-Type {response.content_type or 'none'}), not an image",
+            status=response.status,
+        )
+
+
+#: What a downloaded result may be (sniffed by content).
+_IMAGE_KINDS: Final = frozenset({"JPEG", "PNG", "WebP", "GIF", "AVIF", "HEIC/HEIF"})
 
 
 def _safe_url(url: str) -> str:

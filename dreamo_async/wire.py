@@ -36,6 +36,7 @@ from .request import GenerationRequest
 
 __all__ = [
     "converter",
+    "create_body_parts",
     "encode_create_body",
     "error_class_for_status",
     "parse_error_body",
@@ -76,12 +77,26 @@ def encode_create_body(
     images_base64: Sequence[bytes] = (),
     image_urls: Sequence[str] = (),
 ) -> bytes:
-    """Serialise a create request to JSON bytes.
+    """Serialise a create request to one JSON byte string (small bodies, tests).
 
-    The base64 images (up to 5 x 6.3 MB) are spliced into the JSON with one
-    ``bytes.join`` instead of being decoded to ``str`` and run through
-    ``json.dumps``: base64 needs no JSON escaping, and this keeps the body to a
-    single copy of the image data.
+    Large bodies are sent as :func:`create_body_parts` without ever being joined.
+    """
+    return b"".join(create_body_parts(model, params, images_base64, image_urls))
+
+
+def create_body_parts(
+    model: str,
+    params: Mapping[str, Any],
+    images_base64: Sequence[bytes] = (),
+    image_urls: Sequence[str] = (),
+) -> tuple[bytes, ...]:
+    """A create request as byte strings whose concatenation is the JSON body.
+
+    The base64 images (up to 5 x 6.3 MB) are spliced in as they are, not
+    decoded to ``str`` and run through ``json.dumps``: base64 needs no JSON
+    escaping. Only the small head (model and parameters) is serialised; the
+    parts are sent one after the other (:class:`~dreamo_async._body.BodyParts`),
+    so the image data is never copied into a body buffer.
     """
     body_params = dict(params)
     if image_urls:
@@ -93,7 +108,7 @@ def encode_create_body(
         allow_nan=False,
     ).encode("utf-8")
     if not images_base64:
-        return head
+        return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body
     prefix = head[: -len(tail)]
     parts: list[bytes] = [
@@ -105,7 +120,7 @@ def encode_create_body(
             parts.append(b'","')
         parts.append(image)
     parts.append(b'"]' + tail)
-    return b"".join(parts)
+    return tuple(parts)
 
 
 # --------------------------------------------------------------------------- incoming
@@ -180,7 +195,7 @@ def _parse_progress(value: object) -> float | None:
         return None
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an int of hundreds of digits
         return None
     if not number >= 0:  # also rejects NaN
         return None
@@ -193,10 +208,10 @@ def _parse_time(value: object) -> dt.datetime | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        seconds = value / 1000.0 if value > 1e11 else float(value)
         try:
+            seconds = value / 1000.0 if value > 1e11 else float(value)
             return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
-        except (OverflowError, OSError, ValueError):
+        except (OverflowError, OSError, ValueError):  # huge ints, inf, NaN, year > 9999
             return None
     if isinstance(value, str):
         text = value.strip()
@@ -243,7 +258,14 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
 def _str_or_none(value: object) -> str | None:
     if value is None or isinstance(value, bool):
         return None
-    return str(value)
+    try:
+        return str(value)
+    except (RecursionError, ValueError):  # a list nested 900 deep; an int too long to print
+        return None
+
+
+#: A cost of 10**15 USD or more is no cost the service could charge: dropped as unreadable.
+_MAX_COST_DIGITS: Final = 14
 
 
 def _parse_usage(usage: object) -> Usage | None:
@@ -256,15 +278,17 @@ def _parse_usage(usage: object) -> Usage | None:
             cost = Decimal(str(raw_cost).strip())
         except InvalidOperation:
             cost = None
-        if cost is not None and not cost.is_finite():
+        # NaN, infinity and absurd magnitudes (1e999999) would break sums of costs.
+        if cost is not None and not (cost.is_finite() and cost.adjusted() <= _MAX_COST_DIGITS):
             cost = None
-    discount = usage.get("discount")
-    return Usage(
-        cost=cost,
-        discount=float(discount)
-        if isinstance(discount, int | float) and not isinstance(discount, bool)
-        else None,
-    )
+    discount: float | None = None
+    raw_discount = usage.get("discount")
+    if isinstance(raw_discount, int | float) and not isinstance(raw_discount, bool):
+        try:
+            discount = float(raw_discount)
+        except OverflowError:  # an int of hundreds of digits
+            discount = None
+    return Usage(cost=cost, discount=discount)
 
 
 def _parse_task_error(data: Mapping[str, Any]) -> TaskError:
@@ -306,7 +330,7 @@ def parse_error_body(
     """
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, None, None
     if not isinstance(data, Mapping):
         return None, None, None
@@ -330,7 +354,7 @@ def parse_error_body(
     if isinstance(retry_after, int | float | str) and not isinstance(retry_after, bool):
         try:
             hint = float(retry_after)
-        except ValueError:
+        except (ValueError, OverflowError):
             hint = None
         if hint is not None and not hint >= 0:
             hint = None

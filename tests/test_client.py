@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import dreamo_async as d
-from dreamo_async.testing import FakeDreamOServer, Fault, make_png
+from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
 
 from .conftest import eventually
 
@@ -351,3 +351,20 @@ async def test_the_key_never_appears_in_repr_errors_or_logs(
     assert texts
     assert not [text for text in texts if KEY in text]
     assert "...cdef" in repr(client)
+
+
+async def test_full_size_body_is_sent_in_parts_intact(server: FakeDreamOServer) -> None:
+    """Five near-limit images: sent as parts (no 31 MB join, no aiohttp ResourceWarning
+    for a large bytes body, which filterwarnings=error would turn into a failure) and
+    received byte for byte."""
+    import base64
+
+    images = [make_jpeg(1600 + i, 1200, padding=4_600_000 + i) for i in range(5)]
+    async with client_for(server) as client:
+        result = await client.generate(prompt="five big refs", images=images)
+    assert result.task_id
+    body = server.last_create_body
+    assert body is not None
+    sent = body["input"][0]["params"]["binary_data_base64"]
+    assert [base64.b64decode(text) for text in sent] == images
+    assert server.stats.creates == 1

@@ -312,6 +312,16 @@ async def test_mixed_urls_without_a_downloader_are_refused() -> None:
         await _prepare(JPEG, "https://x.example/a.png")
 
 
+async def _hang_until_cancelled(cancelled: asyncio.Event) -> bytes:
+    """A download that never ends; sets ``cancelled`` when it is cancelled."""
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        cancelled.set()
+        raise
+    return JPEG
+
+
 async def test_a_failed_download_names_the_image_and_cancels_the_others() -> None:
     cancelled = asyncio.Event()
 
@@ -319,12 +329,7 @@ async def test_a_failed_download_names_the_image_and_cancels_the_others() -> Non
         if "bad" in url:
             await asyncio.sleep(0.01)
             raise ConnectionResetError("peer reset")
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return JPEG
+        return await _hang_until_cancelled(cancelled)
 
     with pytest.raises(
         ImageError, match=r"^image 2 \(x\.example/bad\.jpg\) could not be downloaded"
@@ -360,12 +365,7 @@ async def test_cancelling_during_downloads_cancels_them() -> None:
 
     async def fetch(url: str, cap: int) -> bytes:
         entered.set()
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return JPEG
+        return await _hang_until_cancelled(cancelled)
 
     job = asyncio.ensure_future(_prepare(JPEG, "https://x.example/a.jpg", fetch=fetch))
     await entered.wait()

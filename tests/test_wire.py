@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 import dreamo_async as d
+from dreamo_async._body import BodyParts
 from dreamo_async.wire import (
+    create_body_parts,
     encode_create_body,
     parse_error_body,
     parse_task,
@@ -183,3 +185,32 @@ def test_odd_usage_values_do_not_break_parsing() -> None:
 )
 def test_error_bodies(body: bytes, expected: tuple[object, ...]) -> None:
     assert parse_error_body(body, "application/json") == expected
+
+
+@pytest.mark.parametrize("count", [0, 1, 5])
+async def test_body_parts_payload_is_the_json_body(count: int) -> None:
+    """BodyParts writes exactly encode_create_body's bytes, and can be written twice
+    (a create retried after a refused connection sends the same parts again)."""
+    images = [bytes([65 + i]) * (10 + i) for i in range(count)]
+    parts = create_body_parts("spark_multi_dreamo", {"prompt": "p", "seed": 1}, images)
+    payload = BodyParts(parts)
+    expected = encode_create_body("spark_multi_dreamo", {"prompt": "p", "seed": 1}, images)
+    assert json.loads(expected)["input"][0]["params"].get("binary_data_base64", []) == [
+        image.decode() for image in images
+    ]
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        async def write(self, chunk: bytes) -> None:
+            self.data += chunk
+
+    for _ in range(2):
+        sink = Sink()
+        await payload.write(sink)  # type: ignore[arg-type]
+        assert bytes(sink.data) == expected
+    assert payload.size == len(expected) == len(payload)
+    cut = Sink()
+    await payload.write_with_length(cut, 7)  # type: ignore[arg-type]
+    assert bytes(cut.data) == expected[:7]

@@ -17,7 +17,10 @@ endpoint ``"create"``, ``"poll"`` or ``"download"`` and a fault from
 ``Fault.envelope_error()``, ``Fault.drop_before()``, ``Fault.drop_after()``,
 ``Fault.create_then_500()``, ``Fault.invalid_json()``, ``Fault.wrong_shape()``,
 ``Fault.slow(ms)``, ``Fault.huge(size)`` (any of them ``.after(ms)``); or seeded
-random faults with ``server.chaos(probability, seed=...)``. Counters from the
+random faults with ``server.chaos(probability, seed=...)``; every fault at once, with
+per-task faults (never finishing, vanishing into 404) and 429 storms, with
+``FakeDreamOServer(chaos_config=ChaosConfig.everything(0.03, seed=1))``, and a whole
+run checked for lost jobs and leaks with ``await run_chaos(500)``. Counters from the
 server's side are in ``server.stats`` (:class:`ServerStats`).
 
 With pytest and pytest-asyncio installed, the ``dreamo_server`` and
@@ -26,6 +29,7 @@ Standalone, in another process: ``python -m dreamo_async.testing --port 0``.
 """
 
 from ..retry import set_testing
+from ._chaos import ChaosConfig, ChaosReport, run_chaos
 from ._faults import CHAOS_FAULTS, Endpoint, Fault
 from ._images import image_info, make_jpeg, make_png, sample_images
 from ._stats import RecordedRequest, RefusalRecord, ServerStats
@@ -36,6 +40,8 @@ __all__ = [
     "CHAOS_FAULTS",
     "CREATE_PATH",
     "TASK_PATH",
+    "ChaosConfig",
+    "ChaosReport",
     "Endpoint",
     "FakeDreamOServer",
     "FakeTask",
@@ -46,6 +52,7 @@ __all__ = [
     "image_info",
     "make_jpeg",
     "make_png",
+    "run_chaos",
     "sample_images",
     "set_testing",
 ]

@@ -24,6 +24,8 @@ kind                   when    what the client sees
 ``wrong_shape``        after   HTTP 200, JSON of no known shape
 ``huge``               after   HTTP 200, the real answer padded to ``size`` bytes (valid JSON
                                or image bytes; ``chunked=True`` omits Content-Length)
+``reset_mid``          after   the work is done, the status line, headers and half the body
+                               are sent, then the connection is reset
 =====================  ======  =============================================================
 
 Any fault can also be delayed: ``Fault.status(502).after(300)`` waits 300 ms first.
@@ -57,10 +59,11 @@ FaultKind = Literal[
     "invalid_json",
     "wrong_shape",
     "huge",
+    "reset_mid",
 ]
 #: Kinds that replace the answer after the service did the work (a create made a task).
 AFTER_KINDS: Final[frozenset[str]] = frozenset(
-    {"drop_after", "create_then_500", "invalid_json", "wrong_shape", "huge"}
+    {"drop_after", "create_then_500", "invalid_json", "wrong_shape", "huge", "reset_mid"}
 )
 
 
@@ -104,6 +107,8 @@ class Fault:
     reset: bool = False
     #: ``wrong_shape``: the JSON sent (``None`` = a small object of no known shape).
     payload: Any = attrs.field(default=None, eq=False, hash=False)
+    #: Name counted in ``ServerStats.faults`` instead of ``kind`` (chaos: "html_502"...).
+    label: str | None = None
 
     @property
     def after_work(self) -> bool:
@@ -180,6 +185,15 @@ class Fault:
     def huge(cls, size: int, *, chunked: bool = False) -> Self:
         """Do the work, then answer 200 with the real answer padded to ``size`` bytes."""
         return cls(kind="huge", size=size, chunked=chunked)
+
+    @classmethod
+    def reset_mid(cls) -> Self:
+        """Do the work, send the headers and half the body, then reset the connection."""
+        return cls(kind="reset_mid")
+
+    def named(self, label: str) -> Self:
+        """The same fault, counted as ``label`` in ``ServerStats.faults``."""
+        return attrs.evolve(self, label=label)
 
     def after(self, delay_ms: float) -> Self:
         """The same fault, struck ``delay_ms`` after the request arrived."""

@@ -29,6 +29,7 @@ __all__ = [
     "fault_answer",
     "format_retry_after",
     "render",
+    "stream_cut",
     "stream_padded",
 ]
 
@@ -146,6 +147,23 @@ async def stream_padded(
     except ConnectionError:
         pass  # the client stopped reading: that is what the fault is for
     return response
+
+
+async def stream_cut(request: web.Request, answer: Answer) -> web.StreamResponse:
+    """Send the status, the headers (full Content-Length) and half the body, then reset."""
+    body = answer.encode()
+    response = web.StreamResponse(status=answer.status, headers=answer.headers)
+    response.headers["Content-Type"] = answer.content_type
+    response.content_length = len(body)
+    try:
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+    except ConnectionError:
+        pass
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return Dropped()
 
 
 @attrs.define

@@ -54,6 +54,8 @@ class FakeTask:
     ends_at: float
     #: The provider error code the task ends with, or ``None`` for success.
     fail_code: str | None = None
+    #: From this server time on the task id answers 404 (a service that lost the task).
+    gone_at: float = math.inf
 
     def state_at(self, now: float) -> TaskState:
         """The canonical status at server time ``now``."""

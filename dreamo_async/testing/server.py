@@ -33,6 +33,7 @@ import math
 import random
 import re
 import secrets
+import ssl
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -43,6 +44,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..limits import DEFAULT_LIMITS, Limits
+from ._chaos import ChaosConfig, ChaosState
 from ._faults import CHAOS_FAULTS, ENDPOINTS, Endpoint, Fault
 from ._http import (
     Answer,
@@ -54,6 +56,7 @@ from ._http import (
     fault_answer,
     format_retry_after,
     render,
+    stream_cut,
     stream_padded,
 )
 from ._images import image_info, make_png
@@ -105,6 +108,9 @@ class FakeDreamOServer:
     - ``result_ttl_ms``: result files answer 404 that long after completion.
     - ``extra_fields``: add undocumented fields everywhere (tolerance tests).
     - ``clock``: the server clock (seconds, monotonic), replaceable for frozen-time tests.
+    - ``chaos_config``: every fault at once, seeded (:class:`ChaosConfig`; also
+      :meth:`set_chaos`).
+    - ``ssl_context``: serve HTTPS with this context (TLS tests).
     """
 
     def __init__(
@@ -132,6 +138,8 @@ class FakeDreamOServer:
         result_ttl_ms: float | None = None,
         extra_fields: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        chaos_config: ChaosConfig | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         words = dict(status_words or {})
         if unknown := set(words) - set(CANONICAL_STATUSES):
@@ -179,6 +187,8 @@ class FakeDreamOServer:
         self._chaos_faults: list[Fault] = []
         self._chaos_weights: list[float] = []
         self._chaos_rng = random.Random(0)
+        self._chaos_state = ChaosState(chaos_config) if chaos_config is not None else None
+        self._ssl_context = ssl_context
         self._fail_rule: tuple[str, float, random.Random] | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
         self._last: dict[str, RecordedRequest] = {}
@@ -219,14 +229,15 @@ class FakeDreamOServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        self._url = f"http://{self.host}:{self.port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        self._url = f"{scheme}://{self.host}:{self.port}"
         self._presentation = attrs.evolve(self._presentation, base_url=self._url)
 
     async def close(self) -> None:
@@ -283,10 +294,15 @@ class FakeDreamOServer:
         self._chaos_weights = [float(w) for w in weighted.values()]
         self._chaos_rng = random.Random(seed)
 
+    def set_chaos(self, config: ChaosConfig | None) -> None:
+        """Turn on every fault of ``config`` at once (seeded afresh), or off with ``None``."""
+        self._chaos_state = ChaosState(config) if config is not None else None
+
     def clear_faults(self) -> None:
-        """Forget every scripted fault and turn chaos off."""
+        """Forget every scripted fault and turn chaos (both kinds) off."""
         self._faults.clear()
         self._chaos_p = {}
+        self._chaos_state = None
 
     def fail_tasks(self, code: str = "003013095", ratio: float = 1.0, seed: int = 0) -> None:
         """Make a seeded random ``ratio`` of new tasks end ``failed`` with ``code`` (0 = off)."""
@@ -322,6 +338,12 @@ class FakeDreamOServer:
         fresh = ServerStats(max_open_tasks=self.open_tasks())
         for field in attrs.fields(ServerStats):
             setattr(self.stats, field.name, getattr(fresh, field.name))
+
+    def forget_tasks(self) -> None:
+        """Drop every task (and the last requests kept), e.g. before measuring memory."""
+        self._tasks.clear()
+        self._open.clear()
+        self._last.clear()
 
     def open_tasks(self) -> int:
         """Tasks running at the service now (created, completion time not reached)."""
@@ -383,6 +405,8 @@ class FakeDreamOServer:
         queue = self._faults.get(endpoint)
         if queue:
             return queue.popleft()
+        if self._chaos_state is not None and (fault := self._chaos_state.draw(endpoint)):
+            return fault
         p = self._chaos_p.get(endpoint, 0.0)
         if p > 0 and self._chaos_rng.random() < p:
             return self._chaos_rng.choices(self._chaos_faults, self._chaos_weights)[0]
@@ -400,7 +424,7 @@ class FakeDreamOServer:
         )
         fault = self._next_fault(endpoint)
         if fault is not None:
-            self.stats.faults[f"{endpoint}:{fault.kind}"] += 1
+            self.stats.faults[f"{endpoint}:{fault.label or fault.kind}"] += 1
             if fault.delay_ms > 0:
                 await asyncio.sleep(fault.delay_ms / 1000.0)
             if fault.kind == "drop_before":
@@ -414,12 +438,16 @@ class FakeDreamOServer:
             answer = await work(request)
         except Refusal as refusal:
             answer = self._refuse(endpoint, refusal)
+        except ConnectionResetError:  # the client gave up (its timeout) before we read the body
+            return Dropped()
         if fault is None or not fault.after_work:
             return render(answer)
         if fault.kind == "drop_after":
             return drop(request, reset=fault.reset)
         if fault.kind == "create_then_500":
             return render(fault_answer(fault))
+        if fault.kind == "reset_mid":
+            return await stream_cut(request, answer)
         if fault.kind == "invalid_json":
             encoded = answer.encode()
             return render(Answer(200, body=encoded[: len(encoded) // 2]))
@@ -558,6 +586,8 @@ class FakeDreamOServer:
             ends_at=starts_at + duration,
             fail_code=fail_code,
         )
+        if self._chaos_state is not None and (shaped := self._chaos_state.shape_task(task)):
+            self.stats.faults[f"task:{shaped}"] += 1
         self._tasks[task.id] = task
         heapq.heappush(self._open, (task.ends_at, task.id))
         self.stats.creates += 1
@@ -576,7 +606,7 @@ class FakeDreamOServer:
         self._check_rate()
         task_id = request.match_info["id"]
         task = self._tasks.get(task_id)
-        if task is None:
+        if task is None or self._clock() >= task.gone_at:
             raise Refusal(404, "404", f"task {task_id!r} not found", "not_found")
         data = self._presentation.describe(task, self._clock())
         return Answer(200, self._presentation.wrap(data))

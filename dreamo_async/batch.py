@@ -1,0 +1,1017 @@
+"""Resumable bulk runs: a SQLite journal so that no result is lost and no task is paid twice.
+
+Every job's state is written to the journal the moment it changes::
+
+    queued ──► sending ──► created ──► completed   (result JSON, downloaded files)
+                  │           │
+                  │           └──────► failed      (the task failed at the service)
+                  └──► unknown                     (the create answer was lost)
+    queued ──► failed                              (refused before any task existed)
+
+* ``sending`` is written, durably, *before* the create request leaves (the
+  client's ``before_send`` hook), with the ``X-Request-Id`` it carries. A crash
+  between that moment and ``created`` leaves the job in ``sending``: a task may
+  exist, and nobody knows its id.
+* ``created`` (with the task id) is written right after the create call returns,
+  before the first poll.
+
+Re-running with the same journal resumes: ``completed`` jobs are skipped (their
+files are checked, and fetched again from the task if missing or not an image), ``created`` jobs
+are polled (never created again), ``sending``/``unknown`` jobs are *reported*, not
+re-sent (``retry_unknown=True`` re-sends them: the user's decision, as it may
+pay twice), jobs that failed before a task existed run again (nothing was paid),
+jobs whose task failed at the service stay failed unless ``retry_failed=True``.
+
+The journal has one writer: a dedicated thread owns the SQLite connection
+(WAL mode, ``synchronous=FULL``), takes every write queued while it was busy
+and commits them as one transaction (a group commit), so a hundred concurrent
+jobs share one fsync instead of queueing for a hundred. A lock file
+(``<journal>.lock``, ``flock``) stops two runs from sharing a journal; the OS
+drops it when the process dies, even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
+
+import attrs
+
+from .download import fsync_directory, is_saved_image, result_stem
+from .errors import (
+    APIConnectionError,
+    AuthenticationError,
+    CreateOutcomeUnknownError,
+    DreamOError,
+    InvalidRequestError,
+    JobsFileError,
+    JournalError,
+    NotFoundError,
+    PermissionDeniedError,
+    TaskFailedError,
+    TaskTimeoutError,
+)
+from .images import inspect_image
+from .limits import DEFAULT_LIMITS, Limits
+from .models import Task
+from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from .client import DreamOClient
+    from .models import GenerationResult
+
+__all__ = [
+    "JOB_KEYS",
+    "BatchEvent",
+    "BatchJob",
+    "BatchReport",
+    "BatchState",
+    "JobRow",
+    "JobState",
+    "JobsFileError",
+    "Journal",
+    "JournalError",
+    "load_jobs",
+    "run_batch",
+    "write_results",
+]
+
+_T = TypeVar("_T")
+
+JobState = Literal["queued", "sending", "created", "completed", "failed", "unknown"]
+#: The keys a job line may have: the keywords of ``generate``.
+JOB_KEYS: Final = frozenset(
+    {
+        "prompt",
+        "images",
+        "model",
+        "ref_types",
+        "guidance_scale1",
+        "guidance_scale2",
+        "ddim_steps",
+        "swap_face",
+        "use_rephraser",
+        "rephraser_level",
+        "seed",
+        "width",
+        "height",
+    }
+)
+#: Errors after which no job can succeed: the run stops (exit code 3 in the CLI).
+FATAL_ERRORS: Final = (AuthenticationError, PermissionDeniedError, APIConnectionError)
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    idx INTEGER PRIMARY KEY,
+    line INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN
+        ('queued', 'sending', 'created', 'completed', 'failed', 'unknown')),
+    request_id TEXT,
+    task_id TEXT,
+    result TEXT,
+    files TEXT,
+    cost TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    creates INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL
+);
+"""
+_SCHEMA_VERSION: Final = "1"
+_MAX_GROUP: Final = 1024
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@attrs.frozen
+class BatchJob:
+    """One job of a batch: its position, where it came from, and its parameters.
+
+    ``params`` are the keywords of ``generate`` as JSON values, image paths
+    already absolute; ``digest`` fingerprints them so that a journal is never
+    resumed against a changed job.
+    """
+
+    index: int
+    params: Mapping[str, Any]
+    line: int = 0
+    source: str = "<jobs>"
+
+    @property
+    def digest(self) -> str:
+        canonical = json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> list[BatchJob]:
+    """Read and check a whole JSON-lines jobs file before anything is sent.
+
+    One JSON object per line, with the keywords of ``generate``; blank lines are
+    skipped; relative image paths resolve against the file's folder. Every
+    problem is collected (malformed JSON, unknown key, missing or unusable
+    image, out-of-range value) and raised together as :class:`JobsFileError`,
+    each as ``file:line: message``.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise JobsFileError([f"{file}: cannot read the jobs file: {exc}"]) from None
+    base = file.resolve().parent
+    jobs: list[BatchJob] = []
+    problems: list[str] = []
+    checked: dict[str, str | None] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{file}:{number}"
+        try:
+            params = _check_line(raw, base, limits, checked)
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        jobs.append(BatchJob(index=len(jobs), params=params, line=number, source=str(file)))
+    if problems:
+        raise JobsFileError(problems)
+    if not jobs:
+        raise JobsFileError([f"{file}: no jobs (one JSON object per line expected)"])
+    return jobs
+
+
+def _check_line(
+    raw: str, base: Path, limits: Limits, checked: dict[str, str | None]
+) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if unknown := sorted(set(data) - JOB_KEYS):
+        raise ValueError(
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(JOB_KEYS))}"
+        )
+    for key in ("prompt", "images"):
+        if key not in data:
+            raise ValueError(f"missing {key!r}")
+    images = data["images"]
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ValueError("'images' must be a list of paths or URLs (strings)")
+    resolved = [_resolve_image(i, base) for i in images]
+    params = {**data, "images": resolved}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
+            GenerationRequest(limits=limits, **params)
+    except (InvalidRequestError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
+    for position, image in enumerate(resolved):
+        if image.lower().startswith(("http://", "https://", "data:")):
+            continue
+        if image not in checked:
+            checked[image] = _check_image_file(image, limits)
+        if (problem := checked[image]) is not None:
+            raise ValueError(f"images[{position}] {problem}")
+    return params
+
+
+def _resolve_image(image: str, base: Path) -> str:
+    if image.lower().startswith(("http://", "https://", "data:")):
+        return image
+    path = Path(image).expanduser()
+    return str(path if path.is_absolute() else base / path)
+
+
+def _check_image_file(path: str, limits: Limits) -> str | None:
+    """A problem with a local image file, or ``None``: read it once, check its header."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limits.max_image_bytes + 1)
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except OSError as exc:
+        return f"{path}: cannot read: {exc.strerror or exc}"
+    try:
+        inspect_image(data, index=0, source=path, limits=limits)
+    except InvalidRequestError as exc:
+        return str(exc).removeprefix("images[0] ")
+    return None
+
+
+# --------------------------------------------------------------------------- journal
+
+
+@attrs.frozen
+class JobRow:
+    """One job as the journal holds it."""
+
+    index: int
+    line: int
+    digest: str
+    spec: Mapping[str, Any]
+    state: JobState
+    request_id: str | None = None
+    task_id: str | None = None
+    result: Mapping[str, Any] | None = None
+    #: The saved images, as names relative to the output folder.
+    files: tuple[str, ...] = ()
+    cost: Decimal | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    #: Create requests sent for this job over all runs (1 unless retried on purpose).
+    creates: int = 0
+
+
+_COLUMNS: Final = (
+    "idx, line, digest, spec, state, request_id, task_id, result, files, cost, "
+    "error_code, error_message, creates"
+)
+
+
+def _row(values: Sequence[Any]) -> JobRow:
+    (idx, line, digest, spec, state, rid, tid, result, files, cost, code, msg, creates) = values
+    return JobRow(
+        index=idx,
+        line=line,
+        digest=digest,
+        spec=json.loads(spec),
+        state=state,
+        request_id=rid,
+        task_id=tid,
+        result=json.loads(result) if result else None,
+        files=tuple(json.loads(files)) if files else (),
+        cost=Decimal(cost) if cost else None,
+        error_code=code,
+        error_message=msg,
+        creates=creates,
+    )
+
+
+_STOP: Final = object()
+#: When a write is fsynced before it counts as done (see :class:`Journal`).
+Fsync = Literal["all", "critical", "none"]
+
+
+@attrs.define(slots=True)
+class _Op:
+    """One queued call: its function, whether it must be fsynced, who waits for it."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    sync: bool
+    #: A blocking caller's future, or None for an asyncio caller.
+    future: concurrent.futures.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    waiter: asyncio.Future[Any] | None = None
+
+
+@attrs.define
+class JournalStats:
+    """What the writer did: operations, and the transactions they shared."""
+
+    operations: int = 0
+    commits: int = 0
+    #: Commits made with ``synchronous=FULL`` (each one fsync of the WAL).
+    synced_commits: int = 0
+    largest_group: int = 0
+
+
+class Journal:
+    """The SQLite journal of a batch, written by one thread with group commits.
+
+    ``with Journal(path) as journal:`` opens it (and takes its lock); every
+    method may be called from any thread; the ``a*`` methods are awaitable.
+
+    Every commit survives a crash of this process (WAL). ``fsync`` decides what
+    also survives a power cut before it counts as done: ``"critical"`` (default)
+    fsyncs the groups holding a ``sending`` or ``created`` write, the two whose
+    loss could cost money or a task id; a lost ``completed``/``failed`` write only
+    makes the next run poll (free) again. ``"all"`` fsyncs every group,
+    ``"none"`` none (benchmarks compare them).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: Fsync = "critical") -> None:
+        if fsync not in ("all", "critical", "none"):
+            raise ValueError(f"fsync must be 'all', 'critical' or 'none', got {fsync!r}")
+        self.path = Path(path)
+        self.fsync: Fsync = fsync
+        self.stats = JournalStats()
+        self._queue: queue.SimpleQueue[_Op | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> Self:
+        """Take the lock, start the writer thread, create the schema."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"))
+        self._thread = threading.Thread(target=self._writer, name="dreamo-journal", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            self._release()
+            raise JournalError(f"cannot open the journal {self.path}: {self._failure}")
+        return self
+
+    def close(self) -> None:
+        """Write everything queued, stop the writer, drop the lock (idempotent)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _writer(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
+        except (sqlite3.Error, OSError) as exc:
+            self._failure = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        synced = True
+        try:
+            stop = False
+            while not stop:
+                group: list[_Op] = []
+                item = self._queue.get()
+                while True:
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        assert isinstance(item, _Op)
+                        group.append(item)
+                    if len(group) >= _MAX_GROUP:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                if group:
+                    sync = self.fsync == "all" or (
+                        self.fsync == "critical" and any(op.sync for op in group)
+                    )
+                    if sync != synced:  # allowed between transactions, per connection
+                        conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+                        synced = sync
+                    self._commit_group(conn, group)
+                    self.stats.synced_commits += sync
+        finally:
+            conn.close()
+
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Op]) -> None:
+        """Run ``group`` in one transaction; resolve the futures only after COMMIT."""
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in group:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op.fn(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            outcomes = [(False, JournalError(f"journal write failed: {exc}"))] * len(group)
+        self.stats.operations += len(group)
+        self.stats.commits += 1
+        self.stats.largest_group = max(self.stats.largest_group, len(group))
+        # Writes run even if their waiter was cancelled: a job cancelled while
+        # recording its task id must still leave the id in the journal. Waiters on
+        # an event loop are woken with one call per loop and group, not one per write.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for op, (ok, value) in zip(group, outcomes, strict=True):
+            if op.future is not None:
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    if ok:
+                        op.future.set_result(value)
+                    else:
+                        op.future.set_exception(value)
+            elif op.loop is not None and op.waiter is not None:
+                by_loop.setdefault(op.loop, []).append((op.waiter, ok, value))
+        for loop, waiters in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_wake, waiters)
+
+    # -- calls -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._thread is None:
+            raise JournalError("the journal is not open")
+
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True
+    ) -> concurrent.futures.Future[_T]:
+        """Queue ``fn(connection)`` for the writer; its future resolves after the commit."""
+        self._check_open()
+        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        self._queue.put(_Op(fn, sync, future=future))
+        return future
+
+    def call(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+        """Run ``fn`` in the writer and wait (blocking) until it is committed."""
+        return self.submit(fn, sync=sync).result()
+
+    async def acall(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
+        """Run ``fn`` in the writer; resume once it is committed (``sync``: and fsynced)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_T] = loop.create_future()
+        self._queue.put(_Op(fn, sync, loop=loop, waiter=waiter))
+        return await waiter
+
+    # -- job operations ----------------------------------------------------------------
+
+    def sync_jobs(self, jobs: Sequence[BatchJob]) -> dict[int, JobRow]:
+        """Insert new jobs as ``queued``; check known ones are unchanged; return all rows."""
+
+        def op(conn: sqlite3.Connection) -> dict[int, JobRow]:
+            known: dict[int, str] = dict(conn.execute("SELECT idx, digest FROM jobs"))
+            now = time.time()
+            fresh = []
+            for job in jobs:
+                digest = job.digest
+                if job.index in known:
+                    if known[job.index] != digest:
+                        raise JournalError(
+                            f"{job.where}: job {job.index} differs from the one in the journal "
+                            f"{self.path}; use a new journal (or --journal) for changed jobs"
+                        )
+                    continue
+                spec = json.dumps(dict(job.params), sort_keys=True)
+                fresh.append((job.index, job.line, digest, spec, "queued", now))
+            conn.executemany(
+                "INSERT INTO jobs (idx, line, digest, spec, state, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                fresh,
+            )
+            return {row.index: row for row in _select(conn)}
+
+        return self.call(op)
+
+    def rows(self) -> list[JobRow]:
+        """Every job, in index order."""
+        return self.call(_select)
+
+    async def aupdate(self, index: int, state: JobState, **fields: Any) -> None:
+        """Set a job's state (and columns such as ``task_id``); committed when it returns."""
+        await self.acall(_updater(index, state, fields), sync=state in _CRITICAL)
+
+    def update(self, index: int, state: JobState, **fields: Any) -> None:
+        """Blocking :meth:`aupdate`."""
+        self.call(_updater(index, state, fields), sync=state in _CRITICAL)
+
+
+#: States whose loss in a power cut could cost money (``sending``) or a task id (``created``).
+_CRITICAL: Final = frozenset({"sending", "created"})
+
+
+def _wake(waiters: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for waiter, ok, value in waiters:
+        if waiter.done():  # cancelled by its caller; the write happened anyway
+            continue
+        if ok:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(value)
+
+
+def _select(conn: sqlite3.Connection) -> list[JobRow]:
+    return [_row(v) for v in conn.execute(f"SELECT {_COLUMNS} FROM jobs ORDER BY idx")]
+
+
+_UPDATABLE: Final = frozenset(
+    {"request_id", "task_id", "result", "files", "cost", "error_code", "error_message"}
+)
+
+
+def _updater(
+    index: int, state: JobState, fields: Mapping[str, Any]
+) -> Callable[[sqlite3.Connection], None]:
+    if bad := set(fields) - _UPDATABLE - {"count_create"}:
+        raise ValueError(f"unknown journal columns {sorted(bad)}")
+    values = {k: v for k, v in fields.items() if k != "count_create"}
+    count = bool(fields.get("count_create"))
+
+    def op(conn: sqlite3.Connection) -> None:
+        sets = ["state = ?", "updated = ?", *(f"{k} = ?" for k in values)]
+        if count:
+            sets.append("creates = creates + 1")
+        cursor = conn.execute(
+            f"UPDATE jobs SET {', '.join(sets)} WHERE idx = ?",
+            (state, time.time(), *values.values(), index),
+        )
+        if cursor.rowcount != 1:
+            raise JournalError(f"job {index} is not in the journal")
+
+    return op
+
+
+def _lock(path: Path) -> int:
+    """An exclusive, non-blocking ``flock`` on ``path``; raises when another run holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, documented
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JournalError(
+            f"the journal {path.with_suffix('')} is in use by another run (lock {path})"
+        ) from None
+    return fd
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@attrs.define
+class BatchState:
+    """Live counters of a run, updated by the engine and read by progress displays."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    queued: int = 0
+    skipped: int = 0
+    cost: Decimal = Decimal(0)
+    started: float = attrs.field(factory=time.monotonic)
+
+
+@attrs.frozen
+class BatchEvent:
+    """Something happened to one job; ``kind`` is one of ``created``, ``polled``,
+    ``completed``, ``failed``, ``unknown``, ``skipped``."""
+
+    kind: str
+    index: int
+    state: BatchState
+    task_id: str | None = None
+    files: tuple[str, ...] = ()
+    code: str | None = None
+    message: str | None = None
+    task: Task | None = None
+
+
+@attrs.frozen
+class BatchReport:
+    """The outcome of :func:`run_batch` (this run plus what the journal held before)."""
+
+    total: int
+    completed: int
+    #: Completed in earlier runs (skipped now).
+    skipped: int
+    #: Failed jobs by error code (provider code, ``timeout``, ``download``...).
+    failed: Mapping[str, int]
+    #: Jobs whose create outcome is unknown: job index -> ``X-Request-Id``.
+    unknown: Mapping[int, str | None]
+    cost: Decimal
+    wall_time: float
+    results_path: Path | None = None
+    #: The error that stopped the run early (auth failed, service unreachable).
+    fatal: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.completed == self.total and self.fatal is None
+
+
+class _Stop(Exception):
+    """Raised inside a job when the run is stopping (a fatal error elsewhere)."""
+
+
+async def run_batch(
+    client: DreamOClient,
+    jobs: Iterable[BatchJob | Mapping[str, Any]],
+    journal: Journal | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    concurrency: int | None = None,
+    retry_unknown: bool = False,
+    retry_failed: bool = False,
+    timeout: float | None = None,
+    on_event: Callable[[BatchEvent], None] | None = None,
+    results_name: str | None = "results.jsonl",
+) -> BatchReport:
+    """Run ``jobs`` through ``client`` with every state change journalled; resumable.
+
+    ``jobs`` are :class:`BatchJob` (from :func:`load_jobs`) or plain mappings of
+    ``generate`` keywords (indexed in order). Results are saved in ``out_dir`` as
+    ``{index:05d}-{task_id}-{n}.{ext}``; ``results.jsonl`` there lists every job.
+    ``concurrency`` (default ``client.max_concurrency``) jobs create-and-poll at
+    once; downloads overlap with the next jobs. See the module docstring for
+    what resuming does with each state.
+    """
+    batch = [_as_job(i, job) for i, job in enumerate(jobs)]
+    out = Path(out_dir)
+    await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
+    own = not isinstance(journal, Journal)
+    opened = Journal(journal).open() if not isinstance(journal, Journal) else journal
+    try:
+        engine = _Engine(
+            client,
+            opened,
+            out,
+            concurrency=concurrency or client.max_concurrency,
+            timeout=timeout,
+            on_event=on_event,
+        )
+        report = await engine.run(batch, retry_unknown=retry_unknown, retry_failed=retry_failed)
+        if results_name is not None:
+            path = out / results_name
+            await asyncio.to_thread(write_results, await opened.acall(_select), path)
+            report = attrs.evolve(report, results_path=path)
+        return report
+    finally:
+        if own:
+            opened.close()
+
+
+def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:
+    if isinstance(job, BatchJob):
+        return job
+    return BatchJob(index=index, params=dict(job), line=index + 1)
+
+
+class _Engine:
+    """One run: a pool of create-and-poll workers feeding bounded background downloads."""
+
+    def __init__(
+        self,
+        client: DreamOClient,
+        journal: Journal,
+        out: Path,
+        *,
+        concurrency: int,
+        timeout: float | None,
+        on_event: Callable[[BatchEvent], None] | None,
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.out = out
+        self.concurrency = max(1, concurrency)
+        self.timeout = timeout
+        self.on_event = on_event
+        self.state = BatchState(total=0)
+        self.failed: Counter[str] = Counter()
+        self.unknown: dict[int, str | None] = {}
+        self.fatal: BaseException | None = None
+        self.downloads: set[asyncio.Task[None]] = set()
+        self.download_slots = asyncio.Semaphore(2 * self.concurrency)
+
+    def emit(self, kind: str, index: int, **details: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(BatchEvent(kind, index, self.state, **details))
+
+    async def run(
+        self, jobs: Sequence[BatchJob], *, retry_unknown: bool, retry_failed: bool
+    ) -> BatchReport:
+        rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
+        present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
+        await asyncio.to_thread(_remove_stale_parts, self.out)
+        self.state = BatchState(total=len(jobs))
+        work: list[tuple[BatchJob, JobRow]] = []
+        cost = Decimal(0)
+        for job in jobs:
+            row = rows[job.index]
+            if row.state == "completed" and row.index in present:
+                self.state.skipped += 1
+                self.state.done += 1
+                cost += row.cost or 0
+                files = tuple(str(self.out / f) for f in row.files)
+                self.emit("skipped", job.index, task_id=row.task_id, files=files)
+            elif row.state in ("sending", "unknown") and not retry_unknown:
+                self.unknown[job.index] = row.request_id
+                self.state.failed += 1
+                self.failed["unknown"] += 1
+                self.emit("unknown", job.index, code="unknown", message=row.error_message)
+            elif row.state == "failed" and row.task_id is not None and not retry_failed:
+                self.state.failed += 1
+                self.failed[row.error_code or "failed"] += 1
+                self.emit(
+                    "failed",
+                    job.index,
+                    task_id=row.task_id,
+                    code=row.error_code,
+                    message=row.error_message,
+                )
+            else:
+                work.append((job, row))
+        self.state.cost = cost
+        # Created tasks first: they are already paid for and their URLs may expire.
+        work.sort(key=lambda item: (item[1].state not in ("created", "completed"), item[0].index))
+        self.state.queued = len(work)
+        started = time.monotonic()
+        feed = iter(work)
+        workers = [asyncio.create_task(self._worker(feed)) for _ in range(self.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+            while self.downloads:
+                await asyncio.gather(*list(self.downloads))
+        finally:
+            for task in [*workers, *self.downloads]:
+                task.cancel()
+            await asyncio.gather(*workers, *self.downloads, return_exceptions=True)
+        return BatchReport(
+            total=len(jobs),
+            completed=self.state.done,
+            skipped=self.state.skipped,
+            failed=dict(self.failed),
+            unknown=dict(self.unknown),
+            cost=self.state.cost,
+            wall_time=time.monotonic() - started,
+            fatal=self.fatal,
+        )
+
+    async def _worker(self, feed: Iterable[tuple[BatchJob, JobRow]]) -> None:
+        for job, row in feed:
+            if self.fatal is not None:
+                return
+            self.state.queued -= 1
+            self.state.running += 1
+            try:
+                await self._job(job, row)
+            except _Stop:
+                pass
+            finally:
+                self.state.running -= 1
+
+    def _fail(self, index: int, code: str, message: str, task_id: str | None = None) -> None:
+        self.state.failed += 1
+        self.failed[code] += 1
+        self.emit("failed", index, task_id=task_id, code=code, message=message)
+
+    async def _job(self, job: BatchJob, row: JobRow) -> None:
+        client, journal, index = self.client, self.journal, job.index
+        task_id = row.task_id if row.state in ("created", "completed") else None
+        created: Task | None = None
+        if task_id is None:
+            try:
+                request = client.build_request(**job.params)
+            except InvalidRequestError as exc:
+                await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
+                self._fail(index, "invalid", str(exc))
+                return
+
+            async def before_send(request_id: str) -> None:
+                await journal.aupdate(index, "sending", request_id=request_id, count_create=True)
+
+            try:
+                task = await client.submit(request, before_send=before_send)
+            except CreateOutcomeUnknownError as exc:
+                await journal.aupdate(
+                    index,
+                    "unknown",
+                    request_id=exc.request_id,
+                    error_code="unknown",
+                    error_message=str(exc),
+                )
+                self.unknown[index] = exc.request_id
+                self.state.failed += 1
+                self.failed["unknown"] += 1
+                self.emit("unknown", index, code="unknown", message=str(exc))
+                return
+            except DreamOError as exc:
+                # Refused before any task existed (the client raises these only then).
+                code = _code_of(exc)
+                await journal.aupdate(index, "failed", error_code=code, error_message=str(exc))
+                self._fail(index, code, str(exc))
+                if isinstance(exc, FATAL_ERRORS):
+                    self.fatal = self.fatal or exc
+                    raise _Stop from None
+                return
+            task_id, created = task.id, task
+            await journal.aupdate(
+                index, "created", task_id=task_id, error_code=None, error_message=None
+            )
+            self.emit("created", index, task_id=task_id)
+        if self.fatal is not None:
+            raise _Stop
+        try:
+            result = await client.wait(
+                created or task_id,
+                timeout=self.timeout if self.timeout is not None else client.poll_policy.timeout,
+                on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
+            )
+        except TaskFailedError as exc:
+            code = exc.code or "failed"
+            text = exc.message or str(exc)
+            await journal.aupdate(index, "failed", error_code=code, error_message=text)
+            self._fail(index, code, text, task_id)
+            return
+        except NotFoundError as exc:
+            await journal.aupdate(index, "failed", error_code="not_found", error_message=str(exc))
+            self._fail(index, "not_found", str(exc), task_id)
+            return
+        except TaskTimeoutError as exc:
+            # The task may still finish: it stays "created", the next run polls it again.
+            await journal.aupdate(index, "created", error_code="timeout", error_message=str(exc))
+            self._fail(index, "timeout", str(exc), task_id)
+            return
+        except DreamOError as exc:
+            code = _code_of(exc)
+            await journal.aupdate(index, "created", error_code=code, error_message=str(exc))
+            self._fail(index, code, str(exc), task_id)
+            if isinstance(exc, FATAL_ERRORS):
+                self.fatal = self.fatal or exc
+                raise _Stop from None
+            return
+        await self.download_slots.acquire()
+        download = asyncio.create_task(self._download(index, result))
+        self.downloads.add(download)
+        download.add_done_callback(self.downloads.discard)
+
+    async def _download(self, index: int, result: GenerationResult) -> None:
+        try:
+            files: list[str] = []
+            try:
+                for n, url in enumerate(result.image_urls):
+                    path = await self.client.download(
+                        url, self.out, result_stem(index, result.task_id, n)
+                    )
+                    files.append(path.name)
+            except DreamOError as exc:
+                # The task is done and paid: keep it "created" so a re-run fetches it again.
+                await self.journal.aupdate(
+                    index, "created", error_code="download", error_message=str(exc)
+                )
+                self._fail(index, "download", str(exc), result.task_id)
+                return
+            await self.journal.aupdate(
+                index,
+                "completed",
+                result=json.dumps(_result_json(result), sort_keys=True),
+                files=json.dumps(files),
+                cost=None if result.cost is None else str(result.cost),
+                error_code=None,
+                error_message=None,
+            )
+            self.state.done += 1
+            self.state.cost += result.cost or 0
+            paths = tuple(str(self.out / f) for f in files)
+            self.emit("completed", index, task_id=result.task_id, files=paths)
+        finally:
+            self.download_slots.release()
+
+
+def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
+    """Indexes of completed jobs whose every image is still on disk (and still an image)."""
+    return {
+        row.index
+        for row in rows
+        if row.state == "completed" and all(is_saved_image(out / f) for f in row.files)
+    }
+
+
+def _remove_stale_parts(out: Path) -> None:
+    """Delete partial downloads left by a killed run (this run holds the journal's lock)."""
+    for part in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.part"):
+        with contextlib.suppress(OSError):
+            part.unlink()
+
+
+def _code_of(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(exc, AuthenticationError):
+        return "auth"
+    if isinstance(exc, APIConnectionError):
+        return "unreachable"
+    return str(code) if code else type(exc).__name__
+
+
+def _result_json(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "task_id": result.task_id,
+        "image_urls": result.image_urls,
+        "job_id": result.job_id,
+        "cost": None if result.cost is None else str(result.cost),
+        "model": result.model,
+    }
+
+
+def write_results(rows: Iterable[JobRow], path: Path) -> None:
+    """Write ``results.jsonl`` (one line per job) atomically; no secret ever goes in.
+
+    ``files`` are names relative to the folder of ``results.jsonl`` (the output
+    folder), so the folder can be moved or shared as a whole.
+    """
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            record = {
+                "index": row.index,
+                "line": row.line,
+                "state": row.state,
+                "prompt": row.spec.get("prompt"),
+                "task_id": row.task_id,
+                "files": list(row.files),
+                "image_urls": (row.result or {}).get("image_urls", []),
+                "cost": None if row.cost is None else str(row.cost),
+                "error": None
+                if row.error_code is None and row.state != "unknown"
+                else {"code": row.error_code, "message": row.error_message},
+                "request_id": row.request_id,
+                "creates": row.creates,
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    fsync_directory(path.parent)

@@ -1,0 +1,466 @@
+"""Every fault at once: a seeded chaos configuration of :class:`FakeDreamOServer`.
+
+:meth:`FakeDreamOServer.chaos` draws single faults from a weighted list; a
+:class:`ChaosConfig` describes a whole hostile service instead, with one
+probability per failure a production client meets::
+
+    chaos = ChaosConfig(seed=7, drop_before_body=0.02, reset_mid_response=0.02,
+                        rate_limit_storm=0.005, never_finish=0.02, vanish=0.02)
+    async with FakeDreamOServer(chaos_config=chaos) as server: ...
+
+Per-request faults (each request to an endpoint in ``endpoints`` draws at most
+one, from the seeded RNG, in arrival order):
+
+======================  ========================================================
+``drop_before_body``    the connection closes before the request body is read
+``drop_after_body``     the body is read and the work done (a create makes its
+                        task), then the connection closes without an answer
+``reset_mid_response``  the work is done, headers and half the body are sent,
+                        then the connection is reset
+``html_5xx``            502 or 503 with an HTML page from a "proxy" (no work)
+``invalid_json``        the work is done, then a 200 whose body is cut in half
+``wrong_shape``         the work is done, then a 200 with JSON of no known shape
+``slow``                the normal answer, ``slow_ms`` late (set it above the
+                        client's read timeout)
+``create_then_5xx``     creates only: the task is made, then a 500 (or 503)
+``rate_limit_storm``    starts a storm: this and the next ``storm_length``
+                        requests all get 429 with ``Retry-After``
+======================  ========================================================
+
+Per-task faults (drawn once when a task is created):
+
+======================  ========================================================
+``never_finish``        the task stays ``processing`` forever
+``vanish``              the task id answers 404 some ``vanish_after_ms`` after
+                        creation (a service that lost it)
+======================  ========================================================
+
+Every fault used is counted in ``server.stats.faults`` under
+``"<endpoint>:<name>"`` (``"task:never_finish"`` for per-task ones), so a run can
+report what it survived. :func:`run_chaos` drives a client through such a server
+and returns a :class:`ChaosReport`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import gc
+import os
+import random
+import time
+import tracemalloc
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from ._faults import ENDPOINTS, Endpoint, Fault
+
+if TYPE_CHECKING:
+    from ..client import DreamOClient
+    from ._tasks import FakeTask
+
+__all__ = ["ChaosConfig", "ChaosReport", "ChaosState", "run_chaos"]
+
+_HTML_502: Final = Fault.status(
+    502,
+    body="<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1>"
+    "<hr><center>nginx</center></body></html>",
+    content_type="text/html",
+).named("html_502")
+_HTML_503: Final = Fault.status(
+    503,
+    body="<!DOCTYPE html><html><body>Service Temporarily Unavailable</body></html>",
+    content_type="text/html; charset=utf-8",
+).named("html_503")
+#: JSON answers of no known shape (the task ``id`` is missing or of the wrong type).
+_WRONG_SHAPES: Final[tuple[object, ...]] = (
+    {"result": ["not", "a task"]},
+    [1, 2, 3],
+    "a string",
+    {"data": [], "status": {"code": 200}},
+    {"id": None, "status": "completed"},
+    {"id": {"nested": True}, "status": 7},
+)
+
+
+@attrs.frozen(kw_only=True)
+class ChaosConfig:
+    """Probabilities of each fault (0 = never); see the module docstring for what each does."""
+
+    seed: int = 0
+    endpoints: tuple[Endpoint, ...] = ("create", "poll")
+    drop_before_body: float = 0.0
+    drop_after_body: float = 0.0
+    reset_mid_response: float = 0.0
+    html_5xx: float = 0.0
+    invalid_json: float = 0.0
+    wrong_shape: float = 0.0
+    slow: float = 0.0
+    #: Delay of a ``slow`` answer; make it longer than the client's read timeout.
+    slow_ms: float = 200.0
+    create_then_5xx: float = 0.0
+    rate_limit_storm: float = 0.0
+    #: Requests answered 429 after the one that started a storm.
+    storm_length: int = 20
+    #: ``Retry-After`` of a storm's answers, in seconds (fractional keeps tests fast).
+    retry_after_s: float = 0.005
+    never_finish: float = 0.0
+    vanish: float = 0.0
+    vanish_after_ms: float = 5.0
+
+    def __attrs_post_init__(self) -> None:
+        for name, value in self.probabilities().items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ChaosConfig.{name} must be within 0..1, got {value!r}")
+        if sum(self.request_probabilities().values()) > 1.0:
+            raise ValueError("the per-request probabilities of a ChaosConfig must sum to <= 1")
+        if self.never_finish + self.vanish > 1.0:
+            raise ValueError("never_finish + vanish must be <= 1")
+        for endpoint in self.endpoints:
+            if endpoint not in ENDPOINTS:
+                raise ValueError(f"unknown endpoint {endpoint!r}")
+
+    @classmethod
+    def everything(
+        cls, rate: float = 0.03, *, seed: int = 0, slow_ms: float = 200.0
+    ) -> ChaosConfig:
+        """Every fault at once, each per-request fault with probability ``rate``.
+
+        Storms start ten times less often (each lasts ``storm_length`` requests).
+        """
+        return cls(
+            seed=seed,
+            drop_before_body=rate,
+            drop_after_body=rate,
+            reset_mid_response=rate,
+            html_5xx=rate,
+            invalid_json=rate,
+            wrong_shape=rate,
+            slow=rate / 2,
+            slow_ms=slow_ms,
+            create_then_5xx=rate,
+            rate_limit_storm=rate / 10,
+            never_finish=rate,
+            vanish=rate,
+        )
+
+    def request_probabilities(self) -> dict[str, float]:
+        return {
+            "drop_before_body": self.drop_before_body,
+            "drop_after_body": self.drop_after_body,
+            "reset_mid_response": self.reset_mid_response,
+            "html_5xx": self.html_5xx,
+            "invalid_json": self.invalid_json,
+            "wrong_shape": self.wrong_shape,
+            "slow": self.slow,
+            "create_then_5xx": self.create_then_5xx,
+            "rate_limit_storm": self.rate_limit_storm,
+        }
+
+    def probabilities(self) -> dict[str, float]:
+        return {
+            **self.request_probabilities(),
+            "never_finish": self.never_finish,
+            "vanish": self.vanish,
+        }
+
+
+class ChaosState:
+    """The running side of a :class:`ChaosConfig`: its RNG and the storm in progress."""
+
+    def __init__(self, config: ChaosConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._task_rng = random.Random(config.seed + 1)
+        self._storm_left = 0
+        self._names = list(config.request_probabilities())
+        self._weights = list(config.request_probabilities().values())
+
+    def draw(self, endpoint: Endpoint) -> Fault | None:
+        """The fault for the next request to ``endpoint``, or ``None``."""
+        config = self.config
+        if endpoint not in config.endpoints:
+            return None
+        if self._storm_left > 0:
+            self._storm_left -= 1
+            return self._storm_fault()
+        roll = self._rng.random()
+        for name, weight in zip(self._names, self._weights, strict=True):
+            if roll < weight:
+                return self._fault(name, endpoint)
+            roll -= weight
+        return None
+
+    def _storm_fault(self) -> Fault:
+        return Fault.status(
+            429, retry_after=self.config.retry_after_s, message="rate limit exceeded (storm)"
+        ).named("rate_limit_storm")
+
+    def _fault(self, name: str, endpoint: Endpoint) -> Fault | None:
+        config = self.config
+        if name == "drop_before_body":
+            return Fault.drop_before(reset=self._rng.random() < 0.5).named(name)
+        if name == "drop_after_body":
+            return Fault.drop_after(reset=self._rng.random() < 0.5).named(name)
+        if name == "reset_mid_response":
+            return Fault.reset_mid().named(name)
+        if name == "html_5xx":
+            return _HTML_502 if self._rng.random() < 0.5 else _HTML_503
+        if name == "invalid_json":
+            return Fault.invalid_json().named(name)
+        if name == "wrong_shape":
+            return Fault.wrong_shape(self._rng.choice(_WRONG_SHAPES)).named(name)
+        if name == "slow":
+            return Fault.slow(config.slow_ms).named(name)
+        if name == "create_then_5xx":
+            if endpoint != "create":
+                return None
+            return Fault.create_then_500(self._rng.choice((500, 503))).named(name)
+        # rate_limit_storm
+        self._storm_left = config.storm_length
+        return self._storm_fault()
+
+    def shape_task(self, task: FakeTask) -> str | None:
+        """Apply a per-task fault to a new task; return its name (or ``None``)."""
+        roll = self._task_rng.random()
+        if roll < self.config.never_finish:
+            task.ends_at = float("inf")
+            return "never_finish"
+        if roll < self.config.never_finish + self.config.vanish:
+            task.gone_at = task.created_at + self.config.vanish_after_ms / 1000.0
+            return "vanish"
+        return None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@attrs.frozen
+class ChaosReport:
+    """What a chaos run did and how every job ended."""
+
+    jobs: int
+    #: Outcome type name -> jobs (``"GenerationResult"`` for the successes).
+    outcomes: Mapping[str, int]
+    #: Error type name -> how many of those errors carried ``task_id``.
+    errors_with_task_id: Mapping[str, int]
+    #: ``"endpoint:fault"`` -> times injected (server side).
+    faults: Mapping[str, int]
+    #: Tasks the server created, and the most any one request id / prompt made.
+    tasks_created: int
+    #: Tasks the service made that the client knows nothing of: neither a job's task id
+    #: (result or error) nor the X-Request-Id of a ``CreateOutcomeUnknownError``.
+    unaccounted_tasks: int
+    max_creates_per_request_id: int
+    max_creates_per_prompt: int
+    create_requests: int
+    polls: int
+    seconds: float
+    #: Growth of traced memory (bytes) once the client is closed and the fake server has
+    #: forgotten its tasks and counters: what a leak would leave behind.
+    memory_growth: int
+    #: asyncio tasks and open file descriptors before and after (fds: Linux only, else -1).
+    tasks_before: int
+    tasks_after: int
+    fds_before: int
+    fds_after: int
+
+    @property
+    def lost(self) -> int:
+        return self.jobs - sum(self.outcomes.values())
+
+    @property
+    def faults_injected(self) -> int:
+        return sum(self.faults.values())
+
+    def table(self) -> str:
+        """The report as a plain-text table."""
+        lines = [
+            f"chaos run: {self.jobs} jobs in {self.seconds:.1f} s, "
+            f"{self.create_requests} create requests, {self.polls} polls",
+            "",
+            f"{'fault injected':<36}{'times':>8}",
+        ]
+        for name, count in sorted(self.faults.items()):
+            lines.append(f"  {name:<34}{count:>8}")
+        lines.append(f"  {'total':<34}{self.faults_injected:>8}")
+        lines += ["", f"{'outcome':<36}{'jobs':>8}{'with task_id':>14}"]
+        for name, count in sorted(self.outcomes.items(), key=lambda kv: (-kv[1], kv[0])):
+            tagged = "" if name == "GenerationResult" else self.errors_with_task_id.get(name, 0)
+            lines.append(f"  {name:<34}{count:>8}{tagged:>14}")
+        lines.append(f"  {'total':<34}{sum(self.outcomes.values()):>8}")
+        lines += [
+            "",
+            f"jobs lost: {self.lost}; tasks created: {self.tasks_created} "
+            f"({self.unaccounted_tasks} unaccounted for); most creates per "
+            f"request id: {self.max_creates_per_request_id}, per job: "
+            f"{self.max_creates_per_prompt}",
+            f"client memory growth: {self.memory_growth / 1024:.0f} KiB; asyncio tasks "
+            f"{self.tasks_before} -> {self.tasks_after}; open fds {self.fds_before} -> "
+            f"{self.fds_after}",
+        ]
+        return "\n".join(lines)
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def _traced_memory() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+async def run_chaos(
+    jobs: int = 500,
+    *,
+    config: ChaosConfig | None = None,
+    concurrency: int = 50,
+    job_timeout: float = 1.0,
+    read_timeout: float = 0.1,
+    task_duration_ms: float = 5.0,
+    trace_memory: bool = True,
+) -> ChaosReport:
+    """Run ``jobs`` generations through a :class:`FakeDreamOServer` under ``config``.
+
+    Every job must end as a result or a :class:`DreamOError`; anything else is
+    re-raised (the run fails loudly). The client uses short timeouts and small
+    retry delays so thousands of jobs take seconds. A run of as many jobs without
+    faults comes first, so that lazy imports, bounded caches and containers sized
+    for the number of live jobs are not counted as memory growth.
+    """
+    from ..errors import CreateOutcomeUnknownError, DreamOError
+    from ._images import make_png
+    from .server import FakeDreamOServer
+
+    config = config or ChaosConfig.everything(slow_ms=read_timeout * 1000 * 2)
+    png = make_png(64, 64)
+    outcomes: collections.Counter[str] = collections.Counter()
+    with_task_id: collections.Counter[str] = collections.Counter()
+    known_tasks: set[str] = set()
+    maybe_created: set[str] = set()
+
+    async def run(server: FakeDreamOServer, count: int) -> None:
+        async with _chaos_client(server.url, concurrency, job_timeout, read_timeout) as client:
+
+            async def one(index: int) -> None:
+                try:
+                    result = await client.generate(prompt=f"chaos job {index}", images=[png])
+                except CreateOutcomeUnknownError as exc:
+                    name = type(exc).__name__
+                    if exc.request_id is not None:
+                        maybe_created.add(exc.request_id)
+                except DreamOError as exc:
+                    name = type(exc).__name__
+                    if exc.task_id is not None:
+                        with_task_id[name] += 1
+                        known_tasks.add(exc.task_id)
+                else:
+                    name = "GenerationResult"
+                    known_tasks.add(result.task_id)
+                outcomes[name] += 1
+
+            await asyncio.gather(*(one(i) for i in range(count)))
+
+    started_tracing = trace_memory and not tracemalloc.is_tracing()
+    if started_tracing:
+        tracemalloc.start(1)
+    try:
+        async with FakeDreamOServer(
+            api_key=_KEY, task_duration_ms=task_duration_ms, chaos_config=None
+        ) as server:
+            # Warm-up without faults, as many jobs: lazy imports, bounded caches and the
+            # hash tables sized for `jobs` live asyncio tasks are then not counted as growth.
+            await run(server, jobs)
+            outcomes.clear()
+            with_task_id.clear()
+            server.forget_tasks()
+            server.reset_stats()
+            server.set_chaos(config)
+            await _settle(lambda: len(asyncio.all_tasks()) > 1, 2.0)
+            tasks_before = len(asyncio.all_tasks())
+            fds_before = _open_fds()
+            memory_before = _traced_memory() if trace_memory else 0
+            began = time.perf_counter()
+            await run(server, jobs)
+            seconds = time.perf_counter() - began
+            # The server closes its side of the connections, and its handlers of "slow"
+            # answers finish sleeping: wait for both (bounded), then measure.
+            await _settle(
+                lambda: _open_fds() > fds_before or len(asyncio.all_tasks()) > tasks_before,
+                2.0 + config.slow_ms / 1000.0,
+            )
+            stats = server.stats
+            unaccounted = sum(
+                1
+                for task in server.tasks.values()
+                if task.id not in known_tasks and task.request_id not in maybe_created
+            )
+            report = ChaosReport(
+                jobs=jobs,
+                outcomes=dict(outcomes),
+                errors_with_task_id=dict(with_task_id),
+                faults=dict(stats.faults),
+                tasks_created=stats.creates,
+                unaccounted_tasks=unaccounted,
+                max_creates_per_request_id=max(stats.creates_by_request_id.values(), default=0),
+                max_creates_per_prompt=max(stats.creates_by_prompt.values(), default=0),
+                create_requests=stats.create_requests,
+                polls=stats.polls,
+                seconds=seconds,
+                memory_growth=0,
+                tasks_before=tasks_before,
+                tasks_after=len(asyncio.all_tasks()),
+                fds_before=fds_before,
+                fds_after=_open_fds(),
+            )
+            del stats
+            known_tasks.clear()  # the run's own bookkeeping, not the client's memory
+            maybe_created.clear()
+            server.set_chaos(None)
+            server.forget_tasks()  # what the service keeps is not the client's memory
+            server.reset_stats()
+            server.stats.request_times.clear()
+            if trace_memory:
+                report = attrs.evolve(report, memory_growth=_traced_memory() - memory_before)
+            return report
+    finally:
+        if started_tracing:
+            tracemalloc.stop()
+
+
+_KEY: Final = "chaos-key"
+
+
+async def _settle(busy: Callable[[], bool], timeout: float) -> None:
+    """Wait (at most ``timeout`` s) while ``busy()``: connections and handlers wind down."""
+    until = time.monotonic() + timeout
+    # No event to wait on: open fds and the loop's task set are polled.
+    while busy() and time.monotonic() < until:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+
+
+def _chaos_client(
+    url: str, concurrency: int, job_timeout: float, read_timeout: float
+) -> DreamOClient:
+    """A client with short timeouts and millisecond retry and poll delays."""
+    import aiohttp
+
+    from ..client import DreamOClient
+    from ..polling import PollPolicy
+    from ..retry import RetryPolicy
+
+    return DreamOClient(
+        api_key=_KEY,
+        base_url=url,
+        max_concurrency=concurrency,
+        poll=PollPolicy(initial_delay=0.002, max_delay=0.01, timeout=job_timeout),
+        retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01, max_retry_after=1.0),
+        request_timeout=aiohttp.ClientTimeout(sock_connect=1.0, sock_read=read_timeout),
+        seed=0,
+    )

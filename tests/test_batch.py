@@ -1,0 +1,457 @@
+"""The journalled batch engine (batch.py) and result downloads (download.py), in process.
+
+Over real HTTP against FakeDreamOServer; the journal is a real SQLite file. What
+the server counted (creates per prompt) proves what was paid, whatever the
+journal says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dreamo_async as d
+from dreamo_async.batch import (
+    BatchEvent,
+    BatchJob,
+    JobsFileError,
+    Journal,
+    JournalError,
+    load_jobs,
+    run_batch,
+)
+from dreamo_async.download import result_stem, safe_component
+from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
+
+KEY = "sk-test-0123456789abcdef"
+FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.05, jitter=0.0, timeout=10)
+PNG = make_png(64, 64)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeDreamOServer]:
+    async with FakeDreamOServer(api_key=KEY, task_duration_ms=30) as fake:
+        yield fake
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    path = tmp_path / "ref.png"
+    path.write_bytes(PNG)
+    return str(path)
+
+
+def client_for(server: FakeDreamOServer, **options: Any) -> d.DreamOClient:
+    options.setdefault("poll", FAST_POLL)
+    options.setdefault("retry", d.RetryPolicy(initial_delay=0.0, max_delay=0.0, max_attempts=2))
+    return d.DreamOClient(api_key=options.pop("api_key", KEY), base_url=server.url, **options)
+
+
+def jobs_for(image: str, *prompts: str) -> list[dict[str, Any]]:
+    return [{"prompt": p, "images": [image], "seed": i} for i, p in enumerate(prompts)]
+
+
+def read(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def names(folder: Path) -> list[str]:
+    """Every name in ``folder``, hidden temporary files included."""
+    return sorted(p.name for p in folder.iterdir())
+
+
+def states(journal_path: Path) -> dict[int, str]:
+    with sqlite3.connect(journal_path) as conn:
+        return dict(conn.execute("SELECT idx, state FROM jobs"))
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+async def test_a_run_journals_every_job_and_saves_every_result(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    jobs = jobs_for(image, "a", "b", "c [fail:003013095]", "d", "e")
+    events: list[BatchEvent] = []
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", out, on_event=events.append)
+    assert report.total == 5
+    assert report.completed == 4
+    assert report.failed == {"003013095": 1}
+    assert str(report.cost) == "0.12"
+    assert not report.ok
+    assert server.stats.creates == 5
+    assert states(tmp_path / "j.db") == {
+        0: "completed",
+        1: "completed",
+        2: "failed",
+        3: "completed",
+        4: "completed",
+    }
+    with Journal(tmp_path / "j.db") as journal:
+        rows = journal.rows()
+    for row in rows:
+        assert row.creates == 1
+        assert row.task_id is not None
+        if row.state == "completed":
+            (name,) = row.files
+            assert name == f"{result_stem(row.index, row.task_id, 0)}.png"
+            assert read(out / name).startswith(b"\x89PNG")
+    assert rows[2].error_code == "003013095"
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["state"] for r in results] == ["completed"] * 2 + ["failed"] + ["completed"] * 2
+    assert results[2]["error"]["code"] == "003013095"
+    assert KEY not in (out / "results.jsonl").read_text()
+    assert KEY.encode() not in _journal_bytes(tmp_path / "j.db")
+    assert not list(out.glob(".*.part"))
+    kinds = {e.kind for e in events}
+    assert {"created", "polled", "completed", "failed"} <= kinds
+
+
+async def test_rerunning_a_finished_journal_sends_nothing(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a", "b", "c [fail:003013095]")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        creates, polls = server.stats.creates, server.stats.polls
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert (server.stats.creates, server.stats.polls) == (creates, polls)
+    assert report.skipped == 2
+    assert report.completed == 2
+    assert report.failed == {"003013095": 1}
+
+
+async def test_retry_failed_creates_a_failed_task_again_on_request(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a [fail:003013095]")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path, retry_failed=True)
+    assert server.stats.creates == 2
+    assert report.failed == {"003013095": 1}
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+async def test_a_created_job_is_polled_never_created_again(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = [BatchJob(index=i, params=p) for i, p in enumerate(jobs_for(image, "a", "b"))]
+    async with client_for(server) as client:
+        task = await client.submit(**jobs[0].params)
+        with Journal(tmp_path / "j.db") as journal:
+            journal.sync_jobs(jobs)
+            journal.update(0, "created", task_id=task.id)
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert report.completed == 2
+    assert server.stats.creates_by_prompt == {"a": 1, "b": 1}
+    with Journal(tmp_path / "j.db") as journal:
+        assert journal.rows()[0].task_id == task.id
+
+
+async def test_a_completed_job_whose_file_vanished_is_fetched_again_not_recreated(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        first = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+        assert first.completed == 1
+        (saved,) = (tmp_path / "out").glob("00000-*.png")
+        saved.unlink()
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert report.completed == 1
+    assert report.skipped == 0
+    assert saved.is_file()
+    assert server.stats.creates == 1
+
+
+async def test_a_completed_job_whose_file_is_not_an_image_is_fetched_again(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+        (saved,) = (tmp_path / "out").glob("00000-*.png")
+        truncate(saved)  # what a power cut can leave of an un-synced rename
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert report.skipped == 0
+    assert read(saved) == server_png(server)
+    assert server.stats.creates == 1
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def server_png(server: FakeDreamOServer) -> bytes:
+    from dreamo_async.testing.server import _OUTPUT_PNG
+
+    return _OUTPUT_PNG
+
+
+async def test_a_crash_during_create_is_reported_not_resent(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = [BatchJob(index=i, params=p) for i, p in enumerate(jobs_for(image, "a", "b"))]
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs(jobs)
+        journal.update(0, "sending", request_id="rid-0")  # what a crash mid-create leaves
+    async with client_for(server) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        assert report.unknown == {0: "rid-0"}
+        assert report.completed == 1
+        assert server.stats.creates_by_prompt == {"b": 1}
+        results = (tmp_path / "results.jsonl").read_text().splitlines()
+        assert json.loads(results[0])["state"] == "sending"
+        # The user decided: send it again.
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path, retry_unknown=True)
+    assert again.unknown == {}
+    assert again.completed == 2
+    assert server.stats.creates_by_prompt == {"a": 1, "b": 1}
+
+
+async def test_a_lost_create_answer_becomes_unknown_and_stays_unsent(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    server.inject("create", Fault.drop_after())
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        first = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        second = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert server.stats.creates == 1  # the service made the task; its answer was lost
+    for report in (first, second):
+        assert list(report.unknown) == [0]
+        assert report.failed == {"unknown": 1}
+    assert states(tmp_path / "j.db") == {0: "unknown"}
+    with Journal(tmp_path / "j.db") as journal:
+        (row,) = journal.rows()
+    assert row.request_id == server.tasks[next(iter(server.tasks))].request_id
+
+
+async def test_a_refused_key_stops_the_run_and_nothing_is_paid(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, *"abcdef")
+    async with client_for(server, api_key="sk-wrong-000000000000", max_concurrency=2) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert isinstance(report.fatal, d.AuthenticationError)
+    assert server.stats.creates == 0
+    assert server.stats.create_requests <= 2  # the other jobs never started
+    async with client_for(server) as client:
+        resumed = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert resumed.ok
+    assert server.stats.creates == 6
+
+
+async def test_a_changed_job_refuses_the_old_journal(image: str, tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "a", "images": [image]})])
+        with pytest.raises(JournalError, match="differs"):
+            journal.sync_jobs([BatchJob(index=0, params={"prompt": "b", "images": [image]})])
+
+
+# --------------------------------------------------------------------------- the journal
+
+
+def test_two_runs_cannot_share_a_journal(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db"), pytest.raises(JournalError, match="in use"):
+        Journal(tmp_path / "j.db").open()
+    with Journal(tmp_path / "j.db") as again:  # the lock went with the first run
+        assert again.rows() == []
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    jobs = [BatchJob(index=i, params={"prompt": str(i)}) for i in range(64)]
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs(jobs)
+        before = journal.stats.commits
+        await asyncio.gather(
+            *(journal.aupdate(i, "created", task_id=f"t{i}") for i in range(64))
+        )
+        commits = journal.stats.commits - before
+        assert journal.stats.largest_group > 1
+        assert commits < 64
+        assert {row.task_id for row in journal.rows()} == {f"t{i}" for i in range(64)}
+
+
+async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        good = journal.aupdate(0, "created", task_id="t0")
+        bad = journal.aupdate(7, "created", task_id="t7")  # no such job
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+        assert results[0] is None
+        assert isinstance(results[1], JournalError)
+        assert journal.rows()[0].task_id == "t0"
+
+
+def test_the_journal_is_wal_and_readable_by_others_while_open(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        with sqlite3.connect(tmp_path / "j.db") as reader:
+            assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert reader.execute("SELECT state FROM jobs").fetchall() == [("queued",)]
+
+
+# --------------------------------------------------------------------------- jobs files
+
+
+def test_load_jobs_reports_every_problem_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(PNG)
+    (tmp_path / "fake.jpg").write_bytes(b"<html>not an image</html>")
+    lines = [
+        '{"prompt": "fine", "images": ["ok.png"]}',
+        "{not json",
+        "",
+        '{"prompt": "x", "images": ["missing.png"]}',
+        '{"prompt": "x", "images": ["ok.png"], "ddim_steps": 99}',
+        '{"prompt": "x", "images": ["fake.jpg"]}',
+        '{"prompt": "x", "images": ["ok.png"], "colour": "red"}',
+        "[1, 2]",
+    ]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobsFileError) as caught:
+        load_jobs(jobs_file)
+    problems = caught.value.problems
+    assert [p.split(": ", 1)[0] for p in problems] == [
+        f"{jobs_file}:{n}" for n in (2, 4, 5, 6, 7, 8)
+    ]
+    assert "not valid JSON" in problems[0]
+    assert "missing.png: no such file" in problems[1]
+    assert "ddim_steps must be between 1 and 50; got 99" in problems[2]
+    assert "HTML" in problems[3]
+    assert "colour" in problems[4]
+    assert "expected a JSON object" in problems[5]
+
+
+def test_load_jobs_resolves_relative_images_against_the_file(tmp_path: Path) -> None:
+    (tmp_path / "refs").mkdir()
+    (tmp_path / "refs" / "a.jpg").write_bytes(make_jpeg(800, 600))
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('\n{"prompt": "p", "images": ["refs/a.jpg"], "seed": 3}\n')
+    (job,) = load_jobs(jobs_file)
+    assert job.index == 0
+    assert job.line == 2
+    assert job.params["images"] == [str(tmp_path / "refs" / "a.jpg")]
+    assert job.params["seed"] == 3
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_task_ids_that_could_escape_the_folder_are_refused() -> None:
+    for bad in (".", "..", "a/b", "a\\b", "../x", "", "x" * 200, ".hidden", "a..b"):
+        with pytest.raises(d.DownloadError):
+            safe_component(bad)
+    assert result_stem(7, "d5u5obte8783ap44qtj0", 1) == "00007-d5u5obte8783ap44qtj0-1"
+
+
+async def test_download_checks_the_content_and_names_the_extension(
+    server: FakeDreamOServer, tmp_path: Path
+) -> None:
+    jpeg = server.add_file("r.bin", make_jpeg(64, 64), "application/octet-stream")
+    html = server.add_file("page.png", b"<!doctype html><p>expired</p>", "image/png")
+    async with client_for(server) as client:
+        saved = await client.download(jpeg, tmp_path, "00000-t-0")
+        assert saved == tmp_path / "00000-t-0.jpg"
+        with pytest.raises(d.DownloadError, match="HTML"):
+            await client.download(html, tmp_path, "00001-t-0")
+        with pytest.raises(d.DownloadError, match="cap"):
+            await client.download(jpeg, tmp_path, "00002-t-0", max_bytes=10)
+    assert names(tmp_path) == ["00000-t-0.jpg"]
+
+
+async def test_download_retries_and_keeps_no_partial_file(
+    server: FakeDreamOServer, tmp_path: Path
+) -> None:
+    url = server.add_file("r.png", PNG)
+    server.inject("download", Fault.status(503))
+    server.inject("download", Fault.drop_before())
+    async with client_for(server, retry=d.RetryPolicy(initial_delay=0, max_attempts=3)) as client:
+        saved = await client.download(url, tmp_path, "00000-t-0")
+        assert saved.read_bytes() == PNG
+        server.inject("download", Fault.status(404), times=1)
+        with pytest.raises(d.NotFoundError):
+            await client.download(url, tmp_path, "00001-t-0")
+    assert names(tmp_path) == ["00000-t-0.png"]
+
+
+async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
+    server: FakeDreamOServer, image: str
+) -> None:
+    poll = d.PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0)
+    async with client_for(server, poll=poll) as client:
+        task = await client.submit(prompt="p [never]", images=[image])
+        with pytest.raises(d.TaskTimeoutError):
+            await client.wait(task, timeout=0.02)
+        assert server.stats.polls == 1
+        with pytest.raises(d.TaskTimeoutError):
+            await client.wait(task.id, timeout=0.02)
+        assert server.stats.polls == 3  # an immediate poll, then one at the deadline
+
+
+def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        synced = journal.stats.synced_commits
+        journal.update(0, "completed", files="[]")
+        journal.update(0, "failed", error_code="x")
+        assert journal.stats.synced_commits == synced
+        journal.update(0, "sending", request_id="r")
+        journal.update(0, "created", task_id="t")
+        assert journal.stats.synced_commits == synced + 2
+    with Journal(tmp_path / "k.db", fsync="all") as every:
+        every.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        before = every.stats.synced_commits
+        every.update(0, "completed", files="[]")
+        assert every.stats.synced_commits == before + 1
+    with pytest.raises(ValueError, match="fsync"):
+        Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
+
+
+async def test_the_output_folder_can_move_between_runs(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "first")
+        move(tmp_path / "first", tmp_path / "second")
+        downloads = server.stats.downloads
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "second")
+    assert report.skipped == 1
+    assert server.stats.downloads == downloads
+    (line,) = read(tmp_path / "second" / "results.jsonl").splitlines()
+    assert json.loads(line)["files"] == [names(tmp_path / "second")[0]]
+
+
+def move(source: Path, target: Path) -> None:
+    source.rename(target)
+
+
+async def test_a_large_image_spills_to_disk_and_a_capped_one_leaves_nothing(
+    server: FakeDreamOServer, tmp_path: Path
+) -> None:
+    big = make_jpeg(64, 64, padding=2_500_000)  # beyond the 1 MiB held in memory
+    url = server.add_file("big.bin", big)
+    async with client_for(server) as client:
+        saved = await client.download(url, tmp_path / "new", "00000-t-0")
+        assert read(saved) == big
+        with pytest.raises(d.DownloadError, match="cap"):
+            await client.download(url, tmp_path / "new", "00001-t-0", max_bytes=2_000_000)
+    assert names(tmp_path / "new") == ["00000-t-0.jpg"]
+
+
+def _journal_bytes(journal: Path) -> bytes:
+    """Everything a journal wrote: the database, its WAL, shared memory and lock files."""
+    return b"".join(path.read_bytes() for path in sorted(journal.parent.glob(journal.name + "*")))
