@@ -319,6 +319,11 @@ class RedisRateLimiter:
     """
 
     def __init__(self, backend: RedisLimits, rate: float | None, burst: int) -> None:
+        if rate is not None and not isinstance(rate, int | float):
+            raise ConfigurationError(
+                f"RedisLimits shares a fixed requests_per_second between processes; "
+                f"got {rate!r} (an adaptive rate would differ from process to process)"
+            )
         if rate is not None and not rate > 0:
             raise ValueError(f"rate must be positive, got {rate!r}")
         if burst < 1:

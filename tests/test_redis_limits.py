@@ -543,6 +543,8 @@ def test_hostnames_in_lease_ids() -> None:
         d.RedisLimits(fallback="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="braces"):
         d.RedisLimits(key="a{b}")
+    with pytest.raises(d.ConfigurationError, match="fixed requests_per_second"):
+        backend.make_limiter("auto", 1)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- the example
