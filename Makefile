@@ -24,6 +24,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
+	@command -v redis-server >/dev/null 2>&1 || echo "note: redis-server not found, so the Redis tests \
+	(tests/test_redis_limits.py) are skipped; install it with: sudo apt-get install redis-server"
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -34,7 +34,16 @@ from .images import ImageInfo, ImageSource
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
 from .polling import PollPolicy
-from .ratelimit import Priority, RateLimiter, TokenBucketLimiter, UnlimitedLimiter
+from .ratelimit import (
+    JobSlots,
+    LimitsBackend,
+    LocalLimits,
+    Priority,
+    RateLimiter,
+    TokenBucketLimiter,
+    UnlimitedLimiter,
+)
+from .redis_limits import RedisLimits
 from .request import (
     MULTI_IP_MODEL,
     SINGLE_IMAGE_MODEL,
@@ -71,10 +80,13 @@ __all__ = [
     "ImageInfo",
     "ImageSource",
     "InvalidRequestError",
+    "JobSlots",
     "JobsFileError",
     "JournalError",
     "Limits",
+    "LimitsBackend",
     "LimitsBackendError",
+    "LocalLimits",
     "NotFoundError",
     "OutputImage",
     "PermissionDeniedError",
@@ -82,6 +94,7 @@ __all__ = [
     "Priority",
     "RateLimitError",
     "RateLimiter",
+    "RedisLimits",
     "RefType",
     "RephraserLevel",
     "ResponseFormatError",

@@ -1,0 +1,749 @@
+"""Limits shared by many processes and hosts through Redis: one API key, one budget.
+
+The service limits requests and running tasks per API key. A web app with 8
+workers, or a batch job on 3 machines, must therefore share one rate limiter and
+one pool of job slots. :class:`RedisLimits` keeps both in Redis (the
+``redis`` package's asyncio client; ``pip install 'dreamo_async[redis]'``)::
+
+    limits = RedisLimits("redis://127.0.0.1:6379/0", key="team-a")
+    async with DreamOClient(max_concurrency=8, requests_per_second=10,
+                            limits_backend=limits) as client:
+        ...
+
+How it works (every decision is one Lua script, atomic in Redis, timed by Redis's
+own ``TIME`` so that hosts with skewed clocks agree):
+
+* **Rate**: a GCRA ("virtual scheduling") reservation. Each request reserves the
+  next theoretical arrival time and sleeps until it (one round trip, no retries);
+  at most ``burst`` go early. Any 1-second window holds at most ``rate + burst``
+  requests of all processes together, the first second included (the state
+  starts empty). A 429 in one process writes a "paused until" key that every
+  process's next reservation honours.
+* **Job slots**: leases in a sorted set scored by expiry. Acquiring purges expired
+  leases first, so the slots of a process that died (SIGKILL, lost host) come back
+  within ``lease_ttl``; a live process renews its leases every ``lease_ttl / 3``.
+  Releasing pushes a token onto a wake list, and one waiter per process blocks on
+  it with ``BLPOP`` (served in arrival order by Redis); the other waiters of that
+  process queue locally behind it, in order. Nobody polls Redis in a loop.
+* **Outages**: a call that cannot reach Redis is retried for ``reconnect_timeout``
+  seconds (a restart is survived; scripts are re-sent after Redis forgot them, and
+  lost leases are re-created at the next renewal). Past that, or when Redis was
+  never reachable, ``fallback="error"`` (default, fail closed) raises
+  :class:`~dreamo_async.errors.LimitsBackendError`; ``fallback="local"`` warns
+  (:class:`~dreamo_async.errors.DreamOWarning`) and enforces the limits in this
+  process only until Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
+from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
+from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["RedisLimits", "RedisRateLimiter", "RedisSlots"]
+
+logger = logging.getLogger("dreamo_async")
+
+_T = TypeVar("_T")
+
+Fallback = Literal["error", "local"]
+
+#: Longest single BLPOP: waiters re-check the slots at least this often (seconds).
+_MAX_BLOCK_S: Final = 1.0
+#: Most turns one rate call takes for queued neighbours while the bucket has credit.
+_MAX_TURNS_PER_CALL: Final = 16
+
+
+class _Unavailable(Exception):
+    """Redis could not be reached (within the grace period); carries the cause."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages and ``repr`` (secrets stay secret)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+class _Link:
+    """The Redis client (one per event loop), its scripts, and the rules of an outage.
+
+    ``call`` runs one operation. While Redis is unreachable it retries with backoff
+    for ``reconnect_timeout`` seconds, provided Redis answered at least once before
+    (a restart); a Redis that never answered fails at once, so a wrong URL is a
+    clear error rather than a hang. With ``fallback="local"`` an outage is then
+    re-tested at most once per ``recheck`` seconds, so calls do not each pay a
+    connection attempt while the limits are held locally.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fallback: Fallback,
+        reconnect_timeout: float,
+        socket_timeout: float,
+        recheck: float = 1.0,
+    ) -> None:
+        try:
+            import redis.asyncio
+            import redis.exceptions
+        except ImportError as exc:
+            raise ConfigurationError(
+                "RedisLimits needs the redis package: pip install 'dreamo_async[redis]'"
+            ) from exc
+        self._redis_module = redis.asyncio
+        self.url = url
+        self.safe_url = safe_url(url)
+        self.fallback: Fallback = fallback
+        self.reconnect_timeout = reconnect_timeout
+        self.socket_timeout = socket_timeout
+        self.recheck = recheck
+        #: What counts as "Redis is not there" (a replica promoted mid-failover included).
+        self.outage_errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            redis.exceptions.ReadOnlyError,
+            OSError,
+        )
+        self.redis_errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError,)
+        self._client: Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._ever_ok = False
+        self._down_since: float | None = None
+        self._last_attempt = 0.0
+        self._warned = False
+        #: Round trips sent (scripts and BLPOPs), for statistics and benchmarks.
+        self.calls = 0
+
+    def client(self) -> Redis:
+        """The client of the running loop (a new loop, e.g. a new ``asyncio.run``, gets its own)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._client = self._redis_module.Redis.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                # Our own loop below decides how long to insist; no hidden retries.
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+            self._loop = loop
+            self._scripts = {}
+        return self._client
+
+    def script(self, name: str, source: str) -> AsyncScript:
+        """A registered script (EVALSHA; re-sent by redis-py when Redis answers NOSCRIPT)."""
+        client = self.client()
+        found = self._scripts.get(name)
+        if found is None:
+            found = self._scripts[name] = client.register_script(source)
+        return found
+
+    async def call(self, what: str, op: Callable[[Redis], Awaitable[_T]]) -> _T:
+        """Run ``op`` against Redis; raise :class:`_Unavailable` when Redis is gone."""
+        loop = asyncio.get_running_loop()
+        delay = 0.02
+        while True:
+            now = loop.time()
+            if (
+                self._down_since is not None
+                and self.fallback == "local"
+                and (not self._ever_ok or now - self._down_since >= self.reconnect_timeout)
+                and now - self._last_attempt < self.recheck
+            ):
+                raise _Unavailable(f"{what}: Redis at {self.safe_url} is unavailable")
+            self._last_attempt = now
+            try:
+                self.calls += 1
+                result = await op(self.client())
+            except self.outage_errors as exc:
+                now = loop.time()
+                if self._down_since is None:
+                    self._down_since = now
+                    if self._ever_ok:
+                        logger.warning(
+                            "Redis at %s unavailable (%s: %s); retrying for up to %g s",
+                            self.safe_url,
+                            type(exc).__name__,
+                            exc,
+                            self.reconnect_timeout,
+                        )
+                remaining = self.reconnect_timeout - (now - self._down_since)
+                if not self._ever_ok or remaining <= 0:
+                    raise _Unavailable(
+                        f"{what}: Redis at {self.safe_url} is unavailable "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from exc
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.5)
+                continue
+            except self.redis_errors as exc:
+                raise LimitsBackendError(
+                    f"{what}: Redis at {self.safe_url} answered with an error: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if self._down_since is not None:
+                logger.warning("Redis at %s is back; shared limits resume", self.safe_url)
+                self._down_since = None
+                self._warned = False
+            self._ever_ok = True
+            return result
+
+    def unavailable(self, exc: _Unavailable) -> None:
+        """Decide what an outage means: raise (fail closed) or warn once and go local."""
+        if self.fallback == "error":
+            raise LimitsBackendError(
+                f"{exc}; the shared limits cannot be enforced, so nothing is sent "
+                "(RedisLimits(fallback='local') would enforce them per process instead)"
+            ) from exc.__cause__
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{exc}; falling back to in-process limits: each process now enforces "
+                "the rate and concurrency limits alone until Redis answers again",
+                DreamOWarning,
+                stacklevel=4,
+            )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+# --------------------------------------------------------------------------- rate
+
+
+class _PriorityGate:
+    """A lock handed to waiters by (priority, arrival): polls before creates, FIFO within.
+
+    Its owner may also :meth:`hand_out` turns it got in one Redis call to the next
+    waiters, who then go at once without owning the gate.
+    """
+
+    __slots__ = ("_busy", "_heap", "_seq")
+
+    def __init__(self) -> None:
+        self._busy = False
+        #: (priority, arrival, future): True = "a turn for you", False = "the gate is yours".
+        self._heap: list[tuple[int, int, asyncio.Future[bool]]] = []
+        self._seq = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, fut in self._heap if not fut.done())
+
+    async def enter(self, priority: int) -> bool:
+        """Wait; True if a turn was handed to us, False if we own the gate (then :meth:`leave`)."""
+        if not self._busy and not self._heap:
+            self._busy = True
+            return False
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (priority, next(self._seq), fut))
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.result() is False:
+                self.leave()  # handed the gate as we were cancelled: pass it on
+            raise
+
+    def hand_out(self, turns: int) -> None:
+        """Give ``turns`` turns to the first live waiters (a turn nobody takes is lost)."""
+        while turns > 0 and self._heap:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(True)
+                turns -= 1
+
+    def leave(self) -> None:
+        while self._heap:
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():
+                fut.set_result(False)  # the gate stays busy: ownership moves to that waiter
+                return
+        self._busy = False
+
+
+class _CoolDown:
+    """This process's own pause after a 429, effective at once (before Redis hears of it)."""
+
+    __slots__ = ("_until",)
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._until = max(self._until, time.monotonic() + max(0.0, seconds))
+
+    async def wait(self) -> None:
+        while (remaining := self._until - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(remaining)
+
+
+class RedisRateLimiter:
+    """The shared request limiter of a :class:`RedisLimits` (see the module docstring).
+
+    Within one process, requests reserve in turn (polls of running tasks first);
+    each reservation is one round trip to Redis, and the wait it returns is slept
+    here, so a process never holds more than one reservation ahead of time.
+    """
+
+    def __init__(self, backend: RedisLimits, rate: float | None, burst: int) -> None:
+        if rate is not None and not isinstance(rate, int | float):
+            raise ConfigurationError(
+                f"RedisLimits shares a fixed requests_per_second between processes; "
+                f"got {rate!r} (an adaptive rate would differ from process to process)"
+            )
+        if rate is not None and not rate > 0:
+            raise ValueError(f"rate must be positive, got {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst!r}")
+        self.rate = rate
+        self.burst = int(burst)
+        self._backend = backend
+        # Spaced a little wider than 1 / rate: a request may reach the service up to
+        # `headroom` seconds later than its turn (network, a busy loop) without the
+        # service ever counting rate + burst in one second.
+        spacing = (1.0 + backend.headroom) / rate if rate is not None else 0.0
+        self._interval_us = 0 if rate is None else max(1, round(1_000_000 * spacing))
+        #: A turn woken later than this (s) is given back for a fresh one (see acquire).
+        self._late_s = max(0.001, self._interval_us / 2_000_000)
+        #: Turns given back after a stall of this process's event loop.
+        self.stale = 0
+        self._gate = _PriorityGate()
+        self._cooldown = _CoolDown()
+        self._local: RateLimiter | None = None
+
+    async def acquire(self, priority: Priority = Priority.CREATE) -> None:
+        link = self._backend._link
+        keys = [self._backend.keys.rate, self._backend.keys.pause]
+        args = [self._interval_us, self.burst]
+
+        async def reserve(wanted: int, client: Redis) -> Any:
+            return await link.script("rate", RATE_LUA)(keys=keys, args=[*args, wanted])
+
+        loop = asyncio.get_running_loop()
+        if await self._gate.enter(int(priority)):
+            return  # a neighbour took this turn for us in its call
+        try:
+            await self._cooldown.wait()
+            stale_ok = False
+            while True:
+                wanted = 1 + min(self._gate.waiting, _MAX_TURNS_PER_CALL - 1)
+                try:
+                    granted, wait_us, count = await link.call(
+                        "rate limiter", functools.partial(reserve, wanted)
+                    )
+                except _Unavailable as exc:
+                    link.unavailable(exc)
+                    await self._local_limiter().acquire(priority)
+                    return
+                if int(count) > 1:
+                    self._gate.hand_out(int(count) - 1)  # due now, like ours
+                if wait_us > 0:
+                    wake_at = loop.time() + int(wait_us) / 1_000_000
+                    await asyncio.sleep(int(wait_us) / 1_000_000)
+                    if int(granted) and not stale_ok and loop.time() - wake_at > self._late_s:
+                        # The loop stalled past our turn: sending now could bunch up with
+                        # the next process's turn. Take a fresh turn, once (no starving).
+                        self.stale += 1
+                        stale_ok = True
+                        continue
+                if int(granted):
+                    return
+                # Paused by a 429 somewhere: the pause is over now, reserve afresh.
+        finally:
+            self._gate.leave()
+
+    def pause(self, seconds: float) -> None:
+        """Pause this process at once, and every process through Redis."""
+        self._cooldown.pause(seconds)
+        if seconds > 0:
+            self._backend._spawn(self._publish_pause(seconds))
+
+    async def _publish_pause(self, seconds: float) -> None:
+        link = self._backend._link
+        keys = [self._backend.keys.pause]
+
+        async def write(client: Redis) -> Any:
+            return await link.script("pause", PAUSE_LUA)(keys=keys, args=[round(seconds * 1e6)])
+
+        try:
+            await link.call("pause", write)
+        except (_Unavailable, LimitsBackendError) as exc:
+            logger.warning("could not share a %g s pause through Redis: %s", seconds, exc)
+
+    def record(self, status: int) -> None:
+        return None
+
+    def _local_limiter(self) -> RateLimiter:
+        if self._local is None:
+            self._local = LocalLimits().make_limiter(self.rate, self.burst)
+        return self._local
+
+    def __repr__(self) -> str:
+        rate = "unlimited" if self.rate is None else f"{self.rate:g}/s burst={self.burst}"
+        return f"<RedisRateLimiter {self._backend.keys.rate} {rate}>"
+
+
+# --------------------------------------------------------------------------- slots
+
+
+class _Lease:
+    """A held slot: a lease id in Redis, or a slot of the local fallback pool."""
+
+    __slots__ = ("id", "local")
+
+    def __init__(self, lease_id: str, local: bool = False) -> None:
+        self.id = lease_id
+        self.local = local
+
+    def __repr__(self) -> str:
+        return f"<lease {self.id}{' (local)' if self.local else ''}>"
+
+
+class RedisSlots:
+    """The shared job slots of a :class:`RedisLimits`: ``max_concurrency`` leases in all."""
+
+    def __init__(self, backend: RedisLimits, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {capacity!r}")
+        self.capacity = capacity
+        self._backend = backend
+        self._turn = asyncio.Lock()  # FIFO: one waiter of this process talks to Redis
+        self._held: dict[str, None] = {}
+        self._local_held = 0
+        self._waiting = 0
+        self._ids = itertools.count(1)
+        self._renewer: asyncio.Task[None] | None = None
+        #: Set while a renewal is in flight: a release waits for it, or the renewal
+        #: could re-create the lease just released (a ghost holding a slot for a TTL).
+        self._renewal_done: asyncio.Event | None = None
+        self._local: JobSlots | None = None
+
+    @property
+    def in_use(self) -> int:
+        return len(self._held) + self._local_held
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def acquire(self) -> object:
+        link = self._backend._link
+        keys = self._backend.keys
+        ttl_ms = round(self._backend.lease_ttl * 1000)
+        self._waiting += 1
+        try:
+            async with self._turn:
+                lease = f"{self._backend.owner}:{next(self._ids)}"
+
+                async def try_acquire(client: Redis) -> Any:
+                    script = link.script("acquire", ACQUIRE_LUA)
+                    return await script(keys=[keys.slots], args=[self.capacity, lease, ttl_ms])
+
+                while True:
+                    try:
+                        try:
+                            ok, retry_ms = await link.call("job slots", try_acquire)
+                        except asyncio.CancelledError:
+                            # The script may have run: take the lease back, or it would
+                            # hold a slot for nobody until its TTL.
+                            self._backend._spawn(self._release_remote(lease))
+                            raise
+                        if int(ok):
+                            self._held[lease] = None
+                            self._ensure_renewer()
+                            return _Lease(lease)
+                        await self._block(int(retry_ms) / 1000)
+                    except _Unavailable as exc:
+                        link.unavailable(exc)
+                        await self._local_slots().acquire()
+                        self._local_held += 1
+                        return _Lease(lease, local=True)
+        finally:
+            self._waiting -= 1
+
+    async def _block(self, until_expiry_s: float) -> None:
+        """Sleep in Redis until a release (a wake token) or the next lease expiry."""
+        link = self._backend._link
+        key = self._backend.keys.wake
+        # Well inside the socket timeout, which would otherwise read as an outage.
+        cap = min(_MAX_BLOCK_S, link.socket_timeout / 2)
+        timeout = min(cap, max(0.01, until_expiry_s + 0.002))
+
+        async def blpop(client: Redis) -> Any:
+            return await client.blpop([key], timeout=timeout)
+
+        try:
+            await link.call("job slots", blpop)
+        except asyncio.CancelledError:
+            # A wake token may have been taken for nobody: leave one for the next waiter.
+            self._backend._spawn(self._push_spare_wake())
+            raise
+
+    async def _push_spare_wake(self) -> None:
+        key = self._backend.keys.wake
+        with contextlib.suppress(Exception):
+            await self._backend._link.client().lpush(key, "1")
+
+    async def release(self, token: object) -> None:
+        if not isinstance(token, _Lease):
+            raise TypeError(f"not a lease of these slots: {token!r}")
+        if token.local:
+            self._local_held -= 1
+            await self._local_slots().release(None)
+            return
+        if token.id not in self._held:
+            return  # released already (or by aclose)
+        del self._held[token.id]
+        task = self._backend._spawn(self._release_remote(token.id))
+        await asyncio.shield(task)
+
+    async def _release_remote(self, lease: str) -> None:
+        link = self._backend._link
+        keys = self._backend.keys
+        ttl_ms = round(self._backend.lease_ttl * 1000)
+
+        async def release(client: Redis) -> Any:
+            script = link.script("release", RELEASE_LUA)
+            return await script(keys=[keys.slots, keys.wake], args=[lease, self.capacity, ttl_ms])
+
+        try:
+            if self._renewal_done is not None:
+                await self._renewal_done.wait()
+            await link.call("job slots", release)
+        except (_Unavailable, LimitsBackendError) as exc:
+            logger.warning("lease %s not released (%s); it expires by its TTL", lease, exc)
+
+    def _ensure_renewer(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_forever(), name=f"dreamo-lease-renewal-{self._backend.keys.slots}"
+            )
+
+    async def _renew_forever(self) -> None:
+        """Extend every lease of this process each ``lease_ttl / 3`` (one round trip)."""
+        link = self._backend._link
+        keys = self._backend.keys
+        period = self._backend.lease_ttl / 3
+        ttl_ms = round(self._backend.lease_ttl * 1000)
+        while self._held:
+            await asyncio.sleep(period)
+            leases = list(self._held)
+            if not leases:
+                return
+
+            async def renew(client: Redis, leases: list[str] = leases) -> Any:
+                script = link.script("renew", RENEW_LUA)
+                return await script(keys=[keys.slots], args=[ttl_ms, *leases])
+
+            done = self._renewal_done = asyncio.Event()
+            try:
+                lost = int(await link.call("lease renewal", renew))
+            except (_Unavailable, LimitsBackendError) as exc:
+                logger.warning("could not renew %d lease(s): %s", len(leases), exc)
+                continue
+            finally:
+                self._renewal_done = None
+                done.set()
+            if lost:
+                logger.warning(
+                    "%d lease(s) had expired in Redis (a restart, or this process stalled "
+                    "longer than lease_ttl=%g s) and were re-created; the shared "
+                    "max_concurrency may be exceeded briefly",
+                    lost,
+                    self._backend.lease_ttl,
+                )
+
+    def _local_slots(self) -> JobSlots:
+        if self._local is None:
+            self._local = LocalLimits().make_slots(self.capacity)
+        return self._local
+
+    async def aclose(self) -> None:
+        """Stop renewing and give back every lease still held (best effort, time-bounded)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        leases, self._held = list(self._held), {}
+        if leases:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await asyncio.gather(*(self._release_remote(lease) for lease in leases))
+
+    def __repr__(self) -> str:
+        return (
+            f"<RedisSlots {self._backend.keys.slots} {self.in_use}/{self.capacity} held "
+            f"here, {self._waiting} waiting>"
+        )
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class _Keys:
+    """The Redis keys of one shared budget. ``{key}`` is a hash tag: one Cluster slot."""
+
+    __slots__ = ("pause", "rate", "slots", "wake")
+
+    def __init__(self, prefix: str, key: str) -> None:
+        base = f"{prefix}:{{{key}}}"
+        self.rate = f"{base}:rate"
+        self.pause = f"{base}:pause"
+        self.slots = f"{base}:slots"
+        self.wake = f"{base}:wake"
+
+
+class RedisLimits:
+    """A :class:`~dreamo_async.ratelimit.LimitsBackend` held in Redis, shared by processes.
+
+    - ``url``: ``redis://[[user]:password@]host:port/db`` (or ``rediss://``, ``unix://``).
+    - ``key``: names the shared budget; every process using the same API key should use
+      the same ``key`` (and the same ``requests_per_second``, ``burst`` and
+      ``max_concurrency``: each process enforces the values it was given).
+    - ``lease_ttl``: seconds after which the job slots of a dead process come back;
+      live processes renew every ``lease_ttl / 3``.
+    - ``fallback``: ``"error"`` (fail closed: :class:`LimitsBackendError`) or ``"local"``
+      (warn with :class:`DreamOWarning`, then enforce the limits per process).
+    - ``reconnect_timeout``: how long an outage of a Redis that answered before is
+      waited out (a restart) before ``fallback`` applies.
+    - ``socket_timeout``: connect and read timeout of each Redis call.
+
+    Give each ``DreamOClient`` its own ``RedisLimits`` (it is one connection pool):
+    closing the client closes the backend and gives back its leases. With
+    ``requests_per_second=None`` each request still asks Redis whether a 429 paused
+    the key (one round trip).
+    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (2 % slower
+      than asked), so that a request reaching the service up to ``headroom`` seconds
+      after its turn (network jitter, a busy event loop) still cannot make
+      ``rate + burst`` in one second at the service.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        key: str = "default",
+        lease_ttl: float = 10.0,
+        fallback: Fallback = "error",
+        reconnect_timeout: float = 10.0,
+        socket_timeout: float = 5.0,
+        headroom: float = 0.02,
+        prefix: str = "dreamo",
+    ) -> None:
+        if fallback not in ("error", "local"):
+            raise ValueError(f"fallback must be 'error' or 'local', got {fallback!r}")
+        if not lease_ttl >= 0.1:
+            raise ValueError(f"lease_ttl must be at least 0.1 s, got {lease_ttl!r}")
+        if not key or any(c in key for c in "{}"):
+            raise ValueError(f"key must be non-empty and free of braces, got {key!r}")
+        if not socket_timeout > 0 or not reconnect_timeout >= 0:
+            raise ValueError("socket_timeout must be positive and reconnect_timeout >= 0")
+        if not 0.0 <= headroom <= 0.5:
+            raise ValueError(f"headroom must be within 0..0.5, got {headroom!r}")
+        self.key = key
+        self.headroom = float(headroom)
+        self.lease_ttl = float(lease_ttl)
+        self.keys = _Keys(prefix, key)
+        #: Who holds a lease (visible in Redis): host, pid and a random tag.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._link = _Link(
+            url,
+            fallback=fallback,
+            reconnect_timeout=reconnect_timeout,
+            socket_timeout=socket_timeout,
+        )
+        self._slots: list[RedisSlots] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        """The Redis URL, password masked."""
+        return self._link.safe_url
+
+    @property
+    def fallback(self) -> Fallback:
+        return self._link.fallback
+
+    @property
+    def round_trips(self) -> int:
+        """Redis calls made by this backend so far (scripts, BLPOPs, renewals)."""
+        return self._link.calls
+
+    def make_limiter(self, rate: float | None, burst: int) -> RedisRateLimiter:
+        return RedisRateLimiter(self, rate, burst)
+
+    def make_slots(self, max_concurrency: int) -> RedisSlots:
+        slots = RedisSlots(self, max_concurrency)
+        self._slots.append(slots)
+        return slots
+
+    async def ping(self) -> None:
+        """Check that Redis answers now; raise :class:`LimitsBackendError` naming the URL if not.
+
+        Useful at start-up, to fail before the first job rather than at it.
+        """
+
+        async def ping(client: Redis) -> Any:
+            return await client.ping()
+
+        try:
+            await self._link.call("ping", ping)
+        except _Unavailable as exc:
+            raise LimitsBackendError(str(exc)) from exc.__cause__
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``coro`` in a task that is kept (never garbage-collected mid-flight) and
+        awaited by :meth:`aclose`; it must log its own failures."""
+
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        """Give back held leases, finish pending writes, close the connections."""
+        for slots in self._slots:
+            await slots.aclose()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        await self._link.aclose()
+
+    def __repr__(self) -> str:
+        return f"<RedisLimits {self.url} key={self.key!r} fallback={self.fallback!r}>"
