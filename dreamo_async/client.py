@@ -16,7 +16,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self, cast
 
 import aiohttp
 import anyio
@@ -27,7 +27,7 @@ from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
-from .ratelimit import LimitsBackend, LocalLimits, RateLimiter
+from .ratelimit import AdaptiveLimiter, LimitsBackend, LocalLimits, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -89,6 +89,24 @@ class BatchProgress:
     cost: Any  # Decimal
 
 
+def _make_limiter(
+    backend: LimitsBackend, rate: float | Literal["auto"] | None, burst: int
+) -> RateLimiter:
+    """The request limiter: strict (a number), none (``None``) or learned (``"auto"``).
+
+    ``"auto"`` asks the backend's optional ``make_adaptive_limiter`` and falls back to
+    an in-process :class:`AdaptiveLimiter` (the ``LimitsBackend`` protocol stays as is).
+    """
+    if rate == "auto":
+        factory = getattr(backend, "make_adaptive_limiter", None)
+        if factory is None:
+            return AdaptiveLimiter(burst=burst)
+        return cast(RateLimiter, factory(burst))
+    if isinstance(rate, str):
+        raise ValueError(f'requests_per_second must be a number, None or "auto"; got {rate!r}')
+    return backend.make_limiter(rate, burst)
+
+
 def _mask(key: str | None) -> str:
     if not key:
         return "missing"
@@ -110,7 +128,7 @@ class DreamOClient:
         *,
         base_url: str | None = None,
         max_concurrency: int = 4,
-        requests_per_second: float | None = None,
+        requests_per_second: float | Literal["auto"] | None = None,
         burst: int = 1,
         poll: PollPolicy | None = None,
         retry: RetryPolicy | None = None,
@@ -136,7 +154,7 @@ class DreamOClient:
         )
         self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
         if limiter is None:
-            limiter = self.limits_backend.make_limiter(requests_per_second, burst)
+            limiter = _make_limiter(self.limits_backend, requests_per_second, burst)
         self.max_concurrency = max_concurrency
         self.poll_policy = poll or PollPolicy()
         self.limits = limits
@@ -319,8 +337,13 @@ class DreamOClient:
         async def __aenter__(self) -> None:
             client = self._client
             client._check_open()
-            self._token = await client._slots.acquire()
+            # Registered before waiting for a slot: aclose() also ends jobs still queued.
             self._tracker.__enter__()
+            try:
+                self._token = await client._slots.acquire()
+            except BaseException as exc:
+                self._tracker.__exit__(type(exc), exc, exc.__traceback__)
+                raise
 
         async def __aexit__(
             self,

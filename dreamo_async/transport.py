@@ -167,6 +167,7 @@ class Transport:
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
+                    self.limiter.record(status)
                     payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
@@ -215,6 +216,7 @@ class Transport:
 
         async def once() -> Task:
             async with self.session.get(url, headers=headers) as response:
+                self.limiter.record(response.status)
                 payload = await self._read_capped(response)
                 if response.status == 200:
                     return parse_task(_json(payload, response.status, None))
@@ -294,6 +296,9 @@ class Transport:
                 status=response.status,
                 request_id=request_id,
             )
+        if declared is not None:
+            # Known length within the cap: one read, no chunk loop (the hot path of polls).
+            return await response.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(64 * 1024):
