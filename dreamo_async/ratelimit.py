@@ -282,7 +282,7 @@ class AdaptiveLimiter(TokenBucketLimiter):
 
     def __init__(
         self,
-        initial_rate: float = 2.0,
+        initial_rate: float = 5.0,
         burst: int = 1,
         *,
         min_rate: float = 0.2,
