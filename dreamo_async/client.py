@@ -9,12 +9,13 @@ service are bounded. Every HTTP request also passes the rate limiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, Literal, Self, cast
 
@@ -304,7 +305,7 @@ class DreamOClient:
         ordered: bool = False,
         on_progress: Callable[[BatchProgress], None] | None = None,
         timeout: float | _Unset | None = _UNSET,
-    ) -> AsyncIterator[BatchItem]:
+    ) -> AsyncGenerator[BatchItem, None]:
         """Run many generations; yield each :class:`BatchItem` as it finishes.
 
         Requests are read lazily from ``requests`` (any iterable, a generator of
@@ -314,15 +315,20 @@ class DreamOClient:
         """
         from .bulk import run_many  # local: bulk imports this module
 
-        async for item in run_many(
-            self,
-            requests,
-            return_exceptions=return_exceptions,
-            ordered=ordered,
-            on_progress=on_progress,
-            timeout=timeout,
-        ):
-            yield item
+        # aclosing: when the caller stops early, the jobs still running are cancelled
+        # now, not whenever the inner generator happens to be collected.
+        async with contextlib.aclosing(
+            run_many(
+                self,
+                requests,
+                return_exceptions=return_exceptions,
+                ordered=ordered,
+                on_progress=on_progress,
+                timeout=timeout,
+            )
+        ) as items:
+            async for item in items:
+                yield item
 
     # -- internals -----------------------------------------------------------------
 
