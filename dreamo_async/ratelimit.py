@@ -191,6 +191,12 @@ class TokenBucketLimiter:
             # else: still queued; _next_live() drops it (its future is cancelled)
             self._schedule(loop)
             raise
+        # A busy loop may resume us well after the grant: count the request as sent
+        # now (GCRA state for an emission at this moment), so such lag never bunches
+        # requests at the service. Only ever stricter; costs nothing when on time.
+        floor = loop.time() + self._interval
+        if self._tat is not None and floor > self._tat:
+            self._tat = floor
 
     def pause(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ The retry rules are where money is saved or lost:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ from urllib.parse import quote
 
 import aiohttp
 import attrs
+from aiohttp.connector import Connection
 
 from . import __about__
 from .errors import (
@@ -57,6 +59,43 @@ DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
 _NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 #: Everything aiohttp may raise while a request is in flight.
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+#: The limiter of the request being sent by this asyncio task (see _PacedConnector).
+_PACING: Final[contextvars.ContextVar[RateLimiter | None]] = contextvars.ContextVar(
+    "dreamo_async_pacing", default=None
+)
+#: Getting a connection slower than this means a new TCP connection was made.
+_NEW_CONNECTION_S: Final = 0.002
+
+
+class _PacedConnector(aiohttp.TCPConnector):
+    """A connector that takes a second rate slot when it had to open a new connection.
+
+    The rate slot is taken before the request (so polls can go ahead of creates).
+    A pooled connection is handed over at once and the request leaves right after
+    its slot; a new one takes a connect round trip, so the request would land at
+    the service late, bunched with the ones paced after it. Waiting for a fresh
+    slot once the connection is up keeps the service's view of every 1-s window
+    within ``rate + burst`` (it costs one slot per new connection, not per request).
+    """
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        limiter = _PACING.get()
+        if limiter is None:
+            return await super().connect(req, traces, timeout)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connection = await super().connect(req, traces, timeout)
+        if loop.time() - started > _NEW_CONNECTION_S:
+            try:
+                await limiter.acquire(Priority.POLL)
+            except BaseException:
+                connection.close()
+                raise
+        return connection
 
 
 @attrs.frozen(kw_only=True)
@@ -119,9 +158,7 @@ class Transport:
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use inside the running loop."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections, enable_cleanup_closed=False
-            )
+            connector = _PacedConnector(limit=self._max_connections, enable_cleanup_closed=False)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
@@ -164,6 +201,7 @@ class Transport:
         while True:
             attempt += 1
             await self.limiter.acquire(Priority.CREATE)
+            pacing = _PACING.set(self.limiter)
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
@@ -194,6 +232,8 @@ class Transport:
                     f"the create request failed after it was sent ({type(exc).__name__}: {exc})",
                     request_id=request_id,
                 ) from exc
+            finally:
+                _PACING.reset(pacing)
             if isinstance(error, RateLimitError):
                 # 429: the service refused, so no task exists; safe to send again.
                 self._pause_for(error)
@@ -246,6 +286,7 @@ class Transport:
             attempt += 1
             if priority is not None:
                 await self.limiter.acquire(priority)
+            pacing = _PACING.set(self.limiter if priority is not None else None)
             try:
                 return await once()
             except RateLimitError as exc:
@@ -263,6 +304,8 @@ class Transport:
                         f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
                     ) from exc
                 await self._backoff(attempt, None, what, exc)
+            finally:
+                _PACING.reset(pacing)
 
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
