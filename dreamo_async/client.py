@@ -409,7 +409,8 @@ class DreamOClient:
                 if now >= deadline:
                     raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
                 delay = min(delay, deadline - now)
-            await asyncio.sleep(delay)
+            if delay > 0:  # zero: poll at once, without a trip round the loop
+                await asyncio.sleep(delay)
             task = await self._transport.get_task(task.id)
             schedule.observe(loop.time(), task.progress)
         if task.status is TaskStatus.FAILED:
