@@ -35,9 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dreamo_async as d  # noqa: E402
-from benchmarks._common import KEY, fake_server_process, median, print_table  # noqa: E402
-from dreamo_async.testing import make_png  # noqa: E402
+import dreamo_async as d
+from benchmarks._common import KEY, fake_server_process, median, print_table
+from dreamo_async.testing import make_png
 
 PNG = make_png(64, 64)
 CREATE = "/model/v1/generation"

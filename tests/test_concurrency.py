@@ -18,7 +18,7 @@ import pytest
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, make_png
 
-from .conftest import eventually
+from .conftest import eventually, landed
 
 KEY = "test-key"
 PNG = make_png(32, 32)
@@ -64,6 +64,7 @@ async def cancel_and_check_silence(
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
+    await landed()  # a request written before the cancellation may still be in the server\'s queue
     seen = server.stats.requests
     await asyncio.sleep(0.15)  # several poll intervals
     assert server.stats.requests == seen
@@ -132,6 +133,9 @@ async def test_asyncio_timeout_and_anyio_fail_after_behave(server: FakeDreamOSer
         with pytest.raises(TimeoutError):
             with anyio.fail_after(0.1):
                 await client.generate(prompt="p [never]", images=[PNG])
+        await (
+            landed()
+        )  # a request written before the cancellation may still be in the server\'s queue
         seen = server.stats.requests
         await asyncio.sleep(0.1)
         assert server.stats.requests == seen
@@ -152,6 +156,7 @@ async def test_closing_cancels_running_and_queued_jobs_with_client_closed_error(
     await client.aclose()
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     assert all(isinstance(o, d.ClientClosedError) for o in outcomes), outcomes
+    await landed()  # a request written before the cancellation may still be in the server\'s queue
     seen = server.stats.requests
     await asyncio.sleep(0.1)
     assert server.stats.requests == seen
@@ -179,6 +184,7 @@ async def test_generate_many_pulls_lazily_from_an_endless_generator(
         await stream.aclose()
         assert leftovers(client)["tasks"] == 0
     assert pulled <= 10 + 4 * 3  # what was yielded plus a window of about 2 x slots
+    await landed()  # a request written before the cancellation may still be in the server\'s queue
     seen = server.stats.requests
     await asyncio.sleep(0.05)
     assert server.stats.requests == seen
@@ -221,6 +227,9 @@ async def test_generate_many_without_return_exceptions_raises_and_stops(
         with pytest.raises(d.TaskFailedError):
             async for _ in client.generate_many(requests, return_exceptions=False):
                 pass
+        await (
+            landed()
+        )  # a request written before the cancellation may still be in the server\'s queue
         seen = server.stats.requests
         await asyncio.sleep(0.1)
         assert server.stats.requests == seen  # the other jobs were cancelled

@@ -27,7 +27,7 @@ import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, make_png
 from examples import aiohttp_app, starlette_app
 
-from .conftest import eventually
+from .conftest import eventually, landed
 
 KEY = "test-key"
 REF = make_png(32, 32)
@@ -136,6 +136,9 @@ async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None
             with pytest.raises(asyncio.CancelledError):
                 await caller
             await eventually(lambda: client.statistics().jobs_running == 0)
+            await (
+                landed()
+            )  # a request written before the cancellation may still be in the server\'s queue
             seen = fake.stats.requests
             await asyncio.sleep(0.2)  # several poll intervals
             assert fake.stats.requests == seen  # nobody polls the abandoned task
