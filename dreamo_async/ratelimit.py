@@ -53,6 +53,10 @@ __all__ = [
 ]
 
 
+#: Most lateness (timer or resumption lag) absorbed without moving the schedule.
+_JITTER_S: Final = 0.005
+
+
 class Priority(enum.IntEnum):
     """Which requests go first when several wait: work in flight finishes first."""
 
@@ -191,10 +195,10 @@ class TokenBucketLimiter:
             # else: still queued; _next_live() drops it (its future is cancelled)
             self._schedule(loop)
             raise
-        # A busy loop may resume us well after the grant: count the request as sent
-        # now (GCRA state for an emission at this moment), so such lag never bunches
-        # requests at the service. Only ever stricter; costs nothing when on time.
-        floor = loop.time() + self._interval
+        # A busy loop may resume us well after the grant. Lag up to the jitter
+        # allowance is absorbed by the bound's spare request; beyond it, count the
+        # request as sent now (minus the allowance) so lag never bunches requests.
+        floor = loop.time() + self._interval - self._jitter
         if self._tat is not None and floor > self._tat:
             self._tat = floor
 
@@ -245,15 +249,28 @@ class TokenBucketLimiter:
         self._timer_at = when
         self._timer = loop.call_at(when, self._wake, loop)
 
+    @property
+    def _jitter(self) -> float:
+        """How late a grant may act on time (timer or resumption lag), keeping the bound.
+
+        GCRA puts at most ``rate + burst - 1`` points in any 1-s window; a request sent
+        up to less than one interval after its point adds at most the one spare request
+        to any window. Lateness within the allowance keeps the schedule (no rate lost
+        to timer jitter); beyond it the schedule moves on.
+        """
+        return min(0.5 * self._interval, _JITTER_S)
+
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now = loop.time()
+        if 0.0 <= now - self._timer_at <= self._jitter:
+            now = self._timer_at  # fired a little late: grant on schedule
         while now >= self._cooldown_until and (head := self._next_live()) is not None:
             # call_at may fire a hair early (clock resolution): allow 1 µs.
             if self._ready_at(now) > now + 1e-6:
                 break
             heapq.heappop(self._heap)
-            head.grant = self._take(max(now, self._ready_at(now)))
+            head.grant = self._take(now)
             head.future.set_result(None)
         self._schedule(loop)
 
