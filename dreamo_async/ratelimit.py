@@ -296,7 +296,7 @@ class AdaptiveLimiter(TokenBucketLimiter):
     a limit is only learned while it is the bottleneck.
     """
 
-    __slots__ = ("_last_change", "_slow_start", "max_rate", "min_rate")
+    __slots__ = ("_clean", "_last_cut", "_last_step", "_slow_start", "max_rate", "min_rate")
 
     #: Added after each clean, busy second (requests/s).
     INCREASE: Final = 0.5
@@ -315,33 +315,43 @@ class AdaptiveLimiter(TokenBucketLimiter):
         self.min_rate = float(min_rate)
         self.max_rate = float(max_rate)
         self._slow_start = True
-        self._last_change: float | None = None
+        #: When the last 1-s step began (None: before the first answer).
+        self._last_step: float | None = None
+        #: When the rate was last cut (cuts are at most one per second).
+        self._last_cut = -1e9
+        #: No 429 since the current step began.
+        self._clean = True
 
     def record(self, status: int) -> None:
         now = asyncio.get_running_loop().time()
-        if self._last_change is None:
-            self._last_change = now
-            return
+        if self._last_step is None:
+            self._last_step = now
         if status == 429:
+            self._clean = False
             if self._slow_start:
                 self._slow_start = False
-                self._set_rate(self.rate / 2.0, now)
-            elif now - self._last_change >= 1.0:
-                self._set_rate(self.rate * self.DECREASE, now)
+                self._cut(self.rate / 2.0, now)
+            elif now - self._last_cut >= 1.0:
+                self._cut(self.rate * self.DECREASE, now)
             return
-        if now - self._last_change >= 1.0:
-            if self._busy:
-                grown = self.rate * 2.0 if self._slow_start else self.rate + self.INCREASE
-                self._set_rate(grown, now)
-            else:
-                self._last_change = now
-            self._busy = bool(self._heap)
+        if now - self._last_step < 1.0:
+            return
+        # A second has passed: grow only if it was clean and callers had to wait.
+        if self._clean and self._busy:
+            grown = self.rate * 2.0 if self._slow_start else self.rate + self.INCREASE
+            self._set_rate(grown)
+        self._last_step = now
+        self._clean = True
+        self._busy = bool(self._heap)
 
-    def _set_rate(self, rate: float, now: float) -> None:
+    def _cut(self, rate: float, now: float) -> None:
+        self._set_rate(rate)
+        self._last_cut = self._last_step = now  # a fresh step starts at the new rate
+        self._busy = bool(self._heap)
+
+    def _set_rate(self, rate: float) -> None:
         self.rate = min(self.max_rate, max(self.min_rate, rate))
         self._interval = 1.0 / self.rate
-        self._last_change = now
-        self._busy = bool(self._heap)
         if self._heap:
             self._schedule(asyncio.get_running_loop())
 

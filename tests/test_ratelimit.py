@@ -170,9 +170,14 @@ async def test_adaptive_limiter_slow_start_then_aimd(monkeypatch: pytest.MonkeyP
     limiter.record(429)
     assert limiter.rate == 4.0  # at most one cut per second
     second()
-    assert limiter.rate == 4.5  # additive increase from now on
+    assert limiter.rate == 4.0  # that second saw a 429: no increase
+    second()
+    assert limiter.rate == 4.5  # additive increase after a clean second
     second(429)
-    assert limiter.rate == pytest.approx(4.5 * 0.85)
+    assert limiter.rate == pytest.approx(4.5 * 0.85)  # later 429s: x 0.85
+    clock[0] += 0.5
+    limiter.record(429)
+    assert limiter.rate == pytest.approx(4.5 * 0.85)  # not twice within a second
 
 
 # ------------------------------------------------------------------ over HTTP
