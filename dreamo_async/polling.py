@@ -100,13 +100,18 @@ class PollSchedule:
             # Poll just after the expected finish, but never beyond max_delay so a
             # wrong estimate costs at most one long wait.
             return min(self.policy.max_delay, max(_MIN_DELAY, estimate + self.policy.finish_margin))
-        relative = self.policy.max_relative_delay
-        if relative is not None:
-            delay = min(delay, max(self.policy.initial_delay, relative * (now - self.started_at)))
         jitter = self.policy.jitter
+        relative = self.policy.max_relative_delay
+        cap = (
+            max(self.policy.initial_delay, relative * (now - self.started_at))
+            if relative is not None
+            else float("inf")
+        )
+        if delay >= cap:  # a hard cap: jitter only below it
+            return cap * self.rng.uniform(1.0 - jitter, 1.0) if jitter else cap
         if jitter:
             delay *= self.rng.uniform(1.0 - jitter, 1.0 + jitter)
-        return delay
+        return min(delay, cap)
 
     def _estimated_remaining(self, now: float) -> float | None:
         if self._rate is None or self._last_progress is None or self._rate <= 0:
