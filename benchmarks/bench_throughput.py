@@ -17,8 +17,9 @@ concurrency:
   ``json.loads`` of each answer, body built per job (base64 + ``json.dumps``);
 * ``httpx``: the same loop on ``httpx.AsyncClient`` (fewer jobs: it is slow).
 
-Printed: jobs/s (median of the runs, variants interleaved) and the ratio of the
-library to bare aiohttp measured in the same run.
+Printed: jobs/s (median of the runs, variants interleaved), the ratio of the
+library to bare aiohttp measured in the same run, and the client's CPU time per
+job (``process_time``; steadier than jobs/s on a shared machine).
 """
 
 from __future__ import annotations
@@ -45,22 +46,36 @@ TASK = "/model/v1/generation/task/{id}"
 ZERO_POLL = d.PollPolicy(initial_delay=0.0, max_delay=0.0, jitter=0.0, max_relative_delay=None)
 
 
+class Clock:
+    """Wall and CPU time of the measured part (the server runs in another process,
+    so ``process_time`` is the client's CPU alone)."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def done(self, jobs: int) -> tuple[float, float]:
+        """(jobs/s, client CPU microseconds per job)."""
+        wall = time.perf_counter() - self.wall
+        return jobs / wall, (time.process_time() - self.cpu) / jobs * 1e6
+
+
 def create_body(prompt: str) -> bytes:
     params = {"prompt": prompt, "binary_data_base64": [base64.b64encode(PNG).decode()]}
     return json.dumps({"model": d.MULTI_IP_MODEL, "input": [{"params": params}]}).encode()
 
 
-async def run_library(url: str, jobs: int, concurrency: int) -> float:
+async def run_library(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     async with d.DreamOClient(
         api_key=KEY, base_url=url, max_concurrency=concurrency, poll=ZERO_POLL
     ) as client:
         await client.generate(prompt="warm-up", images=[PNG])
-        started = time.perf_counter()
+        clock = Clock()
         await asyncio.gather(*(client.generate(prompt=f"p{i}", images=[PNG]) for i in range(jobs)))
-        return jobs / (time.perf_counter() - started)
+        return clock.done(jobs)
 
 
-async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> float:
+async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -85,12 +100,12 @@ async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> float:
                 await one(f"p{i}")
 
         await one("warm-up")
-        started = time.perf_counter()
+        clock = Clock()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return jobs / (time.perf_counter() - started)
+        return clock.done(jobs)
 
 
-async def run_httpx(url: str, jobs: int, concurrency: int) -> float:
+async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -114,12 +129,12 @@ async def run_httpx(url: str, jobs: int, concurrency: int) -> float:
                 await one(f"p{i}")
 
         await one("warm-up")
-        started = time.perf_counter()
+        clock = Clock()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return jobs / (time.perf_counter() - started)
+        return clock.done(jobs)
 
 
-Variant = Callable[[str, int, int], Coroutine[Any, Any, float]]
+Variant = Callable[[str, int, int], Coroutine[Any, Any, tuple[float, float]]]
 
 
 def main() -> None:
@@ -144,22 +159,29 @@ def main() -> None:
     rows = []
     with fake_server_process("--task-duration-ms", "0") as url:
         for concurrency in args.concurrency:
-            results: dict[str, list[float]] = {name: [] for name in variants}
+            results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
             ratios: list[float] = []
+            cpu_ratios: list[float] = []
             for _ in range(args.runs):
                 for name, (variant, jobs) in variants.items():
                     results[name].append(asyncio.run(variant(url, jobs, concurrency)))
-                ratios.append(results["dreamo_async"][-1] / results["bare aiohttp"][-1])
+                ours, bare = results["dreamo_async"][-1], results["bare aiohttp"][-1]
+                ratios.append(ours[0] / bare[0])
+                cpu_ratios.append(ours[1] / bare[1])
+                print(concurrency, {k: v[-1] for k, v in results.items()}, flush=True)
             row: list[Any] = [concurrency]
-            row += [median(results[name]) for name in variants]
+            row += [median([r[0] for r in results[name]]) for name in variants]
             row.append(f"{median(ratios):.2f}x")
             if "httpx" in variants:
-                row.append(f"{median(results['dreamo_async']) / median(results['httpx']):.1f}x")
+                lib = median([r[0] for r in results["dreamo_async"]])
+                row.append(f"{lib / median([r[0] for r in results['httpx']]):.1f}x")
+            row += [median([r[1] for r in results[name]]) for name in variants][:2]
+            row.append(f"{median(cpu_ratios):.2f}x")
             rows.append(row)
-            print(f"concurrency {concurrency}: {results}", flush=True)
     headers = ["concurrency", *(f"{name} jobs/s" for name in variants), "library / bare"]
     if "httpx" in variants:
         headers.append("library / httpx")
+    headers += ["library CPU µs/job", "bare CPU µs/job", "CPU library / bare"]
     print_table(f"Tiny jobs (create + 1 poll), medians of {args.runs} runs", headers, rows)
 
 

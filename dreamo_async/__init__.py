@@ -31,7 +31,13 @@ from .images import ImageInfo, ImageSource
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
 from .polling import PollPolicy
-from .ratelimit import Priority, RateLimiter, TokenBucketLimiter, UnlimitedLimiter
+from .ratelimit import (
+    AdaptiveLimiter,
+    Priority,
+    RateLimiter,
+    TokenBucketLimiter,
+    UnlimitedLimiter,
+)
 from .request import (
     MULTI_IP_MODEL,
     SINGLE_IMAGE_MODEL,
@@ -50,6 +56,7 @@ __all__ = [
     "SIZE_PRESETS",
     "APIConnectionError",
     "APIError",
+    "AdaptiveLimiter",
     "AuthenticationError",
     "BatchItem",
     "BatchProgress",
