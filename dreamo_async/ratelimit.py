@@ -108,7 +108,8 @@ class UnlimitedLimiter:
         self._cooldown = _CoolDown()
 
     async def acquire(self, priority: Priority = Priority.CREATE) -> None:
-        await self._cooldown.wait()
+        if self._cooldown._until > 0.0:  # ever paused: (no coroutine on the hot path)
+            await self._cooldown.wait()
 
     def pause(self, seconds: float) -> None:
         self._cooldown.pause(seconds)

@@ -21,7 +21,7 @@ import contextvars
 import json
 import logging
 import random
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
@@ -190,7 +190,7 @@ class Transport:
 
     async def create(self, body: bytes, *, request_id: str | None = None) -> Task:
         """Send a create request; retried only while no task can exist."""
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or secrets.token_hex(16)
         headers = {
             **self._auth_headers(),
             "Content-Type": "application/json",

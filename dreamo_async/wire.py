@@ -14,6 +14,7 @@ fields never break parsing; the whole task JSON is kept in ``raw``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
@@ -146,7 +147,10 @@ def parse_task(body: object) -> Task:
 
 def _structure_task(data: Mapping[str, Any], _: type) -> Task:
     task_id = data.get("id", data.get("task_id"))
-    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
+    if type(task_id) is str:  # the common case first (this runs for every answer)
+        if not task_id:
+            raise ResponseFormatError("the task answer has no id")
+    elif not isinstance(task_id, _STR_INT) or isinstance(task_id, bool) or str(task_id) == "":
         raise ResponseFormatError("the task answer has no id")
     raw_status = data.get("status")
     status = TaskStatus.from_wire(raw_status)
@@ -183,7 +187,7 @@ def _as_int(value: object) -> int | None:
 
 
 def _parse_progress(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool) or not isinstance(value, _NUMBER_OR_STR):
         return None
     try:
         number = float(value)
@@ -196,15 +200,28 @@ def _parse_progress(value: object) -> float | None:
     return min(number, 1.0)
 
 
+# Tuples, not ``int | float``: a union in isinstance is built anew at every call.
+_STR_INT: Final = (str, int)
+_NUMBER: Final = (int, float)
+_NUMBER_OR_STR: Final = (int, float, str)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_epoch(value: float) -> dt.datetime | None:
+    """Epoch seconds (or milliseconds) -> aware datetime; cached: every poll of a task
+    repeats its ``created_at``."""
+    seconds = value / 1000.0 if value > 1e11 else float(value)
+    try:
+        return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def _parse_time(value: object) -> dt.datetime | None:
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        seconds = value / 1000.0 if value > 1e11 else float(value)
-        try:
-            return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
-        except (OverflowError, OSError, ValueError):
-            return None
+    if isinstance(value, _NUMBER):
+        return _from_epoch(value)
     if isinstance(value, str):
         text = value.strip()
         if text.replace(".", "", 1).isdigit():
@@ -258,7 +275,7 @@ def _parse_usage(usage: object) -> Usage | None:
         return None
     cost: Decimal | None = None
     raw_cost = usage.get("cost")
-    if isinstance(raw_cost, str | int | float) and not isinstance(raw_cost, bool):
+    if isinstance(raw_cost, _NUMBER_OR_STR) and not isinstance(raw_cost, bool):
         try:
             cost = Decimal(str(raw_cost).strip())
         except InvalidOperation:
@@ -269,7 +286,7 @@ def _parse_usage(usage: object) -> Usage | None:
     return Usage(
         cost=cost,
         discount=float(discount)
-        if isinstance(discount, int | float) and not isinstance(discount, bool)
+        if isinstance(discount, _NUMBER) and not isinstance(discount, bool)
         else None,
     )
 
