@@ -35,6 +35,7 @@ from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
 from .polling import PollPolicy
 from .ratelimit import (
+    AdaptiveLimiter,
     JobSlots,
     LimitsBackend,
     LocalLimits,
@@ -62,6 +63,7 @@ __all__ = [
     "SIZE_PRESETS",
     "APIConnectionError",
     "APIError",
+    "AdaptiveLimiter",
     "AuthenticationError",
     "BatchItem",
     "BatchProgress",

@@ -11,7 +11,7 @@ error in a :class:`BatchItem`; nothing is dropped.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,7 @@ async def run_many(
     ordered: bool = False,
     on_progress: Callable[[BatchProgress], None] | None = None,
     timeout: Any = None,
-) -> AsyncIterator[BatchItem]:
+) -> AsyncGenerator[BatchItem, None]:
     """The engine behind :meth:`DreamOClient.generate_many`."""
     from .client import BatchItem, BatchProgress  # the client module imports this one
 

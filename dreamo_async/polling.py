@@ -42,6 +42,10 @@ class PollPolicy:
     use_progress: bool = True
     #: After the estimated finish, poll again this long after (seconds).
     finish_margin: float = attrs.field(default=0.1, validator=_non_negative)
+    #: Without a progress estimate, no delay exceeds this fraction of the time the job
+    #: has run so far (never below ``initial_delay``): a task that ends is seen within
+    #: about that fraction of its duration, whatever its length (``None``: no cap).
+    max_relative_delay: float | None = attrs.field(default=0.15)
     timeout: float | None = attrs.field(default=600.0)
 
     def __attrs_post_init__(self) -> None:
@@ -51,6 +55,8 @@ class PollPolicy:
             raise ValueError("PollPolicy.max_delay must be >= initial_delay")
         if self.timeout is not None and not self.timeout > 0:
             raise ValueError("PollPolicy.timeout must be positive or None")
+        if self.max_relative_delay is not None and not self.max_relative_delay > 0:
+            raise ValueError("PollPolicy.max_relative_delay must be positive or None")
 
     def backoff_delay(self, attempt: int) -> float:
         """The un-jittered delay before poll number ``attempt`` (0-based)."""
@@ -71,6 +77,8 @@ class PollSchedule:
     attempt: int = 0
     _last_progress: tuple[float, float] | None = attrs.field(default=None, alias="_last_progress")
     _rate: float | None = attrs.field(default=None, alias="_rate")
+    #: Polls made after the estimated finish had passed (the estimate was early).
+    _overdue: int = attrs.field(default=0, alias="_overdue")
 
     def observe(self, now: float, progress: float | None) -> None:
         """Record a poll answer's ``progress`` (0..1) seen at ``now``."""
@@ -93,9 +101,17 @@ class PollSchedule:
             # wrong estimate costs at most one long wait.
             return min(self.policy.max_delay, max(_MIN_DELAY, estimate + self.policy.finish_margin))
         jitter = self.policy.jitter
+        relative = self.policy.max_relative_delay
+        cap = (
+            max(self.policy.initial_delay, relative * (now - self.started_at))
+            if relative is not None
+            else float("inf")
+        )
+        if delay >= cap:  # a hard cap: jitter only below it
+            return cap * self.rng.uniform(1.0 - jitter, 1.0) if jitter else cap
         if jitter:
             delay *= self.rng.uniform(1.0 - jitter, 1.0 + jitter)
-        return delay
+        return min(delay, cap)
 
     def _estimated_remaining(self, now: float) -> float | None:
         if self._rate is None or self._last_progress is None or self._rate <= 0:
@@ -106,8 +122,11 @@ class PollSchedule:
         finish = seen_at + (1.0 - progress) / self._rate
         remaining = finish - now
         if remaining <= 0:
-            # Past the estimate and not done yet: short, growing retries.
+            # Past the estimate and not done yet: short retries, growing each time.
+            self._overdue += 1
             return min(
-                self.policy.max_delay, self.policy.finish_margin * 2.0 ** min(self.attempt, 16)
+                self.policy.max_delay,
+                max(_MIN_DELAY, self.policy.finish_margin) * 2.0 ** min(self._overdue - 1, 16),
             )
+        self._overdue = 0
         return remaining

@@ -17,17 +17,19 @@ The retry rules are where money is saved or lost:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import random
+import secrets
 import ssl
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import attrs
+from aiohttp.connector import Connection
 
 from . import __about__
 from ._body import BodyParts
@@ -63,6 +65,43 @@ DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
 _NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 #: Everything aiohttp may raise while a request is in flight.
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+#: The limiter of the request being sent by this asyncio task (see _PacedConnector).
+_PACING: Final[contextvars.ContextVar[RateLimiter | None]] = contextvars.ContextVar(
+    "dreamo_async_pacing", default=None
+)
+#: Getting a connection slower than this means a new TCP connection was made.
+_NEW_CONNECTION_S: Final = 0.002
+
+
+class _PacedConnector(aiohttp.TCPConnector):
+    """A connector that takes a second rate slot when it had to open a new connection.
+
+    The rate slot is taken before the request (so polls can go ahead of creates).
+    A pooled connection is handed over at once and the request leaves right after
+    its slot; a new one takes a connect round trip, so the request would land at
+    the service late, bunched with the ones paced after it. Waiting for a fresh
+    slot once the connection is up keeps the service's view of every 1-s window
+    within ``rate + burst`` (it costs one slot per new connection, not per request).
+    """
+
+    async def connect(
+        self, req: aiohttp.ClientRequest, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        limiter = _PACING.get()
+        if limiter is None:
+            return await super().connect(req, traces, timeout)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connection = await super().connect(req, traces, timeout)
+        if loop.time() - started > _NEW_CONNECTION_S:
+            try:
+                await limiter.acquire(Priority.POLL)
+            except BaseException:
+                connection.close()
+                raise
+        return connection
 
 
 @attrs.frozen(kw_only=True)
@@ -137,7 +176,7 @@ class Transport:
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use inside the running loop."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(
+            connector = _PacedConnector(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
@@ -207,7 +246,7 @@ class Transport:
         leaves (after the rate limiter): a journal records "outcome unknown from
         here on" durably before any task can exist.
         """
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or secrets.token_hex(16)
         headers = {
             **self._auth_headers(),
             "Content-Type": "application/json",
@@ -220,9 +259,11 @@ class Transport:
             await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
+            pacing = _PACING.set(self.limiter)
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
+                    self.limiter.record(status)
                     payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
@@ -249,6 +290,8 @@ class Transport:
                     f"the create request failed after it was sent ({type(exc).__name__}: {exc})",
                     request_id=request_id,
                 ) from exc
+            finally:
+                _PACING.reset(pacing)
             if isinstance(error, RateLimitError):
                 # 429: the service refused, so no task exists; safe to send again.
                 self._pause_for(error)
@@ -271,6 +314,7 @@ class Transport:
 
         async def once() -> Task:
             async with self.session.get(url, headers=headers) as response:
+                self.limiter.record(response.status)
                 payload = await self._read_capped(response)
                 if response.status == 200:
                     return parse_task(_json(payload, response.status, None))
@@ -355,6 +399,7 @@ class Transport:
             attempt += 1
             if priority is not None:
                 await self.limiter.acquire(priority)
+            pacing = _PACING.set(self.limiter if priority is not None else None)
             try:
                 return await once()
             except RateLimitError as exc:
@@ -372,6 +417,8 @@ class Transport:
                         f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
                     ) from exc
                 await self._backoff(attempt, None, what, exc)
+            finally:
+                _PACING.reset(pacing)
 
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
@@ -405,6 +452,9 @@ class Transport:
                 status=response.status,
                 request_id=request_id,
             )
+        if declared is not None:
+            # Known length within the cap: one read, no chunk loop (the hot path of polls).
+            return await response.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(64 * 1024):

@@ -14,10 +14,11 @@ fields never break parsing; the whole task JSON is kept in ``raw``.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
@@ -131,6 +132,8 @@ def unwrap_envelope(body: object) -> Mapping[str, Any]:
 
     A non-200 ``status.code`` in an envelope is an error, mapped like an HTTP status.
     """
+    if type(body) is dict and "data" not in body:
+        return body  # the common case, without the (slow) ABC isinstance check
     if not isinstance(body, Mapping):
         raise ResponseFormatError(f"expected a JSON object, got {type(body).__name__}", status=None)
     envelope_status = body.get("status")
@@ -154,12 +157,15 @@ def unwrap_envelope(body: object) -> Mapping[str, Any]:
 def parse_task(body: object) -> Task:
     """Parse a create or poll answer (enveloped or not) into a :class:`Task`."""
     data = unwrap_envelope(body)
-    return converter.structure(data, Task)
+    return _structure_task(data, Task)  # the converter's hook, minus its dispatch (hot path)
 
 
 def _structure_task(data: Mapping[str, Any], _: type) -> Task:
     task_id = data.get("id", data.get("task_id"))
-    if not isinstance(task_id, str | int) or isinstance(task_id, bool) or str(task_id) == "":
+    if type(task_id) is str:  # the common case first (this runs for every answer)
+        if not task_id:
+            raise ResponseFormatError("the task answer has no id")
+    elif not isinstance(task_id, _STR_INT) or isinstance(task_id, bool) or str(task_id) == "":
         raise ResponseFormatError("the task answer has no id")
     raw_status = data.get("status")
     status = TaskStatus.from_wire(raw_status)
@@ -175,12 +181,17 @@ def _structure_task(data: Mapping[str, Any], _: type) -> Task:
         images=_parse_output(data.get("output")),
         usage=_parse_usage(data.get("usage")),
         error=_parse_task_error(data) if status is TaskStatus.FAILED else None,
-        metadata=metadata if isinstance(metadata, Mapping) else {},
+        metadata=metadata if _is_mapping(metadata) else {},
         raw=data,
     )
 
 
 converter.register_structure_hook(Task, _structure_task)
+
+
+def _is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
+    """``isinstance(value, Mapping)``, fast for the plain dicts ``json.loads`` makes."""
+    return type(value) is dict or isinstance(value, Mapping)
 
 
 def _as_int(value: object) -> int | None:
@@ -191,7 +202,7 @@ def _as_int(value: object) -> int | None:
 
 
 def _parse_progress(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool) or not isinstance(value, _NUMBER_OR_STR):
         return None
     try:
         number = float(value)
@@ -204,15 +215,28 @@ def _parse_progress(value: object) -> float | None:
     return min(number, 1.0)
 
 
+# Tuples, not ``int | float``: a union in isinstance is built anew at every call.
+_STR_INT: Final = (str, int)
+_NUMBER: Final = (int, float)
+_NUMBER_OR_STR: Final = (int, float, str)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_epoch(value: float) -> dt.datetime | None:
+    """Epoch seconds (or milliseconds) -> aware datetime; cached: every poll of a task
+    repeats its ``created_at``."""
+    try:
+        seconds = value / 1000.0 if value > 1e11 else float(value)
+        return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    except (OverflowError, OSError, ValueError):  # huge ints, inf, NaN, year > 9999
+        return None
+
+
 def _parse_time(value: object) -> dt.datetime | None:
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int | float):
-        try:
-            seconds = value / 1000.0 if value > 1e11 else float(value)
-            return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
-        except (OverflowError, OSError, ValueError):  # huge ints, inf, NaN, year > 9999
-            return None
+    if isinstance(value, _NUMBER):
+        return _from_epoch(value)
     if isinstance(value, str):
         text = value.strip()
         if text.replace(".", "", 1).isdigit():
@@ -234,13 +258,13 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
         if isinstance(item, str):
             images.append(OutputImage(url=item))
             continue
-        if not isinstance(item, Mapping):
+        if not _is_mapping(item):
             continue
         item_job = _str_or_none(item.get("jobId", item.get("job_id")))
         content = item.get("content")
         if isinstance(content, list):
             for part in content:
-                if isinstance(part, Mapping) and isinstance(part.get("url"), str):
+                if _is_mapping(part) and isinstance(part.get("url"), str):
                     images.append(
                         OutputImage(
                             url=part["url"],
@@ -269,11 +293,11 @@ _MAX_COST_DIGITS: Final = 14
 
 
 def _parse_usage(usage: object) -> Usage | None:
-    if not isinstance(usage, Mapping):
+    if not _is_mapping(usage):
         return None
     cost: Decimal | None = None
     raw_cost = usage.get("cost")
-    if isinstance(raw_cost, str | int | float) and not isinstance(raw_cost, bool):
+    if isinstance(raw_cost, _NUMBER_OR_STR) and not isinstance(raw_cost, bool):
         try:
             cost = Decimal(str(raw_cost).strip())
         except InvalidOperation:
@@ -283,7 +307,7 @@ def _parse_usage(usage: object) -> Usage | None:
             cost = None
     discount: float | None = None
     raw_discount = usage.get("discount")
-    if isinstance(raw_discount, int | float) and not isinstance(raw_discount, bool):
+    if isinstance(raw_discount, _NUMBER) and not isinstance(raw_discount, bool):
         try:
             discount = float(raw_discount)
         except OverflowError:  # an int of hundreds of digits

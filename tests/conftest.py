@@ -20,6 +20,15 @@ async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> 
         await asyncio.sleep(0.002)
 
 
+async def landed() -> None:
+    """Let requests already written reach a fake server on this loop before counting them.
+
+    Cancelling a job may catch a request after its bytes left: it was sent before the
+    cancellation, and the server (same loop) has yet to read it. 20 ms covers that.
+    """
+    await asyncio.sleep(0.02)
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test sees a developer's real key, and testing mode never leaks between tests."""

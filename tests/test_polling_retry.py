@@ -13,7 +13,9 @@ from dreamo_async.retry import parse_retry_after
 
 
 def test_backoff_grows_geometrically_to_the_cap() -> None:
-    policy = d.PollPolicy(initial_delay=1.0, max_delay=10.0, multiplier=1.5, jitter=0.0)
+    policy = d.PollPolicy(
+        initial_delay=1.0, max_delay=10.0, multiplier=1.5, jitter=0.0, max_relative_delay=None
+    )
     schedule = PollSchedule(policy, started_at=0.0)
     delays = [schedule.next_delay(0.0) for _ in range(8)]
     assert delays[:4] == [1.0, 1.5, 2.25, 3.375]
@@ -44,6 +46,32 @@ def test_progress_estimate_never_exceeds_max_delay() -> None:
     assert schedule.next_delay(1.0) == 5.0
 
 
+@pytest.mark.parametrize("jitter", [0.0, 0.1])
+def test_relative_cap_keeps_delays_within_a_share_of_the_elapsed_time(jitter: float) -> None:
+    policy = d.PollPolicy(initial_delay=1.0, max_delay=10.0, jitter=jitter, max_relative_delay=0.15)
+    schedule = PollSchedule(policy, started_at=0.0, rng=random.Random(5))
+    now, delays = 0.0, []
+    while now < 120:
+        delay = schedule.next_delay(now)
+        delays.append(delay)
+        assert delay <= max(1.0, 0.15 * now) + 1e-9
+        now += delay
+    assert delays[0] <= 1.0
+    assert max(delays) <= 10.0 * (1 + jitter)  # max_delay still applies on long tasks
+    assert max(delays) >= 9.0
+
+
+def test_an_early_estimate_retries_soon_then_backs_off() -> None:
+    policy = d.PollPolicy(jitter=0.0, finish_margin=0.1, max_delay=30.0)
+    schedule = PollSchedule(policy, started_at=0.0)
+    schedule.observe(1.0, 0.5)  # "done at 2 s"
+    assert schedule.next_delay(1.0) == pytest.approx(1.1)
+    schedule.observe(2.1, 0.9)  # slower than thought
+    overdue = [schedule.next_delay(2.6) for _ in range(3)]
+    assert overdue[0] <= 0.5
+    assert overdue == sorted(overdue)
+
+
 def test_poll_policy_validates() -> None:
     with pytest.raises(ValueError, match="multiplier"):
         d.PollPolicy(multiplier=0.5)
@@ -51,6 +79,8 @@ def test_poll_policy_validates() -> None:
         d.PollPolicy(initial_delay=5, max_delay=1)
     with pytest.raises(ValueError, match="timeout"):
         d.PollPolicy(timeout=0)
+    with pytest.raises(ValueError, match="max_relative_delay"):
+        d.PollPolicy(max_relative_delay=0)
 
 
 def test_full_jitter_backoff_is_bounded_by_the_cap() -> None:

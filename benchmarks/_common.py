@@ -1,0 +1,105 @@
+"""Helpers shared by the benchmarks: medians, a table printer, fake servers to measure against.
+
+Every benchmark is a script that prints a table; none asserts on wall-clock time.
+Figures are medians of several runs, and each ratio uses a baseline measured in the
+same run on the same machine (2 shared, noisy cores here).
+
+Two ways to run the fake service:
+
+* :func:`fake_server_process`: ``python -m dreamo_async.testing`` in another process,
+  so the server's CPU does not share the measuring loop (throughput);
+* :func:`threaded_fake_server`: a :class:`FakeDreamOServer` on its own loop in a
+  thread, when the benchmark reads the server's own counters (arrival times, 429s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dreamo_async.testing import FakeDreamOServer  # noqa: E402
+
+KEY = "test-key"
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def max_in_window(times: Sequence[float], window: float = 1.0) -> int:
+    """Most events in any half-open window ``[t, t + window)``."""
+    ordered = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(ordered):
+        while moment - ordered[start] >= window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain-text table (Markdown-compatible, so it can be pasted into the README)."""
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    sys.stdout.flush()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+@contextlib.contextmanager
+def fake_server_process(*args: str) -> Iterator[str]:
+    """Run ``python -m dreamo_async.testing ARGS`` in another process; yield its URL."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dreamo_async.testing", "--api-key", KEY, *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().strip()
+        if not line.startswith("READY "):
+            raise RuntimeError(f"fake server did not start: {line!r}")
+        yield line.split(" ", 1)[1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def threaded_fake_server(**options: Any) -> AsyncIterator[FakeDreamOServer]:
+    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = FakeDreamOServer(api_key=KEY, **options)
+    try:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.start(), loop))
+        yield server
+    finally:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.close(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()

@@ -1,0 +1,189 @@
+"""Throughput of tiny jobs: the library against a bare aiohttp loop and an httpx client.
+
+Run from the repository root (``make bench`` installs httpx, the ``bench`` extra)::
+
+    .venv/bin/python benchmarks/bench_throughput.py            # 5 runs of each
+    .venv/bin/python benchmarks/bench_throughput.py --runs 3 --jobs 1000
+
+A tiny job is one create and one poll: the fake server (another process, so its
+CPU does not share the measuring loop) makes tasks that are complete at their
+first poll, and the client polls with zero delay. Every variant does the same
+HTTP requests with the same body (a 64 x 64 PNG, base64 in JSON) at the same
+concurrency:
+
+* ``dreamo_async``: ``asyncio.gather`` of ``client.generate`` with
+  ``max_concurrency=C`` (everything: checks, image stage, limiter, parsing);
+* ``bare aiohttp``: C workers, each POST create -> GET poll until ``completed``,
+  ``json.loads`` of each answer, body built per job (base64 + ``json.dumps``);
+* ``httpx``: the same loop on ``httpx.AsyncClient`` (fewer jobs: it is slow).
+
+Printed: jobs/s (median of the runs, variants interleaved), the ratio of the
+library to bare aiohttp measured in the same run, and the client's CPU time per
+job (``process_time``; steadier than jobs/s on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dreamo_async as d
+from benchmarks._common import KEY, fake_server_process, median, print_table
+from dreamo_async.testing import make_png
+
+PNG = make_png(64, 64)
+CREATE = "/model/v1/generation"
+TASK = "/model/v1/generation/task/{id}"
+ZERO_POLL = d.PollPolicy(initial_delay=0.0, max_delay=0.0, jitter=0.0, max_relative_delay=None)
+
+
+class Clock:
+    """Wall and CPU time of the measured part (the server runs in another process,
+    so ``process_time`` is the client's CPU alone)."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def done(self, jobs: int) -> tuple[float, float]:
+        """(jobs/s, client CPU microseconds per job)."""
+        wall = time.perf_counter() - self.wall
+        return jobs / wall, (time.process_time() - self.cpu) / jobs * 1e6
+
+
+def create_body(prompt: str) -> bytes:
+    params = {"prompt": prompt, "binary_data_base64": [base64.b64encode(PNG).decode()]}
+    return json.dumps({"model": d.MULTI_IP_MODEL, "input": [{"params": params}]}).encode()
+
+
+async def run_library(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+    async with d.DreamOClient(
+        api_key=KEY, base_url=url, max_concurrency=concurrency, poll=ZERO_POLL
+    ) as client:
+        await client.generate(prompt="warm-up", images=[PNG])
+        clock = Clock()
+        await asyncio.gather(*(client.generate(prompt=f"p{i}", images=[PNG]) for i in range(jobs)))
+        return clock.done(jobs)
+
+
+async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    post_headers = {**headers, "Content-Type": "application/json"}
+    counter = iter(range(jobs))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
+
+        async def one(prompt: str) -> None:
+            async with session.post(
+                url + CREATE, data=create_body(prompt), headers=post_headers
+            ) as r:
+                task = json.loads(await r.read())
+            while True:
+                async with session.get(url + TASK.format(id=task["id"]), headers=headers) as r:
+                    task = json.loads(await r.read())
+                if task["status"] in ("completed", "failed"):
+                    return
+                await asyncio.sleep(0)
+
+        async def worker() -> None:
+            for i in counter:
+                await one(f"p{i}")
+
+        await one("warm-up")
+        clock = Clock()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return clock.done(jobs)
+
+
+async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    counter = iter(range(jobs))
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as http:
+
+        async def one(prompt: str) -> None:
+            response = await http.post(
+                CREATE, content=create_body(prompt), headers={"Content-Type": "application/json"}
+            )
+            task: dict[str, Any] = json.loads(response.content)
+            while True:
+                task = json.loads((await http.get(TASK.format(id=task["id"]))).content)
+                if task["status"] in ("completed", "failed"):
+                    return
+                await asyncio.sleep(0)
+
+        async def worker() -> None:
+            for i in counter:
+                await one(f"p{i}")
+
+        await one("warm-up")
+        clock = Clock()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return clock.done(jobs)
+
+
+Variant = Callable[[str, int, int], Coroutine[Any, Any, tuple[float, float]]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per run (httpx: a fifth)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--no-httpx", action="store_true")
+    args = parser.parse_args()
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        print("httpx is not installed (pip install -e '.[bench]'): skipping its column")
+        args.no_httpx = True
+
+    variants: dict[str, tuple[Variant, int]] = {
+        "dreamo_async": (run_library, args.jobs),
+        "bare aiohttp": (run_bare_aiohttp, args.jobs),
+    }
+    if not args.no_httpx:
+        variants["httpx"] = (run_httpx, max(50, args.jobs // 5))
+    rows = []
+    with fake_server_process("--task-duration-ms", "0") as url:
+        for concurrency in args.concurrency:
+            results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+            ratios: list[float] = []
+            cpu_ratios: list[float] = []
+            for _ in range(args.runs):
+                for name, (variant, jobs) in variants.items():
+                    results[name].append(asyncio.run(variant(url, jobs, concurrency)))
+                ours, bare = results["dreamo_async"][-1], results["bare aiohttp"][-1]
+                ratios.append(ours[0] / bare[0])
+                cpu_ratios.append(ours[1] / bare[1])
+                print(concurrency, {k: v[-1] for k, v in results.items()}, flush=True)
+            row: list[Any] = [concurrency]
+            row += [median([r[0] for r in results[name]]) for name in variants]
+            row.append(f"{median(ratios):.2f}x")
+            if "httpx" in variants:
+                lib = median([r[0] for r in results["dreamo_async"]])
+                row.append(f"{lib / median([r[0] for r in results['httpx']]):.1f}x")
+            row += [median([r[1] for r in results[name]]) for name in variants][:2]
+            row.append(f"{median(cpu_ratios):.2f}x")
+            rows.append(row)
+    headers = ["concurrency", *(f"{name} jobs/s" for name in variants), "library / bare"]
+    if "httpx" in variants:
+        headers.append("library / httpx")
+    headers += ["library CPU µs/job", "bare CPU µs/job", "CPU library / bare"]
+    print_table(f"Tiny jobs (create + 1 poll), medians of {args.runs} runs", headers, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The web-server examples under load: 50 concurrent callers share one client's limits.
+
+Each app runs on 127.0.0.1 (aiohttp's TestServer, uvicorn for Starlette) with a
+client pointed at FakeDreamOServer; the limits are counted at the fake server.
+
+The fake server runs on its own loop in a thread, as the real service runs
+elsewhere: sharing the loop with 50 callers, the app and the client, it would
+stamp arrivals late by a varying lag, and its window counts would measure that
+lag rather than what the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import uvicorn
+from aiohttp.test_utils import TestServer
+
+import dreamo_async as d
+from dreamo_async.testing import FakeDreamOServer, make_png
+from examples import aiohttp_app, starlette_app
+
+from .conftest import eventually, landed
+
+KEY = "test-key"
+REF = make_png(32, 32)
+SLOTS, RATE, BURST = 8, 100, 5
+
+
+@contextlib.asynccontextmanager
+async def threaded_fake(**options: Any) -> AsyncIterator[FakeDreamOServer]:
+    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fake = FakeDreamOServer(api_key=KEY, **options)
+    try:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.start(), loop))
+        yield fake
+    finally:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.close(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+
+
+def make_client(server: FakeDreamOServer) -> d.DreamOClient:
+    return d.DreamOClient(
+        api_key=KEY,
+        base_url=server.url,
+        max_concurrency=SLOTS,
+        requests_per_second=RATE,
+        burst=BURST,
+        poll=d.PollPolicy(initial_delay=0.02, max_delay=0.05, jitter=0.1, timeout=30),
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve_aiohttp(client: d.DreamOClient) -> AsyncIterator[str]:
+    test_server = TestServer(aiohttp_app.create_app(client), host="127.0.0.1")
+    await test_server.start_server()
+    try:
+        yield str(test_server.make_url("/generate"))
+    finally:
+        await test_server.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_starlette(client: d.DreamOClient) -> AsyncIterator[str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        starlette_app.create_app(client), lifespan="on", log_level="warning", ws="none"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started or task.done())
+        yield f"http://127.0.0.1:{port}/generate"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+SERVE: dict[str, Callable[[d.DreamOClient], contextlib.AbstractAsyncContextManager[str]]] = {
+    "aiohttp": serve_aiohttp,
+    "starlette": serve_starlette,
+}
+
+
+def image_url(server: FakeDreamOServer) -> str:
+    return server.add_file("ref.png", REF, "image/png")
+
+
+@pytest.mark.parametrize("framework", list(SERVE))
+async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None:
+    async with threaded_fake(task_duration_ms=60) as fake:
+        client = make_client(fake)
+        body = {"prompt": "a cat", "images": [image_url(fake)]}
+        async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
+
+            async def call() -> tuple[int, dict[str, Any]]:
+                async with http.post(url, json=body) as response:
+                    return response.status, await response.json()
+
+            answers = await asyncio.gather(*(call() for _ in range(50)))
+        stats = fake.stats
+    assert [status for status, _ in answers] == [200] * 50
+    assert len({answer["task_id"] for _, answer in answers}) == 50
+    assert stats.creates == 50
+    assert set(stats.creates_by_request_id.values()) == {1}
+    assert stats.max_open_tasks <= SLOTS
+    assert stats.max_requests_in_window(1.0) <= RATE + BURST
+    assert stats.refused_total == 0
+
+
+@pytest.mark.parametrize("framework", list(SERVE))
+async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None:
+    async with threaded_fake(task_duration_ms=60) as fake:
+        client = make_client(fake)
+        async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
+            body = {"prompt": "p [never]", "images": [image_url(fake)]}
+            caller = asyncio.create_task(http.post(url, json=body))
+            await eventually(lambda: fake.stats.polls >= 2)
+            assert client.statistics().jobs_running == 1
+            caller.cancel()  # the caller hangs up
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            await eventually(lambda: client.statistics().jobs_running == 0)
+            await (
+                landed()
+            )  # a request written before the cancellation may still be in the server\'s queue
+            seen = fake.stats.requests
+            await asyncio.sleep(0.2)  # several poll intervals
+            assert fake.stats.requests == seen  # nobody polls the abandoned task
+            # and the app still serves the next caller
+            ok = {"prompt": "p", "images": [image_url(fake)]}
+            async with http.post(url, json=ok) as response:
+                assert response.status == 200
