@@ -94,24 +94,10 @@ __all__ = [
 _T = TypeVar("_T")
 
 JobState = Literal["queued", "sending", "created", "completed", "failed", "unknown"]
-#: The keys a job line may have: the keywords of ``generate``.
-JOB_KEYS: Final = frozenset(
-    {
-        "prompt",
-        "images",
-        "model",
-        "ref_types",
-        "guidance_scale1",
-        "guidance_scale2",
-        "ddim_steps",
-        "swap_face",
-        "use_rephraser",
-        "rephraser_level",
-        "seed",
-        "width",
-        "height",
-    }
-)
+#: The keys a job line may have: the keywords of ``generate`` (``GenerationRequest``'s
+#: fields, so a new parameter is accepted here the day it is added there), but not
+#: ``limits``, which is the client's.
+JOB_KEYS: Final = frozenset(field.name for field in attrs.fields(GenerationRequest)) - {"limits"}
 #: Errors after which no job can succeed: the run stops (exit code 3 in the CLI).
 FATAL_ERRORS: Final = (AuthenticationError, PermissionDeniedError, APIConnectionError)
 
