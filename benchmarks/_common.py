@@ -38,16 +38,6 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-def max_in_window(times: Sequence[float], window: float = 1.0) -> int:
-    """Most events in any half-open window ``[t, t + window)``."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, moment in enumerate(ordered):
-        while moment - ordered[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
 
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain-text table (Markdown-compatible, so it can be pasted into the README)."""

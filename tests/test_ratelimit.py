@@ -15,7 +15,7 @@ import pytest
 
 import dreamo_async as d
 from dreamo_async.ratelimit import AdaptiveLimiter, LocalLimits, Priority, TokenBucketLimiter
-from dreamo_async.testing import FakeDreamOServer, Fault, make_png
+from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
 
@@ -23,15 +23,6 @@ KEY = "test-key"
 PNG = make_png(32, 32)
 FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=20)
 
-
-def max_in_window(times: list[float], window: float = 1.0) -> int:
-    times = sorted(times)
-    best = start = 0
-    for end, moment in enumerate(times):
-        while moment - times[start] >= window:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
 
 
 async def grant_times(limiter: TokenBucketLimiter, n: int) -> list[float]:

@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import dreamo_async as d
-from dreamo_async.testing import FakeDreamOServer, Fault, make_png
+from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
 from .redis_server import RedisServer, free_port, require_redis_binary
@@ -56,16 +56,6 @@ async def inspect(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-def windows(times: list[float], width: float = 1.0) -> int:
-    """Most events in any half-open window ``[t, t + width)``."""
-    ordered = sorted(times)
-    best = start = 0
-    for end, moment in enumerate(ordered):
-        while moment - ordered[start] >= width:
-            start += 1
-        best = max(best, end - start + 1)
-    return best
-
 
 async def redis_time_ms(client: aioredis.Redis) -> float:
     seconds, micros = await client.time()
@@ -93,7 +83,7 @@ async def test_rate_window_holds_across_clients(redis_server: RedisServer) -> No
         await backend.aclose()
     total = 3 * per_client
     assert len(grants) == total
-    assert windows(grants) <= rate + burst
+    assert max_in_window(grants) <= rate + burst
     # The three shared one budget: alone, each would have finished in (50 - 5) / 100 s.
     assert max(grants) - started >= (total - burst) / rate * 0.95
     # The state starts empty: the first `burst` grants did not wait for one interval each.
@@ -157,7 +147,7 @@ async def test_queued_requests_share_one_call_while_the_bucket_has_credit(
 
     await asyncio.gather(*(take() for _ in range(12)))
     # 8 at once (the burst), then one each 0.1 s: the bucket is never overdrawn ...
-    assert windows(grants, 0.35) <= 8 + 3
+    assert max_in_window(grants, 0.35) <= 8 + 3
     assert sorted(grants)[-1] - sorted(grants)[0] >= 0.35
     # ... and the queued callers took their turns in a few calls, not one call each.
     assert backend.round_trips <= 2 + 4

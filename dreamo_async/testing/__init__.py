@@ -32,7 +32,7 @@ from ..retry import set_testing
 from ._chaos import ChaosConfig, ChaosReport, run_chaos
 from ._faults import CHAOS_FAULTS, Endpoint, Fault
 from ._images import image_info, make_jpeg, make_png, sample_images
-from ._stats import RecordedRequest, RefusalRecord, ServerStats
+from ._stats import RecordedRequest, RefusalRecord, ServerStats, max_in_window
 from ._tasks import FakeTask
 from .server import CREATE_PATH, TASK_PATH, FakeDreamOServer
 
@@ -52,6 +52,7 @@ __all__ = [
     "image_info",
     "make_jpeg",
     "make_png",
+    "max_in_window",
     "run_chaos",
     "sample_images",
     "set_testing",

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 
-__all__ = ["RecordedRequest", "RefusalRecord", "ServerStats"]
+__all__ = ["RecordedRequest", "RefusalRecord", "ServerStats", "max_in_window"]
+
+
+def max_in_window(times: Iterable[float], window_s: float = 1.0) -> int:
+    """Most events in any half-open window ``[t, t + window_s)`` (times in seconds).
+
+    Half-open: events exactly ``window_s`` apart fall in different windows, as a
+    limiter of N per ``window_s`` allows. Shared by the fake server's counters,
+    the tests and the benchmarks, so all of them judge a limiter the same way.
+    """
+    ordered = sorted(times)
+    best = start = 0
+    for end, moment in enumerate(ordered):
+        while moment - ordered[start] >= window_s:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
 
 
 @attrs.frozen
@@ -86,18 +102,14 @@ class ServerStats:
         ``api_only`` counts only create and poll requests (what a rate limit of the
         service applies to), not downloads.
         """
-        times = sorted(
-            moment
-            for moment, _, path in self.request_times
-            if not api_only or path.startswith("/model/")
+        return max_in_window(
+            [
+                moment
+                for moment, _, path in self.request_times
+                if not api_only or path.startswith("/model/")
+            ],
+            window_s,
         )
-        best = 0
-        start = 0
-        for end, moment in enumerate(times):
-            while moment - times[start] >= window_s:
-                start += 1
-            best = max(best, end - start + 1)
-        return best
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able summary, served at ``GET /_fake/stats`` for other processes."""
