@@ -71,6 +71,13 @@ _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
 _PACING: Final[contextvars.ContextVar[RateLimiter | None]] = contextvars.ContextVar(
     "dreamo_async_pacing", default=None
 )
+#: The timeout of a poll when the user set none: one timer for the whole request. The
+#: session's ``sock_read`` guard re-arms a timer at every read (two per request); a poll
+#: answer is a few hundred bytes, so a deadline on the whole request guards the same
+#: stall for half the timer work. A poll that hits it is retried (polls are idempotent).
+#: Creates keep ``sock_read``: a total deadline would also count the wait for a pooled
+#: connection and the upload, and a create that times out is never sent again.
+_POLL_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=30.0)
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -165,6 +172,8 @@ class Transport:
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
         )
+        #: Per-request timeout of polls; None (the session's) when the user set one.
+        self._poll_timeout = None if timeout is not None else _POLL_TIMEOUT
         self._max_connections = max_connections
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -313,7 +322,9 @@ class Transport:
         headers = self._auth_headers()
 
         async def once() -> Task:
-            async with self.session.get(url, headers=headers) as response:
+            async with self.session.get(
+                url, headers=headers, timeout=self._poll_timeout or self._timeout
+            ) as response:
                 self.limiter.record(response.status)
                 payload = await self._read_capped(response)
                 if response.status == 200:
