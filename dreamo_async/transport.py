@@ -168,6 +168,8 @@ class Transport:
         self.endpoints = endpoints
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
+        #: New connections take a second rate slot (_PacedConnector) unless unlimited.
+        self._paced = type(self.limiter) is not UnlimitedLimiter
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -185,7 +187,10 @@ class Transport:
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use inside the running loop."""
         if self._session is None:
-            connector = _PacedConnector(
+            # Without a rate there is nothing to pace: the plain connector saves a
+            # coroutine layer per request (``_paced`` is also False then).
+            connector_class = _PacedConnector if self._paced else aiohttp.TCPConnector
+            connector = connector_class(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
