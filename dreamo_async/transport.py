@@ -65,6 +65,8 @@ DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
 _NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 #: Everything aiohttp may raise while a request is in flight.
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
+#: Answers of an idempotent request that are retried (besides 429).
+_RETRIED_API_ERRORS: Final = (ServerError, ResponseFormatError)
 
 
 #: The limiter of the request being sent by this asyncio task (see _PacedConnector).
@@ -322,21 +324,35 @@ class Transport:
             raise error
 
     async def get_task(self, task_id: str) -> Task:
-        """One poll of a task (retried on transient failures)."""
+        """One poll of a task (retried on transient failures).
+
+        The loop of :meth:`_idempotent` written out (same rules, same helper):
+        every poll runs it, and a closure plus a coroutine layer per poll is CPU
+        the hot path does not need.
+        """
         url = self.endpoints.task_url(task_id)
         headers = self._auth_headers()
-
-        async def once() -> Task:
-            async with self.session.get(
-                url, headers=headers, timeout=self._poll_timeout or self._timeout
-            ) as response:
-                self.limiter.record(response.status)
-                payload = await self._read_capped(response)
-                if response.status == 200:
-                    return parse_task(_json(payload, response.status, None))
-                raise self._error_from_response(response.status, payload, response, None)
-
-        return await self._idempotent(once, Priority.POLL, f"poll {task_id}")
+        timeout = self._poll_timeout or self._timeout
+        limiter = self.limiter
+        attempt = 0
+        while True:
+            attempt += 1
+            await limiter.acquire(Priority.POLL)
+            pacing = _PACING.set(limiter)
+            try:
+                async with self.session.get(url, headers=headers, timeout=timeout) as response:
+                    status = response.status
+                    limiter.record(status)
+                    payload = await self._read_capped(response)
+                    if status == 200:
+                        return parse_task(_json(payload, status, None))
+                    raise self._error_from_response(status, payload, response, None)
+            except Exception as exc:
+                error: Exception = exc
+                hint = self._retry_hint(exc, attempt, f"poll {task_id}")
+            finally:
+                _PACING.reset(pacing)
+            await self._backoff(attempt, hint, f"poll {task_id}", error)
 
     async def download(
         self, url: str, max_bytes: int, *, untrusted: bool = False, expect_image: bool = False
@@ -418,23 +434,35 @@ class Transport:
             pacing = _PACING.set(self.limiter if priority is not None else None)
             try:
                 return await once()
-            except RateLimitError as exc:
-                self._pause_for(exc)
-                if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
-                    raise
-                await self._backoff(attempt, exc.retry_after, what, exc)
-            except (ServerError, ResponseFormatError) as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise
-                await self._backoff(attempt, None, what, exc)
-            except _TRANSPORT_ERRORS as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise APIConnectionError(
-                        f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
-                    ) from exc
-                await self._backoff(attempt, None, what, exc)
+            except Exception as exc:
+                error: Exception = exc
+                hint = self._retry_hint(exc, attempt, what)
             finally:
                 _PACING.reset(pacing)
+            await self._backoff(attempt, hint, what, error)
+
+    def _retry_hint(self, exc: Exception, attempt: int, what: str) -> float | None:
+        """After a failed idempotent attempt: the delay hint to retry with, or raise.
+
+        429 (the cool-down is set), 5xx, unreadable answers and network errors are
+        retried until ``max_attempts``; anything else is raised as it is.
+        """
+        if isinstance(exc, RateLimitError):
+            self._pause_for(exc)
+            if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
+                raise exc
+            return exc.retry_after
+        if isinstance(exc, _RETRIED_API_ERRORS):
+            if attempt >= self.retry.max_attempts:
+                raise exc
+            return None
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            if attempt >= self.retry.max_attempts:
+                raise APIConnectionError(
+                    f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
+                ) from exc
+            return None
+        raise exc
 
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
