@@ -295,8 +295,26 @@ _MAX_COST_DIGITS: Final = 14
 def _parse_usage(usage: object) -> Usage | None:
     if not _is_mapping(usage):
         return None
-    cost: Decimal | None = None
     raw_cost = usage.get("cost")
+    raw_discount = usage.get("discount")
+    if type(raw_cost) in _CACHED_SCALARS and type(raw_discount) in _CACHED_SCALARS:
+        # Hashable scalars: every task of a model answers with the same few prices.
+        return _usage_of(raw_cost, raw_discount)
+    return _read_usage(raw_cost, raw_discount)
+
+
+#: Exact types whose values key the usage cache (no bool: True == 1 would share a key).
+_CACHED_SCALARS: Final = frozenset({str, int, float, type(None)})
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 1 and 1.0 print differently
+def _usage_of(raw_cost: object, raw_discount: object) -> Usage:
+    """:func:`_read_usage`, cached (``Usage`` is immutable, so one instance is shared)."""
+    return _read_usage(raw_cost, raw_discount)
+
+
+def _read_usage(raw_cost: object, raw_discount: object) -> Usage:
+    cost: Decimal | None = None
     if isinstance(raw_cost, _NUMBER_OR_STR) and not isinstance(raw_cost, bool):
         try:
             cost = Decimal(str(raw_cost).strip())
@@ -306,7 +324,6 @@ def _parse_usage(usage: object) -> Usage | None:
         if cost is not None and not (cost.is_finite() and cost.adjusted() <= _MAX_COST_DIGITS):
             cost = None
     discount: float | None = None
-    raw_discount = usage.get("discount")
     if isinstance(raw_discount, _NUMBER) and not isinstance(raw_discount, bool):
         try:
             discount = float(raw_discount)
