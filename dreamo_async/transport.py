@@ -24,7 +24,7 @@ import random
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -172,6 +172,8 @@ class Transport:
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
         #: New connections take a second rate slot (_PacedConnector) unless unlimited.
         self._paced = type(self.limiter) is not UnlimitedLimiter
+        #: The unlimited limiter, whose acquire is skipped while it was never paused.
+        self._unlimited = None if self._paced else cast(UnlimitedLimiter, self.limiter)
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -272,7 +274,8 @@ class Transport:
         attempt = 0
         while True:
             attempt += 1
-            await self.limiter.acquire(Priority.CREATE)
+            if self._unlimited is None or not self._unlimited.never_paused:
+                await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
             pacing = _PACING.set(self.limiter)
@@ -337,7 +340,8 @@ class Transport:
         attempt = 0
         while True:
             attempt += 1
-            await limiter.acquire(Priority.POLL)
+            if self._unlimited is None or not self._unlimited.never_paused:
+                await limiter.acquire(Priority.POLL)
             pacing = _PACING.set(limiter)
             try:
                 async with self.session.get(url, headers=headers, timeout=timeout) as response:
