@@ -161,8 +161,10 @@ def parse_task(body: object) -> Task:
 
 
 def _structure_task(data: Mapping[str, Any], _: type) -> Task:
-    task_id = data.get("id", data.get("task_id"))
-    if type(task_id) is str:  # the common case first (this runs for every answer)
+    # Every answer runs this: the absent/None/plain-dict cases are tested first, inline,
+    # and only other shapes go through the tolerant helpers (same results either way).
+    task_id = data["id"] if "id" in data else data.get("task_id")
+    if type(task_id) is str:  # the common case first
         if not task_id:
             raise ResponseFormatError("the task answer has no id")
     elif not isinstance(task_id, _STR_INT) or isinstance(task_id, bool) or str(task_id) == "":
@@ -170,18 +172,28 @@ def _structure_task(data: Mapping[str, Any], _: type) -> Task:
     raw_status = data.get("status")
     status = TaskStatus.from_wire(raw_status)
     metadata = data.get("metadata")
+    if type(metadata) is not dict:
+        metadata = metadata if metadata is not None and isinstance(metadata, Mapping) else {}
     model = data.get("model")
+    progress = data.get("progress")
+    created_at = data.get("created_at")
+    output = data.get("output")
+    usage = data.get("usage")
     return Task(
         id=str(task_id),
         status=status,
         raw_status=raw_status if isinstance(raw_status, str) else None,
         model=model if isinstance(model, str) else None,
-        progress=_parse_progress(data.get("progress")),
-        created_at=_parse_time(data.get("created_at")),
-        images=_parse_output(data.get("output")),
-        usage=_parse_usage(data.get("usage")),
+        progress=None if progress is None else _parse_progress(progress),
+        created_at=(
+            _from_epoch(created_at)
+            if type(created_at) is int or type(created_at) is float
+            else _parse_time(created_at)
+        ),
+        images=() if output is None or output == [] else _parse_output(output),
+        usage=None if usage is None else _parse_usage(usage),
         error=_parse_task_error(data) if status is TaskStatus.FAILED else None,
-        metadata=metadata if _is_mapping(metadata) else {},
+        metadata=metadata,
         raw=data,
     )
 
