@@ -174,9 +174,11 @@ def classify_images(images: Sequence[object]) -> tuple[ImageSource, ...]:
 
 
 def _classify(index: int, item: object) -> ImageSource:
+    if type(item) is bytes:  # the common case first
+        return _classify_bytes(index, item)
     if isinstance(item, ImageSource):
         return attrs.evolve(item, index=index)
-    if isinstance(item, bytes | bytearray | memoryview):
+    if isinstance(item, _BYTES_LIKE):
         return _classify_bytes(index, item)
     if isinstance(item, str):
         return _classify_str(index, item)
@@ -194,6 +196,10 @@ def _classify(index: int, item: object) -> ImageSource:
         f"has the unsupported type {type(item).__name__}; pass a path, bytes, "
         "a binary file object, a data URI or an http(s) URL",
     )
+
+
+#: Tuples, not unions, in isinstance: a union is rebuilt at every call.
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 
 def _classify_bytes(index: int, item: bytes | bytearray | memoryview) -> ImageSource:
