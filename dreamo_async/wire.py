@@ -85,6 +85,10 @@ def encode_create_body(
     return b"".join(create_body_parts(model, params, images_base64, image_urls))
 
 
+#: ``json.dumps`` with options builds an encoder per call; this one is built once.
+_HEAD_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def create_body_parts(
     model: str,
     params: Mapping[str, Any],
@@ -102,12 +106,7 @@ def create_body_parts(
     body_params = dict(params)
     if image_urls:
         body_params["image_urls"] = list(image_urls)
-    head = json.dumps(
-        {"model": model, "input": [{"params": body_params}]},
-        ensure_ascii=False,
-        separators=(",", ":"),
-        allow_nan=False,
-    ).encode("utf-8")
+    head = _HEAD_ENCODER.encode({"model": model, "input": [{"params": body_params}]}).encode()
     if not images_base64:
         return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body
