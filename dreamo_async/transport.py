@@ -164,6 +164,7 @@ class Transport:
                 "switched off with a flag"
             )
         self._api_key = api_key
+        self._auth = {"Authorization": secret_header(f"Bearer {api_key}")} if api_key else None
         self.allow_private_urls = allow_private_urls
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._user_session: aiohttp.ClientSession | None = None
@@ -242,12 +243,13 @@ class Transport:
                 await session.close()
 
     def _auth_headers(self) -> dict[str, str]:
-        if not self._api_key:
+        """The Authorization header (built once: the key never changes; never mutated)."""
+        if self._auth is None:
             raise ConfigurationError(
                 "no API key: pass DreamOClient(api_key=...) or set DREAMO_API_KEY "
                 "(or VTRIX_API_KEY) in the environment"
             )
-        return {"Authorization": secret_header(f"Bearer {self._api_key}")}
+        return self._auth
 
     # -- the two calls -------------------------------------------------------------
 
