@@ -169,6 +169,9 @@ class Transport:
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._user_session: aiohttp.ClientSession | None = None
         self.endpoints = endpoints
+        #: Endpoints is frozen: the URLs' fixed parts are computed once, not per request.
+        self._create_url = endpoints.create_url
+        self._task_url_base = endpoints.base_url.rstrip("/")
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
         #: New connections take a second rate slot (_PacedConnector) unless unlimited.
@@ -272,7 +275,7 @@ class Transport:
             "Content-Type": "application/json",
             "X-Request-Id": request_id,
         }
-        url = self.endpoints.create_url
+        url = self._create_url
         attempt = 0
         while True:
             attempt += 1
@@ -284,7 +287,8 @@ class Transport:
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
-                    self.limiter.record(status)
+                    if self._unlimited is None:  # UnlimitedLimiter.record does nothing
+                        self.limiter.record(status)
                     payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
@@ -335,7 +339,7 @@ class Transport:
         every poll runs it, and a closure plus a coroutine layer per poll is CPU
         the hot path does not need.
         """
-        url = self.endpoints.task_url(task_id)
+        url = self._task_url_base + self.endpoints.task_path.format(id=quote(task_id, safe=""))
         headers = self._auth_headers()
         timeout = self._poll_timeout or self._timeout
         limiter = self.limiter
@@ -348,7 +352,8 @@ class Transport:
             try:
                 async with self.session.get(url, headers=headers, timeout=timeout) as response:
                     status = response.status
-                    limiter.record(status)
+                    if self._unlimited is None:
+                        limiter.record(status)
                     payload = await self._read_capped(response)
                     if status == 200:
                         return parse_task(_json(payload, status, None))
