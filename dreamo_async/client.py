@@ -36,7 +36,7 @@ from .images import live_payload_count, prepare_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
-from .ratelimit import LimitsBackend, LocalLimits, RateLimiter
+from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -194,6 +194,8 @@ class DreamOClient:
             ssl_context=ssl_context,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
+        #: The in-process slots, taken and given back without a coroutine when free.
+        self._local_slots = self._slots if type(self._slots) is LocalSlots else None
         self._jobs: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -411,6 +413,9 @@ class DreamOClient:
             client._check_open()
             # Registered before waiting for a slot: aclose() also ends jobs still queued.
             self._tracker.__enter__()
+            local = client._local_slots
+            if local is not None and local.try_acquire():
+                return  # a free in-process slot: no coroutine
             try:
                 self._token = await client._slots.acquire()
             except BaseException as exc:
@@ -424,8 +429,12 @@ class DreamOClient:
             tb: TracebackType | None,
         ) -> None:
             try:
-                # JobSlots.release completes even when this job is being cancelled.
-                await self._client._slots.release(self._token)
+                local = self._client._local_slots
+                if local is not None:
+                    local.release_nowait()
+                else:
+                    # JobSlots.release completes even when this job is being cancelled.
+                    await self._client._slots.release(self._token)
             finally:
                 self._tracker.__exit__(exc_type, exc, tb)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import io
-import itertools
 import os
 import threading
 import warnings
@@ -98,8 +97,19 @@ _LIMITERS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Capa
 #: Per worker thread, the reusable read buffer (only for limits up to _BUFFER_MAX).
 _THREAD_BUFFERS: Final = threading.local()
 _BUFFER_MAX: Final = 16_000_000
-_LIVE: Final[weakref.WeakValueDictionary[int, PreparedImages]] = weakref.WeakValueDictionary()
-_LIVE_KEYS: Final = itertools.count()
+
+
+class _LiveRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference hashed by identity (a PreparedImages' own hash would read its
+    megabytes of base64); made and dropped by C code alone."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+#: One weak reference per live PreparedImages; each removes itself when its target goes.
+_LIVE: Final[set[_LiveRef]] = set()
 
 
 @attrs.frozen
@@ -156,7 +166,7 @@ def live_payload_count() -> int:
 
 
 def _track(prepared: PreparedImages) -> PreparedImages:
-    _LIVE[next(_LIVE_KEYS)] = prepared
+    _LIVE.add(_LiveRef(prepared, _LIVE.discard))
     return prepared
 
 
@@ -174,9 +184,11 @@ def classify_images(images: Sequence[object]) -> tuple[ImageSource, ...]:
 
 
 def _classify(index: int, item: object) -> ImageSource:
+    if type(item) is bytes:  # the common case first
+        return _classify_bytes(index, item)
     if isinstance(item, ImageSource):
         return attrs.evolve(item, index=index)
-    if isinstance(item, bytes | bytearray | memoryview):
+    if isinstance(item, _BYTES_LIKE):
         return _classify_bytes(index, item)
     if isinstance(item, str):
         return _classify_str(index, item)
@@ -194,6 +206,10 @@ def _classify(index: int, item: object) -> ImageSource:
         f"has the unsupported type {type(item).__name__}; pass a path, bytes, "
         "a binary file object, a data URI or an http(s) URL",
     )
+
+
+#: Tuples, not unions, in isinstance: a union is rebuilt at every call.
+_BYTES_LIKE: Final = (bytes, bytearray, memoryview)
 
 
 def _classify_bytes(index: int, item: bytes | bytearray | memoryview) -> ImageSource:

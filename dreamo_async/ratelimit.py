@@ -111,6 +111,12 @@ class UnlimitedLimiter:
         if self._cooldown._until > 0.0:  # ever paused: (no coroutine on the hot path)
             await self._cooldown.wait()
 
+    @property
+    def never_paused(self) -> bool:
+        """True until the first :meth:`pause`: ``acquire`` would return at once, so the
+        transport skips the call (a coroutine per request) altogether."""
+        return self._cooldown._until <= 0.0
+
     def pause(self, seconds: float) -> None:
         self._cooldown.pause(seconds)
 
@@ -404,6 +410,19 @@ class LocalSlots:
         return None
 
     async def release(self, token: object) -> None:
+        self._semaphore.release()
+
+    def try_acquire(self) -> bool:
+        """Take a slot without waiting when one is free and nobody queues before us
+        (FIFO holds); the client's hot path, with no coroutine. False: use ``acquire``."""
+        semaphore = self._semaphore
+        if semaphore.locked():  # no free slot, or waiters ahead
+            return False
+        semaphore._value -= 1
+        return True
+
+    def release_nowait(self) -> None:
+        """``release`` without a coroutine (the in-process slot needs no I/O)."""
         self._semaphore.release()
 
     @property

@@ -101,13 +101,19 @@ def _to_rephraser(value: RephraserLevel | str | None) -> RephraserLevel | None:
 
 
 def _to_sources(value: Sequence[object] | ImageSource | object) -> tuple[ImageSource, ...]:
-    if isinstance(value, str | bytes | bytearray | memoryview) or not isinstance(value, Iterable):
+    if type(value) is list and value and type(value[0]) is not ImageSource:
+        return classify_images(value)  # the common case: a list of the user's images
+    if isinstance(value, _BARE_IMAGE_TYPES) or not isinstance(value, Iterable):
         # A single image passed bare: accept it as a list of one.
         value = [value]
     items = list(value)
     if items and all(isinstance(item, ImageSource) for item in items):
         return tuple(items)
     return classify_images(items)
+
+
+#: Image values that are iterable but are one image (tuple: a union is rebuilt per call).
+_BARE_IMAGE_TYPES: Final = (str, bytes, bytearray, memoryview)
 
 
 @attrs.frozen(kw_only=True)
@@ -158,48 +164,61 @@ class GenerationRequest:
         """
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)
-        _check_number(
-            "guidance_scale1",
-            self.guidance_scale1,
-            limits.min_guidance_scale,
-            limits.max_guidance_scale,
-            integer=False,
-        )
-        _check_number(
-            "guidance_scale2",
-            self.guidance_scale2,
-            limits.min_guidance_scale,
-            limits.max_guidance_scale,
-            integer=False,
-        )
-        _check_number(
-            "ddim_steps",
-            self.ddim_steps,
-            limits.min_ddim_steps,
-            limits.max_ddim_steps,
-            integer=True,
-        )
-        _check_number("seed", self.seed, -1, limits.max_seed, integer=True)
-        _check_number(
-            "width", self.width, limits.min_output_side, limits.max_output_side, integer=True
-        )
-        _check_number(
-            "height", self.height, limits.min_output_side, limits.max_output_side, integer=True
-        )
-        width = self.width if self.width is not None else _DEFAULT_SIDE
-        height = self.height if self.height is not None else _DEFAULT_SIDE
+        # Each optional parameter is checked only when given (None: the service's default).
+        if self.guidance_scale1 is not None:
+            _check_number(
+                "guidance_scale1",
+                self.guidance_scale1,
+                limits.min_guidance_scale,
+                limits.max_guidance_scale,
+                integer=False,
+            )
+        if self.guidance_scale2 is not None:
+            _check_number(
+                "guidance_scale2",
+                self.guidance_scale2,
+                limits.min_guidance_scale,
+                limits.max_guidance_scale,
+                integer=False,
+            )
+        if self.ddim_steps is not None:
+            _check_number(
+                "ddim_steps",
+                self.ddim_steps,
+                limits.min_ddim_steps,
+                limits.max_ddim_steps,
+                integer=True,
+            )
+        if self.seed is not None:
+            _check_number("seed", self.seed, -1, limits.max_seed, integer=True)
+        width, height = self.width, self.height
+        if width is not None:
+            _check_number(
+                "width", width, limits.min_output_side, limits.max_output_side, integer=True
+            )
+        else:
+            width = _DEFAULT_SIDE
+        if height is not None:
+            _check_number(
+                "height", height, limits.min_output_side, limits.max_output_side, integer=True
+            )
+        else:
+            height = _DEFAULT_SIDE
         if width * height > limits.max_output_pixels:
             raise InvalidRequestError(
                 f"width * height must be at most {limits.max_output_pixels} "
                 f"(2048 x 2048); got {width} x {height} = {width * height}",
                 parameter="width",
             )
-        for name in ("swap_face", "use_rephraser"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise InvalidRequestError(
-                    f"{name} must be True or False; got {value!r}", parameter=name
-                )
+        if self.swap_face is not None and not isinstance(self.swap_face, bool):
+            raise InvalidRequestError(
+                f"swap_face must be True or False; got {self.swap_face!r}", parameter="swap_face"
+            )
+        if self.use_rephraser is not None and not isinstance(self.use_rephraser, bool):
+            raise InvalidRequestError(
+                f"use_rephraser must be True or False; got {self.use_rephraser!r}",
+                parameter="use_rephraser",
+            )
 
     @property
     def uses_urls_only(self) -> bool:

@@ -24,7 +24,7 @@ import random
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
@@ -65,12 +65,21 @@ DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
 _NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 #: Everything aiohttp may raise while a request is in flight.
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
+#: Answers of an idempotent request that are retried (besides 429).
+_RETRIED_API_ERRORS: Final = (ServerError, ResponseFormatError)
 
 
 #: The limiter of the request being sent by this asyncio task (see _PacedConnector).
 _PACING: Final[contextvars.ContextVar[RateLimiter | None]] = contextvars.ContextVar(
     "dreamo_async_pacing", default=None
 )
+#: The timeout of a poll when the user set none: one timer for the whole request. The
+#: session's ``sock_read`` guard re-arms a timer at every read (two per request); a poll
+#: answer is a few hundred bytes, so a deadline on the whole request guards the same
+#: stall for half the timer work. A poll that hits it is retried (polls are idempotent).
+#: Creates keep ``sock_read``: a total deadline would also count the wait for a pooled
+#: connection and the upload, and a create that times out is never sent again.
+_POLL_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=30.0)
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -155,16 +164,26 @@ class Transport:
                 "switched off with a flag"
             )
         self._api_key = api_key
+        self._auth = {"Authorization": secret_header(f"Bearer {api_key}")} if api_key else None
         self.allow_private_urls = allow_private_urls
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._user_session: aiohttp.ClientSession | None = None
         self.endpoints = endpoints
+        #: Endpoints is frozen: the URLs' fixed parts are computed once, not per request.
+        self._create_url = endpoints.create_url
+        self._task_url_base = endpoints.base_url.rstrip("/")
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
+        #: New connections take a second rate slot (_PacedConnector) unless unlimited.
+        self._paced = type(self.limiter) is not UnlimitedLimiter
+        #: The unlimited limiter, whose acquire is skipped while it was never paused.
+        self._unlimited = None if self._paced else cast(UnlimitedLimiter, self.limiter)
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
         )
+        #: Per-request timeout of polls; None (the session's) when the user set one.
+        self._poll_timeout = None if timeout is not None else _POLL_TIMEOUT
         self._max_connections = max_connections
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -176,7 +195,10 @@ class Transport:
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use inside the running loop."""
         if self._session is None:
-            connector = _PacedConnector(
+            # Without a rate there is nothing to pace: the plain connector saves a
+            # coroutine layer per request (``_paced`` is also False then).
+            connector_class = _PacedConnector if self._paced else aiohttp.TCPConnector
+            connector = connector_class(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
@@ -224,12 +246,13 @@ class Transport:
                 await session.close()
 
     def _auth_headers(self) -> dict[str, str]:
-        if not self._api_key:
+        """The Authorization header (built once: the key never changes; never mutated)."""
+        if self._auth is None:
             raise ConfigurationError(
                 "no API key: pass DreamOClient(api_key=...) or set DREAMO_API_KEY "
                 "(or VTRIX_API_KEY) in the environment"
             )
-        return {"Authorization": secret_header(f"Bearer {self._api_key}")}
+        return self._auth
 
     # -- the two calls -------------------------------------------------------------
 
@@ -252,18 +275,20 @@ class Transport:
             "Content-Type": "application/json",
             "X-Request-Id": request_id,
         }
-        url = self.endpoints.create_url
+        url = self._create_url
         attempt = 0
         while True:
             attempt += 1
-            await self.limiter.acquire(Priority.CREATE)
+            if self._unlimited is None or not self._unlimited.never_paused:
+                await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
             pacing = _PACING.set(self.limiter)
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
-                    self.limiter.record(status)
+                    if self._unlimited is None:  # UnlimitedLimiter.record does nothing
+                        self.limiter.record(status)
                     payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
@@ -308,19 +333,37 @@ class Transport:
             raise error
 
     async def get_task(self, task_id: str) -> Task:
-        """One poll of a task (retried on transient failures)."""
-        url = self.endpoints.task_url(task_id)
+        """One poll of a task (retried on transient failures).
+
+        The loop of :meth:`_idempotent` written out (same rules, same helper):
+        every poll runs it, and a closure plus a coroutine layer per poll is CPU
+        the hot path does not need.
+        """
+        url = self._task_url_base + self.endpoints.task_path.format(id=quote(task_id, safe=""))
         headers = self._auth_headers()
-
-        async def once() -> Task:
-            async with self.session.get(url, headers=headers) as response:
-                self.limiter.record(response.status)
-                payload = await self._read_capped(response)
-                if response.status == 200:
-                    return parse_task(_json(payload, response.status, None))
-                raise self._error_from_response(response.status, payload, response, None)
-
-        return await self._idempotent(once, Priority.POLL, f"poll {task_id}")
+        timeout = self._poll_timeout or self._timeout
+        limiter = self.limiter
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._unlimited is None or not self._unlimited.never_paused:
+                await limiter.acquire(Priority.POLL)
+            pacing = _PACING.set(limiter)
+            try:
+                async with self.session.get(url, headers=headers, timeout=timeout) as response:
+                    status = response.status
+                    if self._unlimited is None:
+                        limiter.record(status)
+                    payload = await self._read_capped(response)
+                    if status == 200:
+                        return parse_task(_json(payload, status, None))
+                    raise self._error_from_response(status, payload, response, None)
+            except Exception as exc:
+                error: Exception = exc
+                hint = self._retry_hint(exc, attempt, f"poll {task_id}")
+            finally:
+                _PACING.reset(pacing)
+            await self._backoff(attempt, hint, f"poll {task_id}", error)
 
     async def download(
         self, url: str, max_bytes: int, *, untrusted: bool = False, expect_image: bool = False
@@ -402,23 +445,35 @@ class Transport:
             pacing = _PACING.set(self.limiter if priority is not None else None)
             try:
                 return await once()
-            except RateLimitError as exc:
-                self._pause_for(exc)
-                if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
-                    raise
-                await self._backoff(attempt, exc.retry_after, what, exc)
-            except (ServerError, ResponseFormatError) as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise
-                await self._backoff(attempt, None, what, exc)
-            except _TRANSPORT_ERRORS as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise APIConnectionError(
-                        f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
-                    ) from exc
-                await self._backoff(attempt, None, what, exc)
+            except Exception as exc:
+                error: Exception = exc
+                hint = self._retry_hint(exc, attempt, what)
             finally:
                 _PACING.reset(pacing)
+            await self._backoff(attempt, hint, what, error)
+
+    def _retry_hint(self, exc: Exception, attempt: int, what: str) -> float | None:
+        """After a failed idempotent attempt: the delay hint to retry with, or raise.
+
+        429 (the cool-down is set), 5xx, unreadable answers and network errors are
+        retried until ``max_attempts``; anything else is raised as it is.
+        """
+        if isinstance(exc, RateLimitError):
+            self._pause_for(exc)
+            if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
+                raise exc
+            return exc.retry_after
+        if isinstance(exc, _RETRIED_API_ERRORS):
+            if attempt >= self.retry.max_attempts:
+                raise exc
+            return None
+        if isinstance(exc, _TRANSPORT_ERRORS):
+            if attempt >= self.retry.max_attempts:
+                raise APIConnectionError(
+                    f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
+                ) from exc
+            return None
+        raise exc
 
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after

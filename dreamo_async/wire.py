@@ -85,6 +85,10 @@ def encode_create_body(
     return b"".join(create_body_parts(model, params, images_base64, image_urls))
 
 
+#: ``json.dumps`` with options builds an encoder per call; this one is built once.
+_HEAD_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def create_body_parts(
     model: str,
     params: Mapping[str, Any],
@@ -102,12 +106,7 @@ def create_body_parts(
     body_params = dict(params)
     if image_urls:
         body_params["image_urls"] = list(image_urls)
-    head = json.dumps(
-        {"model": model, "input": [{"params": body_params}]},
-        ensure_ascii=False,
-        separators=(",", ":"),
-        allow_nan=False,
-    ).encode("utf-8")
+    head = _HEAD_ENCODER.encode({"model": model, "input": [{"params": body_params}]}).encode()
     if not images_base64:
         return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body
@@ -161,8 +160,10 @@ def parse_task(body: object) -> Task:
 
 
 def _structure_task(data: Mapping[str, Any], _: type) -> Task:
-    task_id = data.get("id", data.get("task_id"))
-    if type(task_id) is str:  # the common case first (this runs for every answer)
+    # Every answer runs this: the absent/None/plain-dict cases are tested first, inline,
+    # and only other shapes go through the tolerant helpers (same results either way).
+    task_id = data["id"] if "id" in data else data.get("task_id")
+    if type(task_id) is str:  # the common case first
         if not task_id:
             raise ResponseFormatError("the task answer has no id")
     elif not isinstance(task_id, _STR_INT) or isinstance(task_id, bool) or str(task_id) == "":
@@ -170,18 +171,28 @@ def _structure_task(data: Mapping[str, Any], _: type) -> Task:
     raw_status = data.get("status")
     status = TaskStatus.from_wire(raw_status)
     metadata = data.get("metadata")
+    if type(metadata) is not dict:
+        metadata = metadata if metadata is not None and isinstance(metadata, Mapping) else {}
     model = data.get("model")
+    progress = data.get("progress")
+    created_at = data.get("created_at")
+    output = data.get("output")
+    usage = data.get("usage")
     return Task(
         id=str(task_id),
         status=status,
         raw_status=raw_status if isinstance(raw_status, str) else None,
         model=model if isinstance(model, str) else None,
-        progress=_parse_progress(data.get("progress")),
-        created_at=_parse_time(data.get("created_at")),
-        images=_parse_output(data.get("output")),
-        usage=_parse_usage(data.get("usage")),
+        progress=None if progress is None else _parse_progress(progress),
+        created_at=(
+            _from_epoch(created_at)
+            if type(created_at) is int or type(created_at) is float
+            else _parse_time(created_at)
+        ),
+        images=() if output is None or output == [] else _parse_output(output),
+        usage=None if usage is None else _parse_usage(usage),
         error=_parse_task_error(data) if status is TaskStatus.FAILED else None,
-        metadata=metadata if _is_mapping(metadata) else {},
+        metadata=metadata,
         raw=data,
     )
 
@@ -295,8 +306,26 @@ _MAX_COST_DIGITS: Final = 14
 def _parse_usage(usage: object) -> Usage | None:
     if not _is_mapping(usage):
         return None
-    cost: Decimal | None = None
     raw_cost = usage.get("cost")
+    raw_discount = usage.get("discount")
+    if type(raw_cost) in _CACHED_SCALARS and type(raw_discount) in _CACHED_SCALARS:
+        # Hashable scalars: every task of a model answers with the same few prices.
+        return _usage_of(raw_cost, raw_discount)
+    return _read_usage(raw_cost, raw_discount)
+
+
+#: Exact types whose values key the usage cache (no bool: True == 1 would share a key).
+_CACHED_SCALARS: Final = frozenset({str, int, float, type(None)})
+
+
+@functools.lru_cache(maxsize=64, typed=True)  # typed: 1 and 1.0 print differently
+def _usage_of(raw_cost: object, raw_discount: object) -> Usage:
+    """:func:`_read_usage`, cached (``Usage`` is immutable, so one instance is shared)."""
+    return _read_usage(raw_cost, raw_discount)
+
+
+def _read_usage(raw_cost: object, raw_discount: object) -> Usage:
+    cost: Decimal | None = None
     if isinstance(raw_cost, _NUMBER_OR_STR) and not isinstance(raw_cost, bool):
         try:
             cost = Decimal(str(raw_cost).strip())
@@ -306,7 +335,6 @@ def _parse_usage(usage: object) -> Usage | None:
         if cost is not None and not (cost.is_finite() and cost.adjusted() <= _MAX_COST_DIGITS):
             cost = None
     discount: float | None = None
-    raw_discount = usage.get("discount")
     if isinstance(raw_discount, _NUMBER) and not isinstance(raw_discount, bool):
         try:
             discount = float(raw_discount)

@@ -1,0 +1,97 @@
+"""The hot path's shortcuts keep every guarantee (issue 4's throughput pass)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+import dreamo_async as d
+import dreamo_async.transport as transport_module
+from dreamo_async.ratelimit import LocalSlots
+from dreamo_async.testing import FakeDreamOServer, Fault, make_png
+from dreamo_async.wire import parse_task
+
+KEY = "sk-test-0123456789abcdef"
+PNG = make_png(64, 64)
+NO_WAIT = d.RetryPolicy(initial_delay=0, max_delay=0)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeDreamOServer]:
+    async with FakeDreamOServer(api_key=KEY, task_duration_ms=0) as fake:
+        yield fake
+
+
+async def test_a_stalled_poll_hits_the_per_request_timeout_and_is_retried(
+    server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polls carry a total timeout instead of the session's sock_read: a stall still ends.
+    monkeypatch.setattr(transport_module, "_POLL_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
+    async with d.DreamOClient(api_key=KEY, base_url=server.url, retry=NO_WAIT) as client:
+        task = await client.submit(prompt="p", images=[PNG])
+        server.inject("poll", Fault.slow(3000))
+        polled = await client.get_task(task.id)
+    assert polled.id == task.id
+    assert server.stats.polls == 2  # the stalled one, then the retry
+
+
+async def test_a_user_request_timeout_governs_polls_too(server: FakeDreamOServer) -> None:
+    timeout = aiohttp.ClientTimeout(sock_read=0.2)
+    retry = d.RetryPolicy(max_attempts=1)
+    async with d.DreamOClient(
+        api_key=KEY, base_url=server.url, request_timeout=timeout, retry=retry
+    ) as client:
+        task = await client.submit(prompt="p", images=[PNG])
+        server.inject("poll", Fault.slow(3000))
+        with pytest.raises(d.APIConnectionError):
+            await client.get_task(task.id)
+    assert server.stats.polls == 1
+
+
+async def test_the_free_slot_shortcut_never_jumps_the_queue() -> None:
+    slots = LocalSlots(1)
+    assert slots.try_acquire()
+    assert not slots.try_acquire()  # taken
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    assert slots.waiting == 1
+    slots.release_nowait()  # the slot is the waiter's now
+    assert not slots.try_acquire()  # FIFO: the queued waiter goes first
+    await waiter
+    assert slots.in_use == 1
+    slots.release_nowait()
+    assert slots.in_use == 0
+
+
+async def test_generate_after_a_429_waits_for_the_cool_down(server: FakeDreamOServer) -> None:
+    # The unlimited limiter is skipped only until its first pause.
+    server.inject("create", Fault.status(429, retry_after="0.3"))
+    async with d.DreamOClient(api_key=KEY, base_url=server.url, retry=NO_WAIT) as client:
+        assert client._transport._unlimited is not None
+        assert client._transport._unlimited.never_paused
+        result = await client.generate(prompt="p", images=[PNG])
+        assert not client._transport._unlimited.never_paused
+    assert result.image_urls
+    assert server.stats.creates == 1  # the 429 made no task; the retry made one
+
+
+def test_cached_usage_keeps_int_and_float_costs_apart() -> None:
+    as_int = parse_task({"id": "t", "status": "completed", "usage": {"cost": 1, "discount": 1}})
+    as_float = parse_task({"id": "t", "status": "completed", "usage": {"cost": 1.0}})
+    assert as_int.usage is not None
+    assert str(as_int.usage.cost) == "1"
+    assert as_float.usage is not None
+    assert str(as_float.usage.cost) == "1.0"
+    assert parse_task({"id": "t", "status": "done", "usage": {"cost": True}}).usage == d.Usage()
+
+
+def test_fast_field_paths_match_the_tolerant_ones() -> None:
+    with pytest.raises(d.ResponseFormatError):
+        parse_task({"id": None, "task_id": "x"})  # an explicit null id is no id
+    odd = parse_task({"id": "t", "status": " Completed ", "created_at": True, "output": "u"})
+    assert odd.status is d.TaskStatus.COMPLETED
+    assert odd.created_at is None
+    assert [image.url for image in odd.images] == ["u"]
