@@ -290,10 +290,11 @@ class DreamOClient:
         """
         built = self.build_request(request, **params)
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
-        async with self._job():
+        async with self._job() as job:
             loop = asyncio.get_running_loop()
             started = loop.time()
             task = await self._create(built)
+            job.task_id = task.id  # a ClientClosedError from here on names the task
             return await self._poll(task, started=started, timeout=deadline_s)
 
     async def submit(
@@ -408,19 +409,20 @@ class DreamOClient:
             self._tracker = client._tracked()
             self._token: object = None
 
-        async def __aenter__(self) -> None:
+        async def __aenter__(self) -> _Tracker:
             client = self._client
             client._check_open()
             # Registered before waiting for a slot: aclose() also ends jobs still queued.
             self._tracker.__enter__()
             local = client._local_slots
             if local is not None and local.try_acquire():
-                return  # a free in-process slot: no coroutine
+                return self._tracker  # a free in-process slot: no coroutine
             try:
                 self._token = await client._slots.acquire()
             except BaseException as exc:
                 self._tracker.__exit__(type(exc), exc, exc.__traceback__)
                 raise
+            return self._tracker
 
         async def __aexit__(
             self,
@@ -535,6 +537,9 @@ class _Tracker:
     def __init__(self, client: DreamOClient) -> None:
         self._client = client
         self._task: asyncio.Task[Any] | None = None
+        #: The task the job created, once it exists: a job ended by ``aclose`` then
+        #: says which task to resume with ``wait`` (it may still finish, and is paid).
+        self.task_id: str | None = None
 
     def __enter__(self) -> None:
         self._task = asyncio.current_task()
@@ -558,4 +563,9 @@ class _Tracker:
             and any(arg == "DreamOClient closed" for arg in getattr(exc, "args", ()))
         ):
             task.uncancel()
-            raise ClientClosedError("the client was closed while this job was running") from exc
+            message = "the client was closed while this job was running"
+            if self.task_id is not None:
+                message += f" (task {self.task_id} exists: resume it with wait())"
+            error = ClientClosedError(message)
+            error.task_id = self.task_id
+            raise error from exc

@@ -156,6 +156,13 @@ async def test_closing_cancels_running_and_queued_jobs_with_client_closed_error(
     await client.aclose()
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     assert all(isinstance(o, d.ClientClosedError) for o in outcomes), outcomes
+    # The two running jobs had created tasks (paid for): their errors name them, so
+    # the caller can resume; the queued ones had none.
+    named = [o.task_id for o in outcomes if isinstance(o, d.ClientClosedError) and o.task_id]
+    assert sorted(named) == sorted(server.tasks)
+    assert all(
+        f"task {task_id} exists" in str(o) for o, task_id in zip(outcomes, named, strict=False)
+    )
     await landed()  # a request written before the cancellation may still be in the server\'s queue
     seen = server.stats.requests
     await asyncio.sleep(0.1)
