@@ -28,8 +28,8 @@ from .errors import InvalidRequestError
 __all__ = [
     "BlockedAddressError",
     "check_url",
+    "display_url",
     "guarded_socket_factory",
-    "is_public_address",
     "secret_header",
 ]
 
@@ -65,9 +65,24 @@ def address_problem(host: str) -> str | None:
     return None
 
 
-def is_public_address(host: str) -> bool:
-    """Whether ``host`` (an IP address) is one the client may fetch user URLs from."""
-    return address_problem(host) is None
+def display_url(url: str, *, scheme: bool = True) -> str:
+    """A URL fit for messages, logs and journals: no user info, no query, no fragment.
+
+    Signed URLs carry their token in the query and ``https://user:pw@host/`` its
+    password before the host: neither may reach an error text that ends up in a
+    journal or ``results.jsonl``.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
+        if parts.port is not None:
+            host += f":{parts.port}"
+    except ValueError:  # a malformed port or bracketed host
+        return "<URL>"
+    shown = host + parts.path
+    return f"{parts.scheme}://{shown}" if scheme and parts.scheme else shown
 
 
 def guarded_socket_factory(addr_info: tuple[Any, ...]) -> socket.socket:

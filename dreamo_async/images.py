@@ -43,6 +43,7 @@ import attrs
 import pybase64
 
 from ._imageheaders import HeaderError, read_header, sniff_format
+from ._netguard import display_url
 from .errors import DreamOWarning, ImageError
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 
@@ -268,14 +269,7 @@ def _short(text: str, limit: int = 80) -> str:
 
 def _url_label(url: str) -> str:
     """Host and path of a URL: no scheme, no user info, no query (signed URLs hide keys there)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host += f":{parts.port}"
-    except ValueError:  # a malformed port or bracketed host
-        return "<URL>"
-    return _short(host + parts.path)
+    return _short(display_url(url, scheme=False))
 
 
 def _check_data_uri(index: int, uri: str) -> None:

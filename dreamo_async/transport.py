@@ -33,8 +33,13 @@ from aiohttp.connector import Connection
 
 from . import __about__
 from ._body import BodyParts
-from ._imageheaders import sniff_format
-from ._netguard import BlockedAddressError, check_url, guarded_socket_factory, secret_header
+from ._netguard import (
+    BlockedAddressError,
+    check_url,
+    display_url,
+    guarded_socket_factory,
+    secret_header,
+)
 from .errors import (
     APIConnectionError,
     APIError,
@@ -365,72 +370,72 @@ class Transport:
                 _PACING.reset(pacing)
             await self._backoff(attempt, hint, f"poll {task_id}", error)
 
-    async def download(
-        self, url: str, max_bytes: int, *, untrusted: bool = False, expect_image: bool = False
-    ) -> bytes:
-        """GET ``url`` (an image), streamed and capped at ``max_bytes``; retried.
+    async def download(self, url: str, max_bytes: int, *, untrusted: bool = False) -> bytes:
+        """GET ``url`` into memory, streamed and capped at ``max_bytes``; retried.
+
+        For input images given as URLs (a few MB at most); results go to disk with
+        :meth:`download_stream`. Same rules: see there.
+        """
+        chunks: list[bytes] = []
+
+        def begin() -> Callable[[bytes], None]:
+            chunks.clear()  # a retry starts afresh
+            return chunks.append
+
+        await self.download_stream(url, max_bytes, begin, untrusted=untrusted)
+        return b"".join(chunks)
+
+    async def download_stream(
+        self,
+        url: str,
+        max_bytes: int,
+        begin: Callable[[], Callable[[bytes], None]],
+        *,
+        untrusted: bool = False,
+    ) -> int:
+        """GET ``url`` streamed chunk by chunk into a sink; retried; returns the byte count.
 
         Only ``http``/``https``. ``untrusted=True`` (a URL a user gave) goes through
         :attr:`user_session`: private, loopback and link-local addresses are refused
-        unless ``allow_private_urls``. ``expect_image=True`` refuses bytes that are not
-        an image (an HTML error page served with status 200), by content.
+        unless ``allow_private_urls``. ``begin()`` is called at the start of every
+        attempt and returns the sink for that attempt's chunks (so a retry starts a
+        fresh file). More than ``max_bytes`` — counted after decompression, so a
+        small gzip bomb cannot get past the cap — raises :class:`DownloadError` at
+        once: the same URL would only send the same bytes again.
         """
         check_url(url, allow_private=self.allow_private_urls or not untrusted)
         session = self.user_session if untrusted else self.session
+        shown = display_url(url)
 
-        async def once() -> bytes:
+        async def once() -> int:
             try:
                 async with session.get(url) as response:
                     if response.status != 200:
                         payload = await self._read_capped(response)
                         raise self._error_from_response(response.status, payload, response, None)
-                    data = await self._read_capped(response, cap=max_bytes, what="download")
-                    if expect_image:
-                        _check_image(data, response, url)
-                    return data
+                    declared = response.content_length
+                    if declared is not None and declared > max_bytes and _identity(response):
+                        raise DownloadError(
+                            f"{shown}: {declared} bytes exceed the {max_bytes}-byte cap"
+                        )
+                    sink = begin()
+                    size = 0
+                    async for chunk in response.content.iter_chunked(64 * 1024):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise DownloadError(f"{shown}: more than the {max_bytes}-byte cap")
+                        sink(chunk)
+                    return size
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, BlockedAddressError):
                     raise InvalidRequestError(
-                        f"refusing to download {_safe_url(url)}: {exc.os_error.reason}; "
+                        f"refusing to download {shown}: {exc.os_error.reason}; "
                         "pass DreamOClient(allow_private_urls=True) to allow it",
                         parameter="url",
                     ) from None
                 raise
 
-        return await self._idempotent(once, None, f"download {_safe_url(url)}")
-
-    async def download_stream(
-        self, url: str, max_bytes: int, begin: Callable[[], Callable[[bytes], None]]
-    ) -> int:
-        """GET ``url`` streamed chunk by chunk into a sink; retried; returns the byte count.
-
-        ``begin()`` is called at the start of every attempt and returns the sink
-        for that attempt's chunks (so a retry starts a fresh file). More than
-        ``max_bytes`` raises :class:`DownloadError` at once (not retried).
-        """
-
-        async def once() -> int:
-            async with self.session.get(url) as response:
-                if response.status != 200:
-                    payload = await self._read_capped(response)
-                    raise self._error_from_response(response.status, payload, response, None)
-                declared = response.content_length
-                if declared is not None and declared > max_bytes:
-                    raise DownloadError(
-                        f"{_safe_url(url)}: {declared} bytes exceed the {max_bytes}-byte cap"
-                    )
-                sink = begin()
-                size = 0
-                async for chunk in response.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise DownloadError(
-                            f"{_safe_url(url)}: more than the {max_bytes}-byte cap"
-                        )
-                    sink(chunk)
-                return size
-
-        return await self._idempotent(once, None, f"download {_safe_url(url)}")
+        return await self._idempotent(once, None, f"download {shown}")
 
     # -- helpers -------------------------------------------------------------------
 
@@ -491,24 +496,24 @@ class Transport:
             await asyncio.sleep(delay)
 
     async def _read_capped(
-        self,
-        response: aiohttp.ClientResponse,
-        *,
-        cap: int | None = None,
-        what: str = "response",
-        request_id: str | None = None,
+        self, response: aiohttp.ClientResponse, *, request_id: str | None = None
     ) -> bytes:
-        """Read the body, refusing more than ``cap`` bytes (default: the response cap)."""
-        limit = cap if cap is not None else self.limits.max_response_bytes
+        """Read an API answer, refusing more than ``Limits.max_response_bytes``.
+
+        ``Content-Length`` is the size on the wire: for a compressed answer aiohttp
+        inflates the body, so only an uncompressed answer is judged (and read in one
+        call, the hot path of polls) by its header; any other is counted as it is
+        inflated, chunk by chunk.
+        """
+        limit = self.limits.max_response_bytes
         declared = response.content_length
-        if declared is not None and declared > limit:
-            raise ResponseFormatError(
-                f"{what} of {declared} bytes exceeds the {limit}-byte cap",
-                status=response.status,
-                request_id=request_id,
-            )
-        if declared is not None:
-            # Known length within the cap: one read, no chunk loop (the hot path of polls).
+        if declared is not None and _identity(response):
+            if declared > limit:
+                raise ResponseFormatError(
+                    f"response of {declared} bytes exceeds the {limit}-byte cap",
+                    status=response.status,
+                    request_id=request_id,
+                )
             return await response.read()
         chunks: list[bytes] = []
         size = 0
@@ -516,7 +521,7 @@ class Transport:
             size += len(chunk)
             if size > limit:
                 raise ResponseFormatError(
-                    f"{what} exceeds the {limit}-byte cap",
+                    f"response exceeds the {limit}-byte cap",
                     status=response.status,
                     request_id=request_id,
                 )
@@ -575,21 +580,8 @@ def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, A
     return data
 
 
-def _check_image(data: bytes, response: aiohttp.ClientResponse, url: str) -> None:
-    kind = sniff_format(data[:512])
-    if kind not in _IMAGE_KINDS:
-        what = kind or "not a recognisable image"
-        raise ResponseFormatError(
-            f"the download of {_safe_url(url)} is {what} "
-            f"(Content-Type {response.content_type or 'none'}), not an image",
-            status=response.status,
-        )
+def _identity(response: aiohttp.ClientResponse) -> bool:
+    """Whether the body arrives as sent: no ``Content-Encoding`` for aiohttp to inflate."""
+    return response.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
 
 
-#: What a downloaded result may be (sniffed by content).
-_IMAGE_KINDS: Final = frozenset({"JPEG", "PNG", "WebP", "GIF", "AVIF", "HEIC/HEIF"})
-
-
-def _safe_url(url: str) -> str:
-    """A URL without its query string (which may carry signed tokens)."""
-    return url.split("?", 1)[0]

@@ -23,7 +23,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import dreamo_async as d
-from dreamo_async._netguard import address_problem, guarded_socket_factory
+from dreamo_async._netguard import address_problem, display_url, guarded_socket_factory
 from dreamo_async.download import open_exclusive, result_stem
 from dreamo_async.testing import ChaosConfig, FakeDreamOServer, Fault, make_png
 from dreamo_async.testing.pytest_plugin import ServerFactory
@@ -88,19 +88,64 @@ async def test_a_huge_create_answer_is_an_unknown_outcome_never_resent(
     assert dreamo_server.stats.creates == 1
 
 
-async def test_downloads_are_capped_and_type_checked(dreamo_server: FakeDreamOServer) -> None:
+async def test_downloads_are_capped_and_type_checked(
+    dreamo_server: FakeDreamOServer, tmp_path: pathlib.Path
+) -> None:
     png_url = dreamo_server.add_file("ok.png", PNG)
-    html = b"<!DOCTYPE html><html>Login</html>"
-    html_url = dreamo_server.add_file("page.png", html, "image/png")
+    html_url = dreamo_server.add_file("page.png", b"<!DOCTYPE html><html>Login</html>", "image/png")
     async with _client(dreamo_server) as client:
-        transport = client._transport
-        assert await transport.download(png_url, 10_000, expect_image=True) == PNG
-        refused = r"is an HTML page \(Content-Type image/png"
-        with pytest.raises(d.ResponseFormatError, match=refused):
-            await transport.download(html_url, 10_000, expect_image=True)
+        saved = await client.download(png_url, tmp_path, "00000-t-0")
+        assert saved.read_bytes() == PNG
+        refused = r"00001-t-0 is an HTML page, not a JPEG, PNG or WebP image"
+        with pytest.raises(d.DownloadError, match=refused):
+            await client.download(html_url, tmp_path, "00001-t-0")
         dreamo_server.inject("download", Fault.huge(10**9, chunked=True))
-        with pytest.raises(d.ResponseFormatError, match="download exceeds the 5000-byte cap"):
-            await transport.download(png_url, 5_000)
+        before = dreamo_server.stats.downloads
+        with pytest.raises(d.DownloadError, match="more than the 5000-byte cap"):
+            await client._transport.download(png_url, 5_000)
+        # Over the cap is not a transient failure: the same URL is not fetched again.
+        assert dreamo_server.stats.downloads == before + 1
+    assert _tree(tmp_path) == ["00000-t-0.png"]
+
+
+async def test_a_compressed_answer_is_capped_after_inflating(tmp_path: pathlib.Path) -> None:
+    """A 50 KB gzip body that inflates to 50 MB: Content-Length says 50 KB, so the cap
+    is counted on the inflated bytes, for user URLs and API answers alike."""
+    import gzip
+
+    from aiohttp import web
+
+    bomb = gzip.compress(b"\0" * 50_000_000)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(
+            body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with d.DreamOClient(
+            api_key=KEY, base_url=base, allow_private_urls=True, retry=d.RetryPolicy(max_attempts=1)
+        ) as client:
+            tracemalloc.start()
+            try:
+                with pytest.raises(d.DownloadError, match="more than the 1000000-byte cap"):
+                    await client._transport.download(base + "/a.jpg", 1_000_000, untrusted=True)
+                with pytest.raises(d.ResponseFormatError, match="exceeds the"):
+                    await client.get_task("t1")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    finally:
+        await runner.cleanup()
+    assert len(bomb) < 100_000
+    assert peak < 20_000_000  # the caps (1 MB, 8 MiB) and a chunk, never the 50 MB
 
 
 @pytest.mark.parametrize(
@@ -463,3 +508,17 @@ def test_a_planted_symlink_is_never_followed(tmp_path: pathlib.Path) -> None:
     with pytest.raises(OSError):  # noqa: PT011  # EEXIST or ELOOP, by platform
         open_exclusive(folder / ".part")
     assert outside.read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pw@cdn.example:8443/a.png?sig=s3cret#x", "https://cdn.example:8443/a.png"),
+        ("http://[::1]:9/p", "http://[::1]:9/p"),
+        ("https://cdn.example:99999/a", "<URL>"),
+    ],
+)
+def test_urls_in_messages_carry_no_user_info_or_query(url: str, shown: str) -> None:
+    """One helper shows URLs in errors (which reach journals and results.jsonl)."""
+    assert display_url(url) == shown
+    assert "pw" not in display_url(url, scheme=False)
