@@ -30,9 +30,15 @@ async def run_many(
     return_exceptions: bool = True,
     ordered: bool = False,
     on_progress: Callable[[BatchProgress], None] | None = None,
-    timeout: Any = None,
+    timeout: Any,
 ) -> AsyncGenerator[BatchItem, None]:
-    """The engine behind :meth:`DreamOClient.generate_many`."""
+    """The engine behind :meth:`DreamOClient.generate_many`.
+
+    ``timeout`` is passed to every ``generate`` as it came (the client's "unset"
+    marker, ``None`` for no deadline, or seconds). Finished items waiting for an
+    earlier one (``ordered``) count against the window, so what is in hand stays
+    about ``2 * max_concurrency`` however slow the head of the line is.
+    """
     from .client import BatchItem, BatchProgress  # the client module imports this one
 
     window = 2 * client.max_concurrency
@@ -43,13 +49,12 @@ async def run_many(
     read = done = failed = 0
     exhausted = False
     cost = Decimal(0)
-    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
 
     def refill() -> list[BatchItem]:
         """Start jobs until the window is full; a request that fails its checks ends at once."""
         nonlocal read, exhausted
         immediate: list[BatchItem] = []
-        while not exhausted and len(running) < window:
+        while not exhausted and len(running) + len(held) < window:
             try:
                 index, raw = next(source)
             except StopIteration:
@@ -65,7 +70,7 @@ async def run_many(
             except Exception as exc:
                 immediate.append(BatchItem(index=index, request=raw, error=exc))  # type: ignore[arg-type]
                 continue
-            job = asyncio.ensure_future(client.generate(request, **kwargs))
+            job = asyncio.ensure_future(client.generate(request, timeout=timeout))
             running[job] = (index, request)
         return immediate
 

@@ -7,6 +7,7 @@ creates per job, requests after a cancellation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -241,3 +242,33 @@ async def test_generate_many_without_return_exceptions_raises_and_stops(
         await asyncio.sleep(0.1)
         assert server.stats.requests == seen  # the other jobs were cancelled
         assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
+
+
+async def test_generate_many_timeout_none_means_no_deadline(server: FakeDreamOServer) -> None:
+    """``None`` is "no deadline", not "the policy's default" (here 0.1 s)."""
+    policy = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=0.1)
+    async with client_for(server, poll=policy) as client:
+        requests = [{"prompt": "p [slow:300]", "images": [PNG]}]
+        items = [item async for item in client.generate_many(requests, timeout=None)]
+        assert items[0].ok, items[0].error
+        with pytest.raises(d.TaskTimeoutError):  # the default still applies when not given
+            await client.generate(prompt="p [slow:300]", images=[PNG])
+
+
+async def test_generate_many_ordered_holds_a_bounded_window_behind_a_slow_head(
+    server: FakeDreamOServer,
+) -> None:
+    """A slow first job must not let finished later ones pile up without bound."""
+    pulled = 0
+
+    def requests() -> Iterator[dict[str, Any]]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled += 1
+            yield {"prompt": f"p{i}" + (" [slow:500]" if i == 0 else ""), "images": [PNG]}
+
+    client = client_for(server, max_concurrency=2)
+    async with client, contextlib.aclosing(client.generate_many(requests(), ordered=True)) as items:
+        first = await anext(items)
+    assert first.index == 0
+    assert pulled <= 2 * 2 + 1  # the window (2 x slots) plus the one being read
