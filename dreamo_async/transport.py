@@ -43,6 +43,7 @@ from ._netguard import (
 from .errors import (
     APIConnectionError,
     APIError,
+    ClientClosedError,
     ConfigurationError,
     CreateOutcomeUnknownError,
     DownloadError,
@@ -199,6 +200,8 @@ class Transport:
     @property
     def session(self) -> aiohttp.ClientSession:
         """The session, created on first use inside the running loop."""
+        if self._closed:
+            raise _closed_error()
         if self._session is None:
             # Without a rate there is nothing to pace: the plain connector saves a
             # coroutine layer per request (``_paced`` is also False then).
@@ -223,6 +226,8 @@ class Transport:
         ``allow_private_urls`` every connection's resolved address is checked as
         the socket is made (DNS rebinding, redirects and IP literals included).
         """
+        if self._closed:
+            raise _closed_error()
         if self._user_session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
@@ -578,6 +583,12 @@ def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, A
             request_id=request_id,
         )
     return data
+
+
+def _closed_error() -> ClientClosedError:
+    """A request after ``aclose`` (a retry that woke up late): typed, never aiohttp's own
+    ``RuntimeError('Session is closed')``, and never a new session that would leak."""
+    return ClientClosedError("the client is closed; no request is sent")
 
 
 def _identity(response: aiohttp.ClientResponse) -> bool:

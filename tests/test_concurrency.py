@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 import dreamo_async as d
-from dreamo_async.testing import FakeDreamOServer, make_png
+from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 
 from .conftest import eventually, landed
 
@@ -272,3 +272,20 @@ async def test_generate_many_ordered_holds_a_bounded_window_behind_a_slow_head(
         first = await anext(items)
     assert first.index == 0
     assert pulled <= 2 * 2 + 1  # the window (2 x slots) plus the one being read
+
+
+async def test_a_retry_that_wakes_after_close_raises_client_closed(
+    server: FakeDreamOServer,
+) -> None:
+    """A poll waiting to retry when the client closes ends typed, not with aiohttp's
+    RuntimeError('Session is closed'), and sends nothing more."""
+    client = client_for(server, retry=d.RetryPolicy(initial_delay=0.2, max_delay=0.2))
+    task = await client.submit(prompt="p", images=[PNG])
+    server.inject("poll", Fault.status(503), times=5)
+    poll = asyncio.ensure_future(client.get_task(task.id))
+    await eventually(lambda: server.stats.polls >= 1)
+    await client.aclose()
+    seen = server.stats.requests
+    with pytest.raises(d.ClientClosedError):
+        await poll
+    assert server.stats.requests == seen
