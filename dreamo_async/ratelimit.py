@@ -460,8 +460,9 @@ class LocalLimits:
         return LocalSlots(max_concurrency)
 
     def make_adaptive_limiter(self, burst: int) -> RateLimiter:
-        """The limiter of ``requests_per_second="auto"`` (optional for other backends:
-        the client falls back to an in-process :class:`AdaptiveLimiter`)."""
+        """The limiter of ``requests_per_second="auto"``. Optional: the client refuses
+        ``"auto"`` with a backend that lacks it (a learned rate is per process, and a
+        shared backend would silently stop sharing)."""
         return AdaptiveLimiter(burst=burst)
 
     async def aclose(self) -> None:

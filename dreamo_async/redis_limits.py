@@ -45,7 +45,6 @@ import logging
 import os
 import secrets
 import socket
-import time
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -53,7 +52,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
 from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
-from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter
+from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter, _CoolDown
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -294,22 +293,6 @@ class _PriorityGate:
         self._busy = False
 
 
-class _CoolDown:
-    """This process's own pause after a 429, effective at once (before Redis hears of it)."""
-
-    __slots__ = ("_until",)
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        self._until = max(self._until, time.monotonic() + max(0.0, seconds))
-
-    async def wait(self) -> None:
-        while (remaining := self._until - time.monotonic()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(remaining)
-
-
 class RedisRateLimiter:
     """The shared request limiter of a :class:`RedisLimits` (see the module docstring).
 
@@ -339,7 +322,6 @@ class RedisRateLimiter:
         #: A turn woken later than this (s) is given back for a fresh one (see acquire).
         self._late_s = max(0.001, self._interval_us / 2_000_000)
         #: Turns given back after a stall of this process's event loop.
-        self.stale = 0
         self._gate = _PriorityGate()
         self._cooldown = _CoolDown()
         self._local: RateLimiter | None = None
@@ -376,7 +358,6 @@ class RedisRateLimiter:
                     if int(granted) and not stale_ok and loop.time() - wake_at > self._late_s:
                         # The loop stalled past our turn: sending now could bunch up with
                         # the next process's turn. Take a fresh turn, once (no starving).
-                        self.stale += 1
                         stale_ok = True
                         continue
                 if int(granted):

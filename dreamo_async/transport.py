@@ -137,9 +137,6 @@ class Endpoints:
     def create_url(self) -> str:
         return self.base_url.rstrip("/") + self.create_path
 
-    def task_url(self, task_id: str) -> str:
-        return self.base_url.rstrip("/") + self.task_path.format(id=quote(task_id, safe=""))
-
 
 class Transport:
     """One aiohttp session and the rules for talking to the service through it.
@@ -345,7 +342,7 @@ class Transport:
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task (retried on transient failures).
 
-        The loop of :meth:`_idempotent` written out (same rules, same helper):
+        The loop of :meth:`_retried` written out (same rules, same helper):
         every poll runs it, and a closure plus a coroutine layer per poll is CPU
         the hot path does not need.
         """
@@ -440,26 +437,23 @@ class Transport:
                     ) from None
                 raise
 
-        return await self._idempotent(once, None, f"download {shown}")
+        return await self._retried(once, f"download {shown}")
 
     # -- helpers -------------------------------------------------------------------
 
-    async def _idempotent(
-        self, once: Callable[[], Awaitable[_T]], priority: Priority | None, what: str
-    ) -> _T:
+    async def _retried(self, once: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run an idempotent request (a download) until it succeeds or may not be retried.
+
+        Downloads are not API calls: the rate limiter does not count them.
+        """
         attempt = 0
         while True:
             attempt += 1
-            if priority is not None:
-                await self.limiter.acquire(priority)
-            pacing = _PACING.set(self.limiter if priority is not None else None)
             try:
                 return await once()
             except Exception as exc:
                 error: Exception = exc
                 hint = self._retry_hint(exc, attempt, what)
-            finally:
-                _PACING.reset(pacing)
             await self._backoff(attempt, hint, what, error)
 
     def _retry_hint(self, exc: Exception, attempt: int, what: str) -> float | None:

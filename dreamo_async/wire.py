@@ -67,8 +67,7 @@ def request_params(request: GenerationRequest) -> dict[str, Any]:
 
     Parameters left at ``None`` are omitted, so the service applies its defaults.
     """
-    params: dict[str, Any] = {"prompt": request.prompt}
-    params.update(converter.unstructure(request))
+    params: dict[str, Any] = converter.unstructure(request)
     return params
 
 
