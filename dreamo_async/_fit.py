@@ -27,7 +27,7 @@ import math
 from typing import TYPE_CHECKING, Final
 
 from ._imageheaders import HeaderError, ImageHeader, read_header
-from .errors import ImageError
+from .images import _error
 from .limits import Limits
 
 if TYPE_CHECKING:
@@ -191,5 +191,3 @@ def _encode_jpeg(image: PILImage.Image, quality: int, icc: bytes | None) -> byte
     return out.getvalue()
 
 
-def _error(index: int, source: str, text: str) -> ImageError:
-    return ImageError(f"image {index} ({source}) {text}", index=index, source=source)

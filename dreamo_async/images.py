@@ -10,7 +10,9 @@ Two steps, split so that queued jobs hold nothing but the user's own objects:
    inputs concurrently, then in *one* worker thread reads files, checks each
    image by its bytes (:func:`inspect_image`: format, size, resolution and
    aspect ratio from the header) and base64-encodes it with pybase64, which
-   releases the GIL, so the event loop keeps running.
+   releases the GIL, so the event loop keeps running. Small in-memory inputs
+   (bytes-likes of at most ``INLINE_MAX_BYTES`` in all) are checked and encoded
+   on the loop: microseconds of work, cheaper than the thread hop.
 
 Memory: a :class:`PreparedImages` is the only holder of a job's encoded images;
 the client drops it as soon as the request body exists. Every instance is
@@ -90,8 +92,7 @@ _REFUSED_SCHEMES: Final = frozenset(
 )
 #: Strings that start like base64 of a JPEG or PNG: a user passed encoded data as a "path".
 _BASE64_IMAGE_STARTS: Final = ("/9j/", "iVBORw0KGgo")
-#: Every live PreparedImages under a unique key. Not a WeakSet: attrs makes equal
-#: payloads (the same images twice) compare and hash equal, and a set keeps one.
+#: The image stage's worker-thread limiter of each event loop (see stage_limiter).
 _LIMITERS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter]] = (
     weakref.WeakKeyDictionary()
 )
@@ -386,7 +387,7 @@ async def prepare_images(
       at the size limit), then one worker thread (under :func:`stage_limiter`)
       reads, checks, optionally fits (``fit=True``, needs Pillow) and
       base64-encodes every image, in order. Cancelling waits for that thread,
-      which takes milliseconds.
+      which takes milliseconds. Small in-memory inputs skip the thread.
 
     Advisory warnings (aspect ratio with ``CheckPolicy.WARN``) are emitted here,
     on the event loop's thread, as :class:`DreamOWarning` (``warnings`` filters
@@ -434,8 +435,7 @@ def stage_limiter() -> anyio.CapacityLimiter:
     the event loop's thread waits for a core (and for the GIL between the C
     calls) and its timers run late. Leaving one core to the loop keeps the lag
     small (``benchmarks/bench_preprocess.py``) at no cost in throughput, which
-    memory bandwidth bounds anyway. The client can run its own large
-    serialisation (the create body) under the same limiter.
+    memory bandwidth bounds anyway.
     """
     loop = asyncio.get_running_loop()
     limiter = _LIMITERS.get(loop)
