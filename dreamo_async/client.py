@@ -264,10 +264,10 @@ class DreamOClient:
     ) -> GenerationRequest:
         """A checked request from a request object or keywords, against this client's limits."""
         if request is not None:
-            if params:
-                request = attrs.evolve(request, **params)
-            if request.limits is not self.limits:
-                request.check(self.limits)
+            if params or request.limits is not self.limits:
+                # One check, against this client's limits; the result carries them, so
+                # passing it again (generate_many -> generate) checks nothing twice.
+                request = attrs.evolve(request, limits=self.limits, **params)
             return request
         return GenerationRequest(limits=self.limits, **params)
 

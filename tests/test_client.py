@@ -368,3 +368,25 @@ async def test_full_size_body_is_sent_in_parts_intact(server: FakeDreamOServer) 
     sent = body["input"][0]["params"]["binary_data_base64"]
     assert [base64.b64decode(text) for text in sent] == images
     assert server.stats.creates == 1
+
+
+def test_a_request_is_checked_once_against_the_client_s_limits() -> None:
+    """Building from a request plus keywords checks once, with the client's limits, and
+    the result carries them: handing it on (generate_many -> generate) re-checks nothing."""
+    import warnings
+
+    limits = d.Limits(max_ddim_steps=20)
+    client = d.DreamOClient(api_key=KEY, limits=limits)
+    long_prompt = "x" * 400  # over the recommended length: one DreamOWarning per check
+    with pytest.warns(d.DreamOWarning):
+        request = d.GenerationRequest(prompt=long_prompt, images=[PNG])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        built = client.build_request(request, seed=3)
+        assert client.build_request(built) is built
+    assert len(caught) == 1
+    assert built.limits is limits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(d.InvalidRequestError, match="ddim_steps"):
+            client.build_request(request, ddim_steps=30)  # the client's limit, not 50
