@@ -87,9 +87,15 @@ class PollSchedule:
         previous = self._last_progress
         if previous is not None and now > previous[0] and progress > previous[1]:
             self._rate = (progress - previous[1]) / (now - previous[0])
-        elif previous is None and progress > 0 and now > self.started_at:
+        elif previous is None and progress > 0 and self._measurable(now - self.started_at):
+            # Progress made since the start, when the start is known well enough: not
+            # for a task first seen already under way (``wait`` on a resumed task),
+            # whose rate would come out absurd; the next observation gives it.
             self._rate = progress / (now - self.started_at)
         self._last_progress = (now, progress)
+
+    def _measurable(self, elapsed: float) -> bool:
+        return elapsed > 0 and elapsed >= self.policy.initial_delay / 2
 
     def next_delay(self, now: float) -> float:
         """Seconds to wait before the next poll."""

@@ -112,3 +112,16 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after("-1") is None
     assert parse_retry_after(None) is None
+
+
+def test_a_task_first_seen_under_way_does_not_get_an_absurd_finish_estimate() -> None:
+    """``wait`` on a task at 50 %: progress seen a microsecond after the schedule starts
+    says nothing about its speed; the next poll is the usual first delay, not 0.1 s."""
+    from dreamo_async.polling import PollSchedule
+
+    policy = d.PollPolicy(initial_delay=1.0, jitter=0.0)
+    schedule = PollSchedule(policy, started_at=100.0)
+    schedule.observe(100.000001, 0.5)
+    assert schedule.next_delay(100.000001) == pytest.approx(1.0)
+    schedule.observe(101.0, 0.6)  # 10 % per second from here: done in 4 s
+    assert 4.0 <= schedule.next_delay(101.0) <= 4.0 + policy.finish_margin + 1e-9
