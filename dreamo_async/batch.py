@@ -66,7 +66,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import inspect_image
+from .images import ImageSource, _load, classify_images, inspect_image
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
 from .request import GenerationRequest
@@ -169,7 +169,8 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     base = file.resolve().parent
     jobs: list[BatchJob] = []
     problems: list[str] = []
-    checked: dict[str, str | None] = {}
+    #: Image files already read and found fine (a file used by many jobs is read once).
+    checked: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -187,9 +188,7 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     return jobs
 
 
-def _check_line(
-    raw: str, base: Path, limits: Limits, checked: dict[str, str | None]
-) -> dict[str, Any]:
+def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -208,45 +207,44 @@ def _check_line(
         images = [images]
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise ValueError("'images' must be a list of paths or URLs (strings)")
-    resolved = [_resolve_image(i, base) for i in images]
-    params = {**data, "images": resolved}
+    try:
+        sources = classify_images(images)  # refuses ftp://, file://, empty paths, ...
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc)) from None
+    sources = tuple(_resolve(source, base) for source in sources)
+    params = {**data, "images": [str(source.value) for source in sources]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
             GenerationRequest(limits=limits, **params)
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
-    for position, image in enumerate(resolved):
-        if image.lower().startswith(("http://", "https://", "data:")):
-            continue
-        if image not in checked:
-            checked[image] = _check_image_file(image, limits)
-        if (problem := checked[image]) is not None:
-            raise ValueError(f"images[{position}] {problem}")
+    for source in sources:
+        if source.kind == "path" and (path := str(source.value)) not in checked:
+            _check_image_file(source, limits)
+            checked.add(path)
     return params
 
 
-def _resolve_image(image: str, base: Path) -> str:
-    if image.lower().startswith(("http://", "https://", "data:")):
-        return image
-    path = Path(image).expanduser()
-    return str(path if path.is_absolute() else base / path)
+def _resolve(source: ImageSource, base: Path) -> ImageSource:
+    """A path source made absolute against the jobs file's folder; any other source as is."""
+    if source.kind != "path":
+        return source
+    path = Path(str(source.value)).expanduser()
+    return attrs.evolve(source, value=str(path if path.is_absolute() else base / path))
 
 
-def _check_image_file(path: str, limits: Limits) -> str | None:
-    """A problem with a local image file, or ``None``: read it once, check its header."""
+def _check_image_file(source: ImageSource, limits: Limits) -> None:
+    """Read and check a local image the way a run will, with the library's own messages.
+
+    Only files that passed are remembered (a failure is rare, and its message
+    names the image's position in this line, which differs between lines).
+    """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(limits.max_image_bytes + 1)
-    except FileNotFoundError:
-        return f"{path}: no such file"
-    except OSError as exc:
-        return f"{path}: cannot read: {exc.strerror or exc}"
-    try:
-        inspect_image(data, index=0, source=path, limits=limits)
+        data = _load(source, limits.max_image_bytes, limits, False)
+        inspect_image(data, index=source.index, source=source.label, limits=limits)
     except InvalidRequestError as exc:
-        return str(exc).removeprefix("images[0] ")
-    return None
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- journal

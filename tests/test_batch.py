@@ -328,11 +328,39 @@ def test_load_jobs_reports_every_problem_with_file_and_line(tmp_path: Path) -> N
         f"{jobs_file}:{n}" for n in (2, 4, 5, 6, 7, 8)
     ]
     assert "not valid JSON" in problems[0]
-    assert "missing.png: no such file" in problems[1]
+    assert problems[1].endswith(": image 0 (missing.png) does not exist (no such file)")
     assert "ddim_steps must be between 1 and 50; got 99" in problems[2]
     assert "HTML" in problems[3]
     assert "colour" in problems[4]
     assert "expected a JSON object" in problems[5]
+
+
+def test_load_jobs_reports_image_problems_in_the_librarys_words(tmp_path: Path) -> None:
+    """The jobs file check reads images as a run would: real sizes, right index, schemes."""
+    (tmp_path / "ok.png").write_bytes(PNG)
+    with (tmp_path / "big.jpg").open("wb") as handle:  # sparse: 20 MB on paper, not on disk
+        handle.write(make_jpeg(8, 8))
+        handle.truncate(20_001_280)
+    (tmp_path / "notes.jpg").write_bytes(b"GIF89a" + bytes(64))
+    lines = [
+        '{"prompt": "x", "images": ["ok.png", "big.jpg"]}',
+        '{"prompt": "x", "images": ["ok.png", "notes.jpg"]}',
+        '{"prompt": "x", "images": ["ok.png", "ftp://host/a.jpg"]}',
+        '{"prompt": "x", "images": ["big.jpg"]}',
+    ]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobsFileError) as caught:
+        load_jobs(jobs_file)
+    assert caught.value.problems == [
+        f"{jobs_file}:1: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        "(Limits.max_image_bytes)",
+        f"{jobs_file}:2: image 1 (notes.jpg) is GIF; the service accepts JPEG or PNG",
+        f"{jobs_file}:3: image 1 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
+        "are accepted (or a local path, bytes, a file object, a data URI)",
+        f"{jobs_file}:4: image 0 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        "(Limits.max_image_bytes)",
+    ]
 
 
 def test_load_jobs_resolves_relative_images_against_the_file(tmp_path: Path) -> None:
