@@ -911,7 +911,7 @@ class _Engine:
                         url, self.out, result_stem(index, result.task_id, n)
                     )
                     files.append(path.name)
-            except DreamOError as exc:
+            except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
                 await self.journal.aupdate(
                     index, "created", error_code="download", error_message=str(exc)

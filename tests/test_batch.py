@@ -8,15 +8,17 @@ journal says.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
 import dreamo_async as d
+import dreamo_async.download as download_module
 from dreamo_async.batch import (
     BatchEvent,
     BatchJob,
@@ -251,6 +253,36 @@ async def test_a_refused_key_stops_the_run_and_nothing_is_paid(
         resumed = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
     assert resumed.ok
     assert server.stats.creates == 6
+
+
+async def test_a_write_error_fails_its_download_alone_and_a_rerun_fetches_it(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while saving job 1's image: the other jobs finish, results.jsonl is written."""
+    real_open = download_module.open_exclusive
+
+    def full_for_job_1(path: Path) -> BinaryIO:
+        if path.name.startswith(".00001-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path)
+
+    monkeypatch.setattr(download_module, "open_exclusive", full_for_job_1)
+    jobs = jobs_for(image, "a", "b", "c")
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert report.completed == 2
+    assert report.failed == {"download": 1}
+    assert report.fatal is None
+    assert states(tmp_path / "j.db") == {0: "completed", 1: "created", 2: "completed"}
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in lines]
+    assert results[1]["error"]["code"] == "download"
+    assert "No space left on device" in results[1]["error"]["message"]
+    monkeypatch.undo()
+    async with client_for(server) as client:
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert again.ok
+    assert server.stats.creates == 3  # fetched again, never created again
 
 
 async def test_a_changed_job_refuses_the_old_journal(image: str, tmp_path: Path) -> None:
