@@ -829,7 +829,7 @@ class _Engine:
         if task_id is None:
             try:
                 request = client.build_request(**job.params)
-            except InvalidRequestError as exc:
+            except (InvalidRequestError, TypeError) as exc:  # TypeError: an unknown key
                 await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
                 self._fail(index, "invalid", str(exc))
                 return

@@ -285,6 +285,22 @@ async def test_a_write_error_fails_its_download_alone_and_a_rerun_fetches_it(
     assert server.stats.creates == 3  # fetched again, never created again
 
 
+async def test_a_mapping_job_with_an_unknown_key_fails_alone(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a", "b", "c")
+    jobs[1]["colour"] = "red"
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert report.completed == 2
+    assert report.failed == {"invalid": 1}
+    assert server.stats.creates_by_prompt == {"a": 1, "c": 1}
+    with Journal(tmp_path / "j.db") as journal:
+        row = journal.rows()[1]
+    assert (row.state, row.error_code, row.creates) == ("failed", "invalid", 0)
+    assert "colour" in (row.error_message or "")
+
+
 async def test_a_changed_job_refuses_the_old_journal(image: str, tmp_path: Path) -> None:
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs([BatchJob(index=0, params={"prompt": "a", "images": [image]})])
