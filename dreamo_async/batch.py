@@ -50,6 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
+import anyio
 import attrs
 
 from .download import fsync_directory, is_saved_image, result_stem
@@ -687,8 +688,10 @@ async def run_batch(
     out = Path(out_dir)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     own = not isinstance(journal, Journal)
-    opened = Journal(journal).open() if not isinstance(journal, Journal) else journal
+    opened = journal if isinstance(journal, Journal) else Journal(journal)
     try:
+        if own:  # SQLite connect, WAL pragma, schema write with fsync: off the event loop
+            await anyio.to_thread.run_sync(opened.open)
         engine = _Engine(
             client,
             opened,
@@ -704,8 +707,8 @@ async def run_batch(
             report = attrs.evolve(report, results_path=path)
         return report
     finally:
-        if own:
-            opened.close()
+        if own:  # joins the writer thread; not abandoned if cancelled, so the lock is freed
+            await anyio.to_thread.run_sync(opened.close)
 
 
 def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:

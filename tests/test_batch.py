@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -299,6 +300,34 @@ async def test_a_mapping_job_with_an_unknown_key_fails_alone(
         row = journal.rows()[1]
     assert (row.state, row.error_code, row.creates) == ("failed", "invalid", 0)
     assert "colour" in (row.error_message or "")
+
+
+async def test_run_batch_opens_and_closes_its_journal_off_the_event_loop(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening (connect, WAL, schema fsync) and closing (joining the writer) block."""
+    callers: dict[str, threading.Thread] = {}
+    real_open, real_close = Journal.open, Journal.close
+
+    def open_(self: Journal) -> Journal:
+        callers["open"] = threading.current_thread()
+        return real_open(self)
+
+    def close(self: Journal) -> None:
+        callers.setdefault("close", threading.current_thread())
+        real_close(self)
+
+    monkeypatch.setattr(Journal, "open", open_)
+    monkeypatch.setattr(Journal, "close", close)
+    async with client_for(server) as client:
+        report = await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
+    assert report.ok
+    assert set(callers) == {"open", "close"}
+    assert threading.current_thread() not in callers.values()
+    # Held by this test: the run's open fails, from the worker thread, as before.
+    async with client_for(server) as client:
+        with Journal(tmp_path / "j.db"), pytest.raises(JournalError, match="in use by another"):
+            await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
 
 
 async def test_a_changed_job_refuses_the_old_journal(image: str, tmp_path: Path) -> None:
