@@ -687,7 +687,6 @@ if click is not None:
             self.started = time.monotonic()
             self.progress: Progress | None = None
             self.bar: TaskID | None = None
-            self.resumed: dict[str, int] = {}
 
         def __enter__(self) -> _Display:
             return self
