@@ -662,6 +662,14 @@ class _Stop(Exception):
     """Raised inside a job when the run is stopping (a fatal error elsewhere)."""
 
 
+class _RunJournalError(JournalError):
+    """The journal failed once the jobs had started: requests may have been sent.
+
+    Private: it only lets the CLI tell this from a journal refused up front
+    (locked, unopenable, written for other jobs), which is an input error.
+    """
+
+
 async def run_batch(
     client: DreamOClient,
     jobs: Iterable[BatchJob | Mapping[str, Any]],
@@ -700,11 +708,18 @@ async def run_batch(
             timeout=timeout,
             on_event=on_event,
         )
-        report = await engine.run(batch, retry_unknown=retry_unknown, retry_failed=retry_failed)
-        if results_name is not None:
-            path = out / results_name
-            await asyncio.to_thread(write_results, await opened.acall(_select), path)
-            report = attrs.evolve(report, results_path=path)
+        try:
+            report = await engine.run(
+                batch, retry_unknown=retry_unknown, retry_failed=retry_failed
+            )
+            if results_name is not None:
+                path = out / results_name
+                await asyncio.to_thread(write_results, await opened.acall(_select), path)
+                report = attrs.evolve(report, results_path=path)
+        except JournalError as exc:
+            if not engine.started or isinstance(exc, _RunJournalError):
+                raise
+            raise _RunJournalError(str(exc)) from exc
         return report
     finally:
         if own:  # joins the writer thread; not abandoned if cancelled, so the lock is freed
@@ -741,6 +756,8 @@ class _Engine:
         self.unknown: dict[int, str | None] = {}
         self.fatal: BaseException | None = None
         self.downloads: set[asyncio.Task[None]] = set()
+        #: Whether the workers started (requests may have been sent since).
+        self.started = False
         self.download_slots = asyncio.Semaphore(2 * self.concurrency)
 
     def emit(self, kind: str, index: int, **details: Any) -> None:
@@ -787,6 +804,7 @@ class _Engine:
         self.state.queued = len(work)
         started = time.monotonic()
         feed = iter(work)
+        self.started = True
         workers = [asyncio.create_task(self._worker(feed)) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*workers)

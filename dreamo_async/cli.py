@@ -605,7 +605,7 @@ if click is not None:
         reports: list[Any] | None = None,
     ) -> int:
         """Run the batch engine with a progress display and print the summary."""
-        from .batch import JournalError, run_batch
+        from .batch import JournalError, _RunJournalError, run_batch
 
         err = Console(stderr=True, highlight=False)
         display = _Display(err, len(jobs))
@@ -622,7 +622,10 @@ if click is not None:
                     on_event=display.event,
                 )
         except JournalError as exc:
-            raise _Exit(EXIT_USAGE, str(exc)) from None
+            # Refused up front (locked, unopenable, written for other jobs): nothing was
+            # sent, an input error. Failed once jobs ran: requests were sent, a failed run.
+            failed_run = isinstance(exc, _RunJournalError)
+            raise _Exit(EXIT_FAILED if failed_run else EXIT_USAGE, str(exc)) from None
         if reports is not None:
             reports.append(report)
         code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
