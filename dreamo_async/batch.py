@@ -50,6 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 
+import anyio
 import attrs
 
 from .download import fsync_directory, is_saved_image, result_stem
@@ -66,7 +67,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import inspect_image
+from .images import ImageSource, _load, classify_images, inspect_image
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
 from .request import GenerationRequest
@@ -169,7 +170,8 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     base = file.resolve().parent
     jobs: list[BatchJob] = []
     problems: list[str] = []
-    checked: dict[str, str | None] = {}
+    #: Image files already read and found fine (a file used by many jobs is read once).
+    checked: set[str] = set()
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -187,9 +189,7 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     return jobs
 
 
-def _check_line(
-    raw: str, base: Path, limits: Limits, checked: dict[str, str | None]
-) -> dict[str, Any]:
+def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -208,45 +208,44 @@ def _check_line(
         images = [images]
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise ValueError("'images' must be a list of paths or URLs (strings)")
-    resolved = [_resolve_image(i, base) for i in images]
-    params = {**data, "images": resolved}
+    try:
+        sources = classify_images(images)  # refuses ftp://, file://, empty paths, ...
+    except InvalidRequestError as exc:
+        raise ValueError(str(exc)) from None
+    sources = tuple(_resolve(source, base) for source in sources)
+    params = {**data, "images": [str(source.value) for source in sources]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
             GenerationRequest(limits=limits, **params)
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
-    for position, image in enumerate(resolved):
-        if image.lower().startswith(("http://", "https://", "data:")):
-            continue
-        if image not in checked:
-            checked[image] = _check_image_file(image, limits)
-        if (problem := checked[image]) is not None:
-            raise ValueError(f"images[{position}] {problem}")
+    for source in sources:
+        if source.kind == "path" and (path := str(source.value)) not in checked:
+            _check_image_file(source, limits)
+            checked.add(path)
     return params
 
 
-def _resolve_image(image: str, base: Path) -> str:
-    if image.lower().startswith(("http://", "https://", "data:")):
-        return image
-    path = Path(image).expanduser()
-    return str(path if path.is_absolute() else base / path)
+def _resolve(source: ImageSource, base: Path) -> ImageSource:
+    """A path source made absolute against the jobs file's folder; any other source as is."""
+    if source.kind != "path":
+        return source
+    path = Path(str(source.value)).expanduser()
+    return attrs.evolve(source, value=str(path if path.is_absolute() else base / path))
 
 
-def _check_image_file(path: str, limits: Limits) -> str | None:
-    """A problem with a local image file, or ``None``: read it once, check its header."""
+def _check_image_file(source: ImageSource, limits: Limits) -> None:
+    """Read and check a local image the way a run will, with the library's own messages.
+
+    Only files that passed are remembered (a failure is rare, and its message
+    names the image's position in this line, which differs between lines).
+    """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(limits.max_image_bytes + 1)
-    except FileNotFoundError:
-        return f"{path}: no such file"
-    except OSError as exc:
-        return f"{path}: cannot read: {exc.strerror or exc}"
-    try:
-        inspect_image(data, index=0, source=path, limits=limits)
+        data = _load(source, limits.max_image_bytes, limits, False)
+        inspect_image(data, index=source.index, source=source.label, limits=limits)
     except InvalidRequestError as exc:
-        return str(exc).removeprefix("images[0] ")
-    return None
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- journal
@@ -663,6 +662,14 @@ class _Stop(Exception):
     """Raised inside a job when the run is stopping (a fatal error elsewhere)."""
 
 
+class _RunJournalError(JournalError):
+    """The journal failed once the jobs had started: requests may have been sent.
+
+    Private: it only lets the CLI tell this from a journal refused up front
+    (locked, unopenable, written for other jobs), which is an input error.
+    """
+
+
 async def run_batch(
     client: DreamOClient,
     jobs: Iterable[BatchJob | Mapping[str, Any]],
@@ -689,8 +696,10 @@ async def run_batch(
     out = Path(out_dir)
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     own = not isinstance(journal, Journal)
-    opened = Journal(journal).open() if not isinstance(journal, Journal) else journal
+    opened = journal if isinstance(journal, Journal) else Journal(journal)
     try:
+        if own:  # SQLite connect, WAL pragma, schema write with fsync: off the event loop
+            await anyio.to_thread.run_sync(opened.open)
         engine = _Engine(
             client,
             opened,
@@ -699,15 +708,22 @@ async def run_batch(
             timeout=timeout,
             on_event=on_event,
         )
-        report = await engine.run(batch, retry_unknown=retry_unknown, retry_failed=retry_failed)
-        if results_name is not None:
-            path = out / results_name
-            await asyncio.to_thread(write_results, await opened.acall(_select), path)
-            report = attrs.evolve(report, results_path=path)
+        try:
+            report = await engine.run(
+                batch, retry_unknown=retry_unknown, retry_failed=retry_failed
+            )
+            if results_name is not None:
+                path = out / results_name
+                await asyncio.to_thread(write_results, await opened.acall(_select), path)
+                report = attrs.evolve(report, results_path=path)
+        except JournalError as exc:
+            if not engine.started or isinstance(exc, _RunJournalError):
+                raise
+            raise _RunJournalError(str(exc)) from exc
         return report
     finally:
-        if own:
-            opened.close()
+        if own:  # joins the writer thread; not abandoned if cancelled, so the lock is freed
+            await anyio.to_thread.run_sync(opened.close)
 
 
 def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:
@@ -740,6 +756,8 @@ class _Engine:
         self.unknown: dict[int, str | None] = {}
         self.fatal: BaseException | None = None
         self.downloads: set[asyncio.Task[None]] = set()
+        #: Whether the workers started (requests may have been sent since).
+        self.started = False
         self.download_slots = asyncio.Semaphore(2 * self.concurrency)
 
     def emit(self, kind: str, index: int, **details: Any) -> None:
@@ -786,6 +804,7 @@ class _Engine:
         self.state.queued = len(work)
         started = time.monotonic()
         feed = iter(work)
+        self.started = True
         workers = [asyncio.create_task(self._worker(feed)) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*workers)
@@ -831,7 +850,7 @@ class _Engine:
         if task_id is None:
             try:
                 request = client.build_request(**job.params)
-            except InvalidRequestError as exc:
+            except (InvalidRequestError, TypeError) as exc:  # TypeError: an unknown key
                 await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
                 self._fail(index, "invalid", str(exc))
                 return
@@ -913,7 +932,7 @@ class _Engine:
                         url, self.out, result_stem(index, result.task_id, n)
                     )
                     files.append(path.name)
-            except DreamOError as exc:
+            except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
                 await self.journal.aupdate(
                     index, "created", error_code="download", error_message=str(exc)

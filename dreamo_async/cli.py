@@ -605,20 +605,16 @@ if click is not None:
         reports: list[Any] | None = None,
     ) -> int:
         """Run the batch engine with a progress display and print the summary."""
-        from .batch import Journal, JournalError, run_batch
+        from .batch import JournalError, _RunJournalError, run_batch
 
         err = Console(stderr=True, highlight=False)
-        try:
-            journal = Journal(journal_path).open()
-        except JournalError as exc:
-            raise _Exit(EXIT_USAGE, str(exc)) from None
         display = _Display(err, len(jobs))
         try:
             with display:
                 report = await run_batch(
                     client,
                     jobs,
-                    journal,
+                    journal_path,  # run_batch opens and closes it (off the event loop)
                     out,
                     concurrency=concurrency,
                     retry_unknown=retry_unknown,
@@ -626,9 +622,10 @@ if click is not None:
                     on_event=display.event,
                 )
         except JournalError as exc:
-            raise _Exit(EXIT_USAGE, str(exc)) from None
-        finally:
-            journal.close()
+            # Refused up front (locked, unopenable, written for other jobs): nothing was
+            # sent, an input error. Failed once jobs ran: requests were sent, a failed run.
+            failed_run = isinstance(exc, _RunJournalError)
+            raise _Exit(EXIT_FAILED if failed_run else EXIT_USAGE, str(exc)) from None
         if reports is not None:
             reports.append(report)
         code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
@@ -693,9 +690,13 @@ if click is not None:
             self.started = time.monotonic()
             self.progress: Progress | None = None
             self.bar: TaskID | None = None
-            self.resumed: dict[str, int] = {}
 
         def __enter__(self) -> _Display:
+            return self
+
+        def _start(self) -> None:
+            """Show the bar at the first event: a journal refused before any (locked, or
+            written for other jobs) leaves the terminal with its error alone."""
             if self.tty:
                 self.progress = Progress(
                     TextColumn("[bold]jobs[/bold]"),
@@ -716,13 +717,14 @@ if click is not None:
                 self.bar = self.progress.add_task(
                     "jobs", total=self.total, done=0, failed=0, running=0, queued=0, cost="0"
                 )
-            return self
 
         def __exit__(self, *exc_info: object) -> None:
             if self.progress is not None:
                 self.progress.stop()
 
         def event(self, event: Any) -> None:
+            if self.tty and self.progress is None:
+                self._start()
             state = event.state
             if self.progress is not None and self.bar is not None:
                 self.progress.update(

@@ -8,21 +8,25 @@ journal says.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
 import dreamo_async as d
+import dreamo_async.download as download_module
 from dreamo_async.batch import (
     BatchEvent,
     BatchJob,
     JobsFileError,
     Journal,
     JournalError,
+    _RunJournalError,
     load_jobs,
     run_batch,
 )
@@ -253,6 +257,105 @@ async def test_a_refused_key_stops_the_run_and_nothing_is_paid(
     assert server.stats.creates == 6
 
 
+async def test_a_write_error_fails_its_download_alone_and_a_rerun_fetches_it(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full while saving job 1's image: the other jobs finish, results.jsonl is written."""
+    real_open = download_module.open_exclusive
+
+    def full_for_job_1(path: Path) -> BinaryIO:
+        if path.name.startswith(".00001-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path)
+
+    monkeypatch.setattr(download_module, "open_exclusive", full_for_job_1)
+    jobs = jobs_for(image, "a", "b", "c")
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert report.completed == 2
+    assert report.failed == {"download": 1}
+    assert report.fatal is None
+    assert states(tmp_path / "j.db") == {0: "completed", 1: "created", 2: "completed"}
+    lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in lines]
+    assert results[1]["error"]["code"] == "download"
+    assert "No space left on device" in results[1]["error"]["message"]
+    monkeypatch.undo()
+    async with client_for(server) as client:
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "out")
+    assert again.ok
+    assert server.stats.creates == 3  # fetched again, never created again
+
+
+async def test_a_mapping_job_with_an_unknown_key_fails_alone(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a", "b", "c")
+    jobs[1]["colour"] = "red"
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert report.completed == 2
+    assert report.failed == {"invalid": 1}
+    assert server.stats.creates_by_prompt == {"a": 1, "c": 1}
+    with Journal(tmp_path / "j.db") as journal:
+        row = journal.rows()[1]
+    assert (row.state, row.error_code, row.creates) == ("failed", "invalid", 0)
+    assert "colour" in (row.error_message or "")
+
+
+async def test_run_batch_opens_and_closes_its_journal_off_the_event_loop(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening (connect, WAL, schema fsync) and closing (joining the writer) block."""
+    callers: dict[str, threading.Thread] = {}
+    real_open, real_close = Journal.open, Journal.close
+
+    def open_(self: Journal) -> Journal:
+        callers["open"] = threading.current_thread()
+        return real_open(self)
+
+    def close(self: Journal) -> None:
+        callers.setdefault("close", threading.current_thread())
+        real_close(self)
+
+    monkeypatch.setattr(Journal, "open", open_)
+    monkeypatch.setattr(Journal, "close", close)
+    async with client_for(server) as client:
+        report = await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
+    assert report.ok
+    assert set(callers) == {"open", "close"}
+    assert threading.current_thread() not in callers.values()
+    # Held by this test: the run's open fails, from the worker thread, as before.
+    async with client_for(server) as client:
+        with Journal(tmp_path / "j.db"), pytest.raises(JournalError, match="in use by another"):
+            await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
+
+
+async def test_a_journal_failure_after_the_jobs_started_is_told_apart(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failing once tasks exist is not the up-front refusal the CLI calls input error."""
+    real = Journal.aupdate
+
+    async def failing(self: Journal, index: int, state: Any, **fields: Any) -> None:
+        if state == "created":
+            raise JournalError("journal write failed: disk I/O error")
+        await real(self, index, state, **fields)
+
+    monkeypatch.setattr(Journal, "aupdate", failing)
+    async with client_for(server) as client:
+        with pytest.raises(JournalError, match="disk I/O error") as caught:
+            await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
+    assert isinstance(caught.value, _RunJournalError)
+    assert server.stats.creates == 1
+    monkeypatch.undo()
+    async with client_for(server) as client:  # up front: other jobs than the journal's
+        with pytest.raises(JournalError) as refused:
+            await run_batch(client, jobs_for(image, "b"), tmp_path / "j.db", tmp_path)
+    assert not isinstance(refused.value, _RunJournalError)
+    assert server.stats.creates == 1
+
+
 async def test_a_changed_job_refuses_the_old_journal(image: str, tmp_path: Path) -> None:
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs([BatchJob(index=0, params={"prompt": "a", "images": [image]})])
@@ -328,11 +431,39 @@ def test_load_jobs_reports_every_problem_with_file_and_line(tmp_path: Path) -> N
         f"{jobs_file}:{n}" for n in (2, 4, 5, 6, 7, 8)
     ]
     assert "not valid JSON" in problems[0]
-    assert "missing.png: no such file" in problems[1]
+    assert problems[1].endswith(": image 0 (missing.png) does not exist (no such file)")
     assert "ddim_steps must be between 1 and 50; got 99" in problems[2]
     assert "HTML" in problems[3]
     assert "colour" in problems[4]
     assert "expected a JSON object" in problems[5]
+
+
+def test_load_jobs_reports_image_problems_in_the_librarys_words(tmp_path: Path) -> None:
+    """The jobs file check reads images as a run would: real sizes, right index, schemes."""
+    (tmp_path / "ok.png").write_bytes(PNG)
+    with (tmp_path / "big.jpg").open("wb") as handle:  # sparse: 20 MB on paper, not on disk
+        handle.write(make_jpeg(8, 8))
+        handle.truncate(20_001_280)
+    (tmp_path / "notes.jpg").write_bytes(b"GIF89a" + bytes(64))
+    lines = [
+        '{"prompt": "x", "images": ["ok.png", "big.jpg"]}',
+        '{"prompt": "x", "images": ["ok.png", "notes.jpg"]}',
+        '{"prompt": "x", "images": ["ok.png", "ftp://host/a.jpg"]}',
+        '{"prompt": "x", "images": ["big.jpg"]}',
+    ]
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text("\n".join(lines) + "\n")
+    with pytest.raises(JobsFileError) as caught:
+        load_jobs(jobs_file)
+    assert caught.value.problems == [
+        f"{jobs_file}:1: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        "(Limits.max_image_bytes)",
+        f"{jobs_file}:2: image 1 (notes.jpg) is GIF; the service accepts JPEG or PNG",
+        f"{jobs_file}:3: image 1 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
+        "are accepted (or a local path, bytes, a file object, a data URI)",
+        f"{jobs_file}:4: image 0 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        "(Limits.max_image_bytes)",
+    ]
 
 
 def test_load_jobs_resolves_relative_images_against_the_file(tmp_path: Path) -> None:

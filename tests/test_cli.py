@@ -234,8 +234,7 @@ def test_input_errors_name_file_and_line_and_nothing_is_sent(
     run = dreamo(*batch_args(service, jobs, tmp_path / "out"))
     assert run.returncode == 2
     assert f"{jobs}:2: not valid JSON" in run.stderr
-    assert f"{jobs}:3: images[0]" in run.stderr
-    assert "missing.jpg: no such file" in run.stderr
+    assert f"{jobs}:3: image 0 (missing.jpg) does not exist (no such file)" in run.stderr
     assert f"{jobs}:4: guidance_scale1 must be between 1 and 7; got 9.5" in run.stderr
     assert "nothing was sent" in run.stderr
     assert service.stats()["create_requests"] == before
@@ -447,3 +446,31 @@ def test_generate_shows_a_live_status_line_on_a_terminal(service: Service, tmp_p
     task_id = plain.split("task ", 1)[1].split()[0]
     assert f"{task_id}: processing" in plain
     assert str(tmp_path / f"00000-{task_id}-0.png") in plain.replace("\r\n", "")
+
+
+def test_a_journal_failure_once_jobs_ran_exits_1_not_2(
+    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 2 promises nothing was sent; a journal write failing after a create is exit 1.
+
+    In process (click's runner), so that the journal can be made to fail.
+    """
+    from click.testing import CliRunner
+
+    from dreamo_async.batch import Journal, JournalError
+    from dreamo_async.cli import cli
+
+    real = Journal.aupdate
+
+    async def failing(self: Journal, index: int, state: Any, **fields: Any) -> None:
+        if state == "created":
+            raise JournalError("journal write failed: disk I/O error")
+        await real(self, index, state, **fields)
+
+    monkeypatch.setattr(Journal, "aupdate", failing)
+    names = prompts(1)
+    jobs = make_jobs(tmp_path, names)
+    run = CliRunner().invoke(cli, batch_args(service, jobs, tmp_path / "out"), env=env())
+    assert run.exit_code == 1, run.output
+    assert "journal write failed: disk I/O error" in run.output
+    assert service.creates_of(names) == [1]
