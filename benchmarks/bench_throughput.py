@@ -65,6 +65,23 @@ def create_body(prompt: str) -> bytes:
     return json.dumps({"model": d.MULTI_IP_MODEL, "input": [{"params": params}]}).encode()
 
 
+async def drive(
+    one: Callable[[str], Coroutine[Any, Any, None]], jobs: int, concurrency: int
+) -> tuple[float, float]:
+    """The baselines' loop: ``concurrency`` workers share ``jobs`` calls of ``one``,
+    after one warm-up call; returns (jobs/s, client CPU µs per job)."""
+    counter = iter(range(jobs))
+
+    async def worker() -> None:
+        for i in counter:
+            await one(f"p{i}")
+
+    await one("warm-up")
+    clock = Clock()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return clock.done(jobs)
+
+
 async def run_library(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     async with d.DreamOClient(
         api_key=KEY, base_url=url, max_concurrency=concurrency, poll=ZERO_POLL
@@ -80,7 +97,6 @@ async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float
 
     headers = {"Authorization": f"Bearer {KEY}"}
     post_headers = {**headers, "Content-Type": "application/json"}
-    counter = iter(range(jobs))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
 
         async def one(prompt: str) -> None:
@@ -95,21 +111,13 @@ async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float
                     return
                 await asyncio.sleep(0)
 
-        async def worker() -> None:
-            for i in counter:
-                await one(f"p{i}")
-
-        await one("warm-up")
-        clock = Clock()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return clock.done(jobs)
+        return await drive(one, jobs, concurrency)
 
 
 async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {KEY}"}
-    counter = iter(range(jobs))
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits) as http:
 
@@ -124,14 +132,7 @@ async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float
                     return
                 await asyncio.sleep(0)
 
-        async def worker() -> None:
-            for i in counter:
-                await one(f"p{i}")
-
-        await one("warm-up")
-        clock = Clock()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return clock.done(jobs)
+        return await drive(one, jobs, concurrency)
 
 
 Variant = Callable[[str, int, int], Coroutine[Any, Any, tuple[float, float]]]

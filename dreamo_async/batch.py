@@ -67,7 +67,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import ImageSource, _load, classify_images, inspect_image
+from .images import ImageSource, check_local_image, classify_images
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
 from .request import GenerationRequest
@@ -242,8 +242,7 @@ def _check_image_file(source: ImageSource, limits: Limits) -> None:
     names the image's position in this line, which differs between lines).
     """
     try:
-        data = _load(source, limits.max_image_bytes, limits, False)
-        inspect_image(data, index=source.index, source=source.label, limits=limits)
+        check_local_image(source, limits)
     except InvalidRequestError as exc:
         raise ValueError(str(exc)) from None
 

@@ -56,6 +56,7 @@ __all__ = [
     "ImageInput",
     "ImageSource",
     "PreparedImages",
+    "check_local_image",
     "classify_images",
     "inspect_image",
     "live_payload_count",
@@ -520,6 +521,17 @@ def _encode_all(
         notes.extend(warned)
         del data
     return tuple(encoded), tuple(infos), notes
+
+
+def check_local_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
+    """Read and check one local image as a job will (blocking I/O: not on the loop).
+
+    For callers that vet inputs ahead of time (``dreamo batch`` checks a whole jobs
+    file before sending anything): the same reader, cap and messages as the run.
+    """
+    data = _load(source, limits.max_image_bytes, limits, False)
+    info, _ = inspect_image(data, index=source.index, source=source.label, limits=limits)
+    return info
 
 
 # --------------------------------------------------------------------------- reading
