@@ -28,11 +28,10 @@ from ._body import BodyParts
 from .errors import (
     ClientClosedError,
     ConfigurationError,
-    DreamOError,
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import live_payload_count, prepare_images
+from .images import live_payload_count, prepare_images, prepare_inline
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
@@ -318,7 +317,7 @@ class DreamOClient:
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
         self._check_open()
-        return await self._get_task(task_id)
+        return await self._transport.get_task(task_id)
 
     async def wait(
         self,
@@ -341,10 +340,8 @@ class DreamOClient:
             if isinstance(task_id, Task):
                 first = task_id
             else:
-                first = await self._get_task(task_id)
-            return await self._poll(
-                first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
-            )
+                first = await self._transport.get_task(task_id)
+            return await self._poll(first, started=loop.time(), timeout=deadline_s, on_poll=on_poll)
 
     async def download(
         self,
@@ -401,47 +398,8 @@ class DreamOClient:
 
     # -- internals -----------------------------------------------------------------
 
-    class _JobContext:
-        """Holds a job slot and registers the job for cancellation on close."""
-
-        def __init__(self, client: DreamOClient) -> None:
-            self._client = client
-            self._tracker = client._tracked()
-            self._token: object = None
-
-        async def __aenter__(self) -> _Tracker:
-            client = self._client
-            client._check_open()
-            # Registered before waiting for a slot: aclose() also ends jobs still queued.
-            self._tracker.__enter__()
-            local = client._local_slots
-            if local is not None and local.try_acquire():
-                return self._tracker  # a free in-process slot: no coroutine
-            try:
-                self._token = await client._slots.acquire()
-            except BaseException as exc:
-                self._tracker.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            return self._tracker
-
-        async def __aexit__(
-            self,
-            exc_type: type[BaseException] | None,
-            exc: BaseException | None,
-            tb: TracebackType | None,
-        ) -> None:
-            try:
-                local = self._client._local_slots
-                if local is not None:
-                    local.release_nowait()
-                else:
-                    # JobSlots.release completes even when this job is being cancelled.
-                    await self._client._slots.release(self._token)
-            finally:
-                self._tracker.__exit__(exc_type, exc, tb)
-
-    def _job(self) -> DreamOClient._JobContext:
-        return DreamOClient._JobContext(self)
+    def _job(self) -> _Job:
+        return _Job(self)
 
     def _tracked(self) -> _Tracker:
         return _Tracker(self)
@@ -452,9 +410,11 @@ class DreamOClient:
         *,
         before_send: Callable[[str], Awaitable[None]] | None = None,
     ) -> Task:
-        prepared = await prepare_images(
-            request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
-        )
+        prepared = None if self.fit_images else prepare_inline(request.images, self.limits)
+        if prepared is None:  # files, URLs, large or fitted images: the worker thread
+            prepared = await prepare_images(
+                request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
+            )
         params = request_params(request)
         parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)
         del prepared  # the encoded images now live only in the body's parts
@@ -483,15 +443,6 @@ class DreamOClient:
         # A URL from the user: public addresses only, unless allow_private_urls.
         return await self._transport.download(url, max_bytes, untrusted=True)
 
-    async def _get_task(self, task_id: str) -> Task:
-        """One poll; an error is tagged with the task id, so the caller can resume or report."""
-        try:
-            return await self._transport.get_task(task_id)
-        except DreamOError as exc:
-            if exc.task_id is None:
-                exc.task_id = task_id
-            raise
-
     async def _poll(
         self,
         task: Task,
@@ -515,7 +466,7 @@ class DreamOClient:
                 delay = min(delay, deadline - now)
             if delay > 0:  # zero: poll at once, without a trip round the loop
                 await asyncio.sleep(delay)
-            task = await self._get_task(task.id)
+            task = await self._transport.get_task(task.id)
             schedule.observe(loop.time(), task.progress)
             if on_poll is not None:
                 on_poll(task)
@@ -533,6 +484,8 @@ class _Tracker:
     A job cancelled by ``aclose`` raises :class:`ClientClosedError` instead of
     ``CancelledError``: its caller did not ask for the cancellation.
     """
+
+    __slots__ = ("_client", "_task", "task_id")
 
     def __init__(self, client: DreamOClient) -> None:
         self._client = client
@@ -569,3 +522,46 @@ class _Tracker:
             error = ClientClosedError(message)
             error.task_id = self.task_id
             raise error from exc
+
+
+class _Job(_Tracker):
+    """A tracked job that also holds a job slot while it runs (``async with``)."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, client: DreamOClient) -> None:
+        self._client = client
+        self._task = None
+        self.task_id = None
+        self._token: object = None
+
+    async def __aenter__(self) -> _Job:
+        client = self._client
+        client._check_open()
+        # Registered before waiting for a slot: aclose() also ends jobs still queued.
+        self.__enter__()
+        local = client._local_slots
+        if local is not None and local.try_acquire():
+            return self  # a free in-process slot: no coroutine
+        try:
+            self._token = await client._slots.acquire()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            local = self._client._local_slots
+            if local is not None:
+                local.release_nowait()
+            else:
+                # JobSlots.release completes even when this job is being cancelled.
+                await self._client._slots.release(self._token)
+        finally:
+            self.__exit__(exc_type, exc, tb)

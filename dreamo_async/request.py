@@ -116,7 +116,7 @@ def _to_sources(value: Sequence[object] | ImageSource | object) -> tuple[ImageSo
 _BARE_IMAGE_TYPES: Final = (str, bytes, bytearray, memoryview)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, slots=False)  # one per job: dict init is twice as fast
 class GenerationRequest:
     """One generation: a prompt plus 1-5 reference images and optional knobs.
 

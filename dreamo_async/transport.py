@@ -47,6 +47,7 @@ from .errors import (
     ConfigurationError,
     CreateOutcomeUnknownError,
     DownloadError,
+    DreamOError,
     InvalidRequestError,
     RateLimitError,
     ResponseFormatError,
@@ -290,13 +291,16 @@ class Transport:
                 await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
-            pacing = _PACING.set(self.limiter)
+            pacing = _PACING.set(self.limiter) if self._paced else None
             try:
                 async with self.session.post(url, data=body, headers=headers) as response:
                     status = response.status
                     if self._unlimited is None:  # UnlimitedLimiter.record does nothing
                         self.limiter.record(status)
-                    payload = await self._read_capped(response, request_id=request_id)
+                    if _plain_within(response, self.limits.max_response_bytes):
+                        payload = await response.read()
+                    else:
+                        payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
                             return parse_task(_json(payload, status, request_id))
@@ -323,7 +327,8 @@ class Transport:
                     request_id=request_id,
                 ) from exc
             finally:
-                _PACING.reset(pacing)
+                if pacing is not None:
+                    _PACING.reset(pacing)
             if isinstance(error, RateLimitError):
                 # 429: the service refused, so no task exists; safe to send again.
                 self._pause_for(error)
@@ -340,36 +345,47 @@ class Transport:
             raise error
 
     async def get_task(self, task_id: str) -> Task:
-        """One poll of a task (retried on transient failures).
+        """One poll of a task (retried on transient failures); errors name the task.
 
         The loop of :meth:`_retried` written out (same rules, same helper):
         every poll runs it, and a closure plus a coroutine layer per poll is CPU
         the hot path does not need.
         """
-        url = self._task_url_base + self.endpoints.task_path.format(id=quote(task_id, safe=""))
+        quoted = task_id if task_id.isalnum() and task_id.isascii() else quote(task_id, safe="")
+        url = self._task_url_base + self.endpoints.task_path.format(id=quoted)
         headers = self._auth_headers()
         timeout = self._poll_timeout or self._timeout
         limiter = self.limiter
+        cap = self.limits.max_response_bytes
         attempt = 0
         while True:
             attempt += 1
             if self._unlimited is None or not self._unlimited.never_paused:
                 await limiter.acquire(Priority.POLL)
-            pacing = _PACING.set(limiter)
+            pacing = _PACING.set(limiter) if self._paced else None
             try:
                 async with self.session.get(url, headers=headers, timeout=timeout) as response:
                     status = response.status
                     if self._unlimited is None:
                         limiter.record(status)
-                    payload = await self._read_capped(response)
+                    if _plain_within(response, cap):
+                        payload = await response.read()
+                    else:
+                        payload = await self._read_capped(response)
                     if status == 200:
                         return parse_task(_json(payload, status, None))
                     raise self._error_from_response(status, payload, response, None)
             except Exception as exc:
                 error: Exception = exc
-                hint = self._retry_hint(exc, attempt, f"poll {task_id}")
+                try:
+                    hint = self._retry_hint(exc, attempt, f"poll {task_id}")
+                except DreamOError as final:
+                    if final.task_id is None:  # the caller can resume or report it
+                        final.task_id = task_id
+                    raise
             finally:
-                _PACING.reset(pacing)
+                if pacing is not None:
+                    _PACING.reset(pacing)
             await self._backoff(attempt, hint, f"poll {task_id}", error)
 
     async def download(self, url: str, max_bytes: int, *, untrusted: bool = False) -> bytes:
@@ -561,9 +577,18 @@ class Transport:
         return f"<Transport {self.endpoints.base_url} key={key}>"
 
 
+#: The decoder ``json.loads`` uses, called directly (see _json).
+_DECODER: Final = json.JSONDecoder()
+
+
 def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, Any]:
     try:
-        data = json.loads(payload)
+        try:
+            # UTF-8 decoded here, then the decoder itself: ``json.loads(bytes)`` spends
+            # as long guessing the encoding (a UTF-16/32 BOM) as parsing a poll answer.
+            data = _DECODER.decode(payload.decode())
+        except ValueError:  # not UTF-8, a BOM, or not JSON: json.loads decides
+            data = json.loads(payload)
     except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep
         raise ResponseFormatError(
             f"the answer is not valid JSON ({len(payload)} bytes)",
@@ -585,8 +610,15 @@ def _closed_error() -> ClientClosedError:
     return ClientClosedError("the client is closed; no request is sent")
 
 
+def _plain_within(response: aiohttp.ClientResponse, cap: int) -> bool:
+    """An answer whose ``Content-Length`` is within ``cap`` and that aiohttp will not
+    inflate: read in one call. Every other answer goes through ``_read_capped``, which
+    counts what it reads (this is its fast path, without a coroutine: every poll runs it).
+    """
+    declared = response.content_length
+    return declared is not None and declared <= cap and "Content-Encoding" not in response.headers
+
+
 def _identity(response: aiohttp.ClientResponse) -> bool:
     """Whether the body arrives as sent: no ``Content-Encoding`` for aiohttp to inflate."""
     return response.headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
-
-

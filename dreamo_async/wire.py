@@ -32,7 +32,7 @@ from .errors import (
     ResponseFormatError,
     ServerError,
 )
-from .models import OutputImage, Task, TaskError, TaskStatus, Usage
+from .models import _STATUS_WORDS, OutputImage, Task, TaskError, TaskStatus, Usage
 from .request import GenerationRequest
 
 __all__ = [
@@ -159,41 +159,56 @@ def parse_task(body: object) -> Task:
 
 
 def _structure_task(data: Mapping[str, Any], _: type) -> Task:
-    # Every answer runs this: the absent/None/plain-dict cases are tested first, inline,
-    # and only other shapes go through the tolerant helpers (same results either way).
-    task_id = data["id"] if "id" in data else data.get("task_id")
-    if type(task_id) is str:  # the common case first
-        if not task_id:
-            raise ResponseFormatError("the task answer has no id")
-    elif not isinstance(task_id, _STR_INT) or isinstance(task_id, bool) or str(task_id) == "":
-        raise ResponseFormatError("the task answer has no id")
-    raw_status = data.get("status")
-    status = TaskStatus.from_wire(raw_status)
-    metadata = data.get("metadata")
+    # Every answer runs this: the plain shapes (a str id, a known status word, absent
+    # or plain-dict fields) are tested first, inline, and Task is called positionally
+    # (its field order); other shapes go through the tolerant helpers, same results.
+    get = data.get
+    task_id = get("id")
+    if type(task_id) is not str or not task_id:
+        task_id = _odd_task_id(data)
+    raw_status = get("status")
+    status = _STATUS_WORDS.get(raw_status) if type(raw_status) is str else None
+    if status is None:
+        status = TaskStatus.from_wire(raw_status)
+        if not isinstance(raw_status, str):
+            raw_status = None
+    metadata = get("metadata")
     if type(metadata) is not dict:
         metadata = metadata if metadata is not None and isinstance(metadata, Mapping) else {}
-    model = data.get("model")
-    progress = data.get("progress")
-    created_at = data.get("created_at")
-    output = data.get("output")
-    usage = data.get("usage")
+    model = get("model")
+    progress = get("progress")
+    created_at = get("created_at")
+    output = get("output")
+    usage = get("usage")
     return Task(
-        id=str(task_id),
-        status=status,
-        raw_status=raw_status if isinstance(raw_status, str) else None,
-        model=model if isinstance(model, str) else None,
-        progress=None if progress is None else _parse_progress(progress),
-        created_at=(
+        task_id,
+        status,
+        raw_status,
+        model if type(model) is str or isinstance(model, str) else None,
+        None if progress is None else _parse_progress(progress),
+        (
             _from_epoch(created_at)
             if type(created_at) is int or type(created_at) is float
             else _parse_time(created_at)
         ),
-        images=() if output is None or output == [] else _parse_output(output),
-        usage=None if usage is None else _parse_usage(usage),
-        error=_parse_task_error(data) if status is TaskStatus.FAILED else None,
-        metadata=metadata,
-        raw=data,
+        () if output is None or output == [] else _parse_output(output),
+        None if usage is None else _parse_usage(usage),
+        _parse_task_error(data) if status is TaskStatus.FAILED else None,
+        metadata,
+        data,
     )
+
+
+def _odd_task_id(data: Mapping[str, Any]) -> str:
+    """The id of an answer whose ``id`` is not a plain non-empty string (or is absent)."""
+    task_id = data["id"] if "id" in data else data.get("task_id")
+    if (
+        not isinstance(task_id, _STR_INT)
+        or isinstance(task_id, bool)
+        or str(task_id) == ""  # an empty id, or a str subclass printing as nothing
+    ):
+        raise ResponseFormatError("the task answer has no id")
+    return str(task_id)
 
 
 converter.register_structure_hook(Task, _structure_task)
@@ -265,28 +280,37 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
     items: Sequence[object] = output if isinstance(output, list) else [output]
     images: list[OutputImage] = []
     for item in items:
-        if isinstance(item, str):
-            images.append(OutputImage(url=item))
-            continue
-        if not _is_mapping(item):
-            continue
-        item_job = _str_or_none(item.get("jobId", item.get("job_id")))
+        if type(item) is not dict:
+            if isinstance(item, str):
+                images.append(OutputImage(item))
+                continue
+            if not isinstance(item, Mapping):
+                continue
+        item_job = _job_of(item)
         content = item.get("content")
         if isinstance(content, list):
             for part in content:
-                if _is_mapping(part) and isinstance(part.get("url"), str):
-                    images.append(
-                        OutputImage(
-                            url=part["url"],
-                            type=str(part.get("type") or "image"),
-                            job_id=_str_or_none(part.get("jobId", part.get("job_id"))) or item_job,
+                if type(part) is dict or isinstance(part, Mapping):
+                    url = part.get("url")
+                    if isinstance(url, str):
+                        kind = part.get("type")
+                        images.append(
+                            OutputImage(
+                                url,
+                                kind if type(kind) is str and kind else str(kind or "image"),
+                                _job_of(part) or item_job,
+                            )
                         )
-                    )
-        if isinstance(item.get("url"), str):
-            images.append(
-                OutputImage(url=item["url"], type=str(item.get("type") or "image"), job_id=item_job)
-            )
+        url = item.get("url")
+        if isinstance(url, str):
+            images.append(OutputImage(url, str(item.get("type") or "image"), item_job))
     return tuple(images)
+
+
+def _job_of(item: Mapping[str, Any]) -> str | None:
+    """``jobId`` (or ``job_id``) of an output item or part, as text."""
+    job = item["jobId"] if "jobId" in item else item.get("job_id")
+    return job if type(job) is str else _str_or_none(job)
 
 
 def _str_or_none(value: object) -> str | None:
