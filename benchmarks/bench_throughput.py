@@ -11,11 +11,18 @@ first poll, and the client polls with zero delay. Every variant does the same
 HTTP requests with the same body (a 64 x 64 PNG, base64 in JSON) at the same
 concurrency:
 
-* ``dreamo_async``: ``asyncio.gather`` of ``client.generate`` with
-  ``max_concurrency=C`` (everything: checks, image stage, limiter, parsing);
-* ``bare aiohttp``: C workers, each POST create -> GET poll until ``completed``,
-  ``json.loads`` of each answer, body built per job (base64 + ``json.dumps``);
+* ``dreamo_async``: ``client.generate`` with ``max_concurrency=C`` (everything:
+  checks, image stage, job slots, limiter, parsing into typed results);
+* ``bare aiohttp``: POST create -> GET poll until ``completed``, ``json.loads`` of
+  each answer, body built per job (base64 + ``json.dumps``);
 * ``httpx``: the same loop on ``httpx.AsyncClient`` (fewer jobs: it is slow).
+
+Each is driven two ways, the library and its baseline always the same way:
+
+* ``workers``: C coroutines call one job after another (a bulk loop);
+* ``gather``: ``asyncio.gather`` of one call per job, C at a time (the library's
+  job slots bound it; the baselines hold an ``asyncio.Semaphore(C)``): what an app
+  firing all its generations at once does, one asyncio task per job.
 
 Printed: jobs/s (median of the runs, variants interleaved), the ratio of the
 library to bare aiohttp measured in the same run, and the client's CPU time per
@@ -66,33 +73,51 @@ def create_body(prompt: str) -> bytes:
 
 
 async def drive(
-    one: Callable[[str], Coroutine[Any, Any, None]], jobs: int, concurrency: int
+    one: Callable[[str], Coroutine[Any, Any, object]],
+    jobs: int,
+    concurrency: int,
+    mode: str,
+    *,
+    bounded: bool = False,
 ) -> tuple[float, float]:
-    """The baselines' loop: ``concurrency`` workers share ``jobs`` calls of ``one``,
-    after one warm-up call; returns (jobs/s, client CPU µs per job)."""
-    counter = iter(range(jobs))
-
-    async def worker() -> None:
-        for i in counter:
-            await one(f"p{i}")
-
+    """Run ``jobs`` calls of ``one`` after one warm-up call, ``concurrency`` at a time;
+    returns (jobs/s, client CPU µs per job). ``bounded``: ``one`` limits its own
+    concurrency (the library's job slots), so gather needs no semaphore."""
     await one("warm-up")
     clock = Clock()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    if mode == "workers":
+        counter = iter(range(jobs))
+
+        async def worker() -> None:
+            for i in counter:
+                await one(f"p{i}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elif bounded:
+        await asyncio.gather(*(one(f"p{i}") for i in range(jobs)))
+    else:
+        semaphore = asyncio.Semaphore(concurrency)
+
+        async def limited(prompt: str) -> None:
+            async with semaphore:
+                await one(prompt)
+
+        await asyncio.gather(*(limited(f"p{i}") for i in range(jobs)))
     return clock.done(jobs)
 
 
-async def run_library(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+async def run_library(url: str, jobs: int, concurrency: int, mode: str) -> tuple[float, float]:
     async with d.DreamOClient(
         api_key=KEY, base_url=url, max_concurrency=concurrency, poll=ZERO_POLL
     ) as client:
-        await client.generate(prompt="warm-up", images=[PNG])
-        clock = Clock()
-        await asyncio.gather(*(client.generate(prompt=f"p{i}", images=[PNG]) for i in range(jobs)))
-        return clock.done(jobs)
+
+        def one(prompt: str) -> Coroutine[Any, Any, d.GenerationResult]:
+            return client.generate(prompt=prompt, images=[PNG])
+
+        return await drive(one, jobs, concurrency, mode, bounded=True)
 
 
-async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+async def run_bare_aiohttp(url: str, jobs: int, concurrency: int, mode: str) -> tuple[float, float]:
     import aiohttp
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -111,10 +136,10 @@ async def run_bare_aiohttp(url: str, jobs: int, concurrency: int) -> tuple[float
                     return
                 await asyncio.sleep(0)
 
-        return await drive(one, jobs, concurrency)
+        return await drive(one, jobs, concurrency, mode)
 
 
-async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float]:
+async def run_httpx(url: str, jobs: int, concurrency: int, mode: str) -> tuple[float, float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -132,10 +157,11 @@ async def run_httpx(url: str, jobs: int, concurrency: int) -> tuple[float, float
                     return
                 await asyncio.sleep(0)
 
-        return await drive(one, jobs, concurrency)
+        return await drive(one, jobs, concurrency, mode)
 
 
-Variant = Callable[[str, int, int], Coroutine[Any, Any, tuple[float, float]]]
+Variant = Callable[[str, int, int, str], Coroutine[Any, Any, tuple[float, float]]]
+MODES = ("workers", "gather")
 
 
 def main() -> None:
@@ -143,6 +169,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2000, help="jobs per run (httpx: a fifth)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--mode", choices=MODES, nargs="+", default=list(MODES))
     parser.add_argument("--no-httpx", action="store_true")
     args = parser.parse_args()
     try:
@@ -160,30 +187,44 @@ def main() -> None:
     rows = []
     with fake_server_process("--task-duration-ms", "0") as url:
         for concurrency in args.concurrency:
-            results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-            ratios: list[float] = []
-            cpu_ratios: list[float] = []
-            for _ in range(args.runs):
-                for name, (variant, jobs) in variants.items():
-                    results[name].append(asyncio.run(variant(url, jobs, concurrency)))
-                ours, bare = results["dreamo_async"][-1], results["bare aiohttp"][-1]
-                ratios.append(ours[0] / bare[0])
-                cpu_ratios.append(ours[1] / bare[1])
-                print(concurrency, {k: v[-1] for k, v in results.items()}, flush=True)
-            row: list[Any] = [concurrency]
-            row += [median([r[0] for r in results[name]]) for name in variants]
-            row.append(f"{median(ratios):.2f}x")
-            if "httpx" in variants:
-                lib = median([r[0] for r in results["dreamo_async"]])
-                row.append(f"{lib / median([r[0] for r in results['httpx']]):.1f}x")
-            row += [median([r[1] for r in results[name]]) for name in variants][:2]
-            row.append(f"{median(cpu_ratios):.2f}x")
-            rows.append(row)
-    headers = ["concurrency", *(f"{name} jobs/s" for name in variants), "library / bare"]
+            for mode in args.mode:
+                rows.append(measure(url, variants, concurrency, mode, args.runs))
+    headers = [
+        "concurrency",
+        "driven by",
+        *(f"{name} jobs/s" for name in variants),
+        "library / bare",
+    ]
     if "httpx" in variants:
         headers.append("library / httpx")
     headers += ["library CPU µs/job", "bare CPU µs/job", "CPU library / bare"]
     print_table(f"Tiny jobs (create + 1 poll), medians of {args.runs} runs", headers, rows)
+
+
+def measure(
+    url: str, variants: dict[str, tuple[Variant, int]], concurrency: int, mode: str, runs: int
+) -> list[Any]:
+    """One row: every variant ``runs`` times, interleaved; ratios taken within each run."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    for _ in range(runs):
+        for name, (variant, jobs) in variants.items():
+            results[name].append(asyncio.run(variant(url, jobs, concurrency, mode)))
+        ours, bare = results["dreamo_async"][-1], results["bare aiohttp"][-1]
+        ratios.append(ours[0] / bare[0])
+        cpu_ratios.append(ours[1] / bare[1])
+        shown = {name: f"{r[-1][0]:.0f}/s {r[-1][1]:.0f}µs" for name, r in results.items()}
+        print(concurrency, mode, shown, f"ratio {ratios[-1]:.2f}", flush=True)
+    row: list[Any] = [concurrency, mode]
+    row += [median([r[0] for r in results[name]]) for name in variants]
+    row.append(f"{median(ratios):.2f}x")
+    if "httpx" in variants:
+        lib = median([r[0] for r in results["dreamo_async"]])
+        row.append(f"{lib / median([r[0] for r in results['httpx']]):.1f}x")
+    row += [median([r[1] for r in results[name]]) for name in ("dreamo_async", "bare aiohttp")]
+    row.append(f"{median(cpu_ratios):.2f}x")
+    return row
 
 
 if __name__ == "__main__":
