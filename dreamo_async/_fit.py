@@ -189,5 +189,3 @@ def _encode_jpeg(image: PILImage.Image, quality: int, icc: bytes | None) -> byte
     out = io.BytesIO()
     image.save(out, "JPEG", quality=quality, icc_profile=icc)
     return out.getvalue()
-
-

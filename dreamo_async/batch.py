@@ -708,9 +708,7 @@ async def run_batch(
             on_event=on_event,
         )
         try:
-            report = await engine.run(
-                batch, retry_unknown=retry_unknown, retry_failed=retry_failed
-            )
+            report = await engine.run(batch, retry_unknown=retry_unknown, retry_failed=retry_failed)
             if results_name is not None:
                 path = out / results_name
                 await asyncio.to_thread(write_results, await opened.acall(_select), path)
