@@ -30,6 +30,7 @@ from urllib.parse import quote
 import aiohttp
 import attrs
 from aiohttp.connector import Connection
+from yarl import URL
 
 from . import __about__
 from ._body import BodyParts
@@ -174,8 +175,8 @@ class Transport:
         self._user_session: aiohttp.ClientSession | None = None
         self.endpoints = endpoints
         #: Endpoints is frozen: the URLs' fixed parts are computed once, not per request.
-        self._create_url = endpoints.create_url
-        self._task_url_base = endpoints.base_url.rstrip("/")
+        self._create_url = URL(endpoints.create_url)
+        self._task_url = _task_url_maker(endpoints)
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
         #: New connections take a second rate slot (_PacedConnector) unless unlimited.
@@ -351,8 +352,7 @@ class Transport:
         every poll runs it, and a closure plus a coroutine layer per poll is CPU
         the hot path does not need.
         """
-        quoted = task_id if task_id.isalnum() and task_id.isascii() else quote(task_id, safe="")
-        url = self._task_url_base + self.endpoints.task_path.format(id=quoted)
+        url = self._task_url(task_id)
         headers = self._auth_headers()
         timeout = self._poll_timeout or self._timeout
         limiter = self.limiter
@@ -608,6 +608,29 @@ def _closed_error() -> ClientClosedError:
     """A request after ``aclose`` (a retry that woke up late): typed, never aiohttp's own
     ``RuntimeError('Session is closed')``, and never a new session that would leak."""
     return ClientClosedError("the client is closed; no request is sent")
+
+
+#: Characters left as they are in a URL path (RFC 3986 pchar, plus "/" and "%").
+_PATH_SAFE: Final = "/%:@!$&'()*+,;=-._~"
+
+
+def _task_url_maker(endpoints: Endpoints) -> Callable[[str], URL | str]:
+    """``task_id -> URL`` of its poll. Parsing a URL string costs ~3.6 µs, and every
+    poll URL is new; with a ``{id}`` template the URL is built from parts already
+    parsed (~1 µs), the id percent-encoded. Other templates are formatted as text."""
+    base = endpoints.base_url.rstrip("/")
+    head, sep, tail = endpoints.task_path.partition("{id}")
+    if not sep or any(c in head + tail for c in "{}?#"):  # a format spec, a query...
+        return lambda task_id: base + endpoints.task_path.format(id=quote(task_id, safe=""))
+    origin = URL(base)
+    prefix = origin.raw_path.rstrip("/") + quote(head, safe=_PATH_SAFE)
+    suffix = quote(tail, safe=_PATH_SAFE)
+
+    def task_url(task_id: str) -> URL:
+        quoted = task_id if task_id.isalnum() and task_id.isascii() else quote(task_id, safe="")
+        return origin.with_path(prefix + quoted + suffix, encoded=True)
+
+    return task_url
 
 
 def _plain_within(response: aiohttp.ClientResponse, cap: int) -> bool:

@@ -95,3 +95,41 @@ def test_fast_field_paths_match_the_tolerant_ones() -> None:
     assert odd.status is d.TaskStatus.COMPLETED
     assert odd.created_at is None
     assert [image.url for image in odd.images] == ["u"]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "task_path", "task_id", "expected"),
+    [
+        (
+            "http://h:1",
+            "/model/v1/generation/task/{id}",
+            "fake12",
+            "http://h:1/model/v1/generation/task/fake12",
+        ),
+        (
+            "http://h:1",
+            "/model/v1/generation/task/{id}",
+            "a/b c?",
+            "http://h:1/model/v1/generation/task/a%2Fb%20c%3F",
+        ),
+        (
+            "http://h:1",
+            "/model/v1/generation/task/{id}",
+            "ü",
+            "http://h:1/model/v1/generation/task/%C3%BC",
+        ),
+        (
+            "https://p.example/vtrix/",
+            "/t/{id}/status",
+            "x-1",
+            "https://p.example/vtrix/t/x-1/status",
+        ),
+        ("http://h", "/q?id={id}", "a b", "http://h/q?id=a%20b"),  # a query: formatted as text
+        ("http://h", "/x/{id:>4}", "ab", "http://h/x/  ab"),  # a format spec: idem
+    ],
+)
+def test_poll_urls_built_from_parts_match_the_template(
+    base_url: str, task_path: str, task_id: str, expected: str
+) -> None:
+    endpoints = transport_module.Endpoints(base_url=base_url, task_path=task_path)
+    assert str(transport_module._task_url_maker(endpoints)(task_id)) == expected

@@ -743,3 +743,100 @@ async def test_the_stage_limiter_is_one_per_loop_and_leaves_a_core() -> None:
     limiter = stage_limiter()
     assert stage_limiter() is limiter
     assert 1 <= limiter.total_tokens <= max(1, (os.cpu_count() or 2) - 1)
+
+
+# --------------------------------------------------------------------------- encoded cache
+
+
+@pytest.fixture
+def fresh_cache() -> object:
+    from dreamo_async.images import ENCODED_CACHE
+
+    ENCODED_CACHE.clear()
+    yield ENCODED_CACHE
+    ENCODED_CACHE.clear()
+
+
+@pytest.fixture
+def encodings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the images base64-encoded by the stage, in order."""
+    import pybase64
+
+    seen: list[int] = []
+    real = pybase64.b64encode
+
+    def counting(data: bytes) -> bytes:
+        seen.append(len(data))
+        return bytes(real(data))
+
+    monkeypatch.setattr(pybase64, "b64encode", counting)
+    return seen
+
+
+async def test_the_same_bytes_object_is_encoded_once(
+    fresh_cache: object, encodings: list[int]
+) -> None:
+    image = bytes(bytearray(JPEG))  # an object of this test's own (bytes(JPEG) is JPEG)
+    first = await _prepare(image, PNG)
+    second = await _prepare(image)
+    third = await _prepare(PNG, image)
+    assert _decoded(first) == [image, PNG]
+    assert _decoded(second) == [image]
+    assert _decoded(third) == [PNG, image]
+    assert third.infos == (first.infos[1], first.infos[0])
+    assert encodings == [len(image), len(PNG)]  # each object once
+
+
+async def test_equal_but_distinct_bytes_and_mutable_buffers_are_not_shared(
+    fresh_cache: object, encodings: list[int]
+) -> None:
+    buffer = bytearray(JPEG)
+    assert _decoded(await _prepare(buffer)) == [JPEG]
+    buffer[-3] ^= 0xFF  # the caller changes the image between two requests
+    assert _decoded(await _prepare(buffer)) == [bytes(buffer)]
+    await _prepare(bytes(bytearray(JPEG)))
+    await _prepare(bytes(bytearray(JPEG)))
+    assert len(encodings) == 4
+
+
+async def test_a_cached_image_is_checked_against_each_requests_limits(
+    fresh_cache: object,
+) -> None:
+    image = bytes(bytearray(JPEG))  # 64 x 48
+    await _prepare(image)  # accepted and cached
+    cases = [
+        Limits(max_image_bytes=len(image) - 1),
+        Limits(max_image_width=50, max_image_height=50),
+        Limits(min_aspect_ratio=1.5, max_aspect_ratio=2.0),
+    ]
+    for limits in cases:
+        with pytest.raises(ImageError) as cached:
+            await _prepare(image, limits=limits)
+        fresh_cache.clear()  # type: ignore[attr-defined]
+        with pytest.raises(ImageError) as uncached:
+            await _prepare(image, limits=limits)
+        assert str(cached.value) == str(uncached.value)  # same check, same words
+        await _prepare(image)  # cached again for the next case
+    warn = Limits(min_aspect_ratio=1.5, max_aspect_ratio=2.0, aspect_policy="warn")
+    with pytest.warns(DreamOWarning, match="aspect ratio of 1.33"):
+        await _prepare(image, limits=warn)
+
+
+def test_the_cache_keeps_within_its_bounds() -> None:
+    from dreamo_async.images import INLINE_MAX_BYTES, ImageInfo, _EncodedCache
+
+    cache = _EncodedCache(max_entries=3, max_bytes=1000)
+    info = ImageInfo("png", 1, 1, 1)
+    values = [bytes([i]) * 300 for i in range(5)]
+    for value in values:
+        cache.put(value, info, b"x")
+    assert len(cache) == 3  # 900 bytes: the two oldest went
+    assert cache.get(values[0]) is None
+    assert cache.get(values[4]) == (info, b"x")
+    cache.put(b"y" * 701, info, b"y")
+    assert len(cache) == 1  # 701 + 300 > 1000: all three older ones went
+    big = b"z" * (INLINE_MAX_BYTES + 1)
+    cache.put(big, info, b"z")
+    assert cache.get(big) is None  # large images are never kept
+    cache.put(values[4], info, b"x")
+    assert cache.get(bytes(bytearray(values[4]))) is None  # equal is not the same object
