@@ -14,7 +14,8 @@ concurrency:
 * ``dreamo_async``: ``client.generate`` with ``max_concurrency=C`` (everything:
   checks, image stage, job slots, limiter, parsing into typed results);
 * ``bare aiohttp``: POST create -> GET poll until ``completed``, ``json.loads`` of
-  each answer, body built per job (base64 + ``json.dumps``);
+  each answer, body built per job (base64 + ``json.dumps``), an ``X-Request-Id``
+  on each create as the library sends (the fake server keeps count of them);
 * ``httpx``: the same loop on ``httpx.AsyncClient`` (fewer jobs: it is slow).
 
 Each is driven two ways, the library and its baseline always the same way:
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import base64
 import json
+import secrets
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -125,8 +127,9 @@ async def run_bare_aiohttp(url: str, jobs: int, concurrency: int, mode: str) -> 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100)) as session:
 
         async def one(prompt: str) -> None:
+            create_headers = {**post_headers, "X-Request-Id": secrets.token_hex(16)}
             async with session.post(
-                url + CREATE, data=create_body(prompt), headers=post_headers
+                url + CREATE, data=create_body(prompt), headers=create_headers
             ) as r:
                 task = json.loads(await r.read())
             while True:
@@ -148,7 +151,9 @@ async def run_httpx(url: str, jobs: int, concurrency: int, mode: str) -> tuple[f
 
         async def one(prompt: str) -> None:
             response = await http.post(
-                CREATE, content=create_body(prompt), headers={"Content-Type": "application/json"}
+                CREATE,
+                content=create_body(prompt),
+                headers={"Content-Type": "application/json", "X-Request-Id": secrets.token_hex(16)},
             )
             task: dict[str, Any] = json.loads(response.content)
             while True:
