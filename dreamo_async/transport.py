@@ -85,9 +85,15 @@ _PACING: Final[contextvars.ContextVar[RateLimiter | None]] = contextvars.Context
 #: session's ``sock_read`` guard re-arms a timer at every read (two per request); a poll
 #: answer is a few hundred bytes, so a deadline on the whole request guards the same
 #: stall for half the timer work. A poll that hits it is retried (polls are idempotent).
-#: Creates keep ``sock_read``: a total deadline would also count the wait for a pooled
-#: connection and the upload, and a create that times out is never sent again.
 _POLL_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=30.0)
+#: The timeout of a small create (a body sent in one buffer) when the user set none:
+#: one timer too, as for polls. A create that times out is never sent again, so the
+#: deadline must not be spent before the request leaves: ``connect`` bounds the wait
+#: for a pooled connection and the connecting (past it aiohttp raises
+#: ``ConnectionTimeoutError``: surely not sent, so retried), well inside ``total``.
+#: Large bodies keep the session's ``sock_read``: a slow uplink may take long to send
+#: 31 MB, and only silence should end it.
+_CREATE_TIMEOUT: Final = aiohttp.ClientTimeout(total=90.0, connect=60.0, sock_connect=30.0)
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -189,6 +195,8 @@ class Transport:
         )
         #: Per-request timeout of polls; None (the session's) when the user set one.
         self._poll_timeout = None if timeout is not None else _POLL_TIMEOUT
+        #: Per-request timeout of small creates; None (the session's) when the user set one.
+        self._create_timeout = None if timeout is not None else _CREATE_TIMEOUT
         self._max_connections = max_connections
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -285,6 +293,8 @@ class Transport:
             "X-Request-Id": request_id,
         }
         url = self._create_url
+        timeout = self._create_timeout if type(body) is bytes else None
+        timeout = timeout or self._timeout
         attempt = 0
         while True:
             attempt += 1
@@ -294,7 +304,9 @@ class Transport:
                 await before_send(request_id)
             pacing = _PACING.set(self.limiter) if self._paced else None
             try:
-                async with self.session.post(url, data=body, headers=headers) as response:
+                async with self.session.post(
+                    url, data=body, headers=headers, timeout=timeout
+                ) as response:
                     status = response.status
                     if self._unlimited is None:  # UnlimitedLimiter.record does nothing
                         self.limiter.record(status)

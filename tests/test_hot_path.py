@@ -51,6 +51,42 @@ async def test_a_user_request_timeout_governs_polls_too(server: FakeDreamOServer
     assert server.stats.polls == 1
 
 
+async def test_a_small_create_that_stalls_after_sending_is_outcome_unknown(
+    server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small creates carry one total deadline (no sock_read timer re-armed per read).
+    monkeypatch.setattr(
+        transport_module, "_CREATE_TIMEOUT", aiohttp.ClientTimeout(total=0.3, connect=0.2)
+    )
+    async with d.DreamOClient(api_key=KEY, base_url=server.url, retry=NO_WAIT) as client:
+        server.inject("create", Fault.slow(3000))
+        with pytest.raises(d.CreateOutcomeUnknownError):
+            await client.submit(prompt="p", images=[PNG])
+    assert server.stats.create_requests == 1  # sent once, never again
+
+
+async def test_a_create_waiting_past_its_connect_deadline_for_a_pooled_connection_is_retried(
+    server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wait for a free pooled connection counts against ``connect``, not ``total``:
+    # a create that timed out there was surely never sent, so it is sent again.
+    monkeypatch.setattr(
+        transport_module, "_CREATE_TIMEOUT", aiohttp.ClientTimeout(total=5.0, connect=0.15)
+    )
+    retry = d.RetryPolicy(max_attempts=20, initial_delay=0, max_delay=0)
+    async with d.DreamOClient(
+        api_key=KEY, base_url=server.url, retry=retry, max_connections=1, max_concurrency=2
+    ) as client:
+        task = await client.submit(prompt="p", images=[PNG])
+        server.inject("poll", Fault.slow(700))
+        holder = asyncio.create_task(client.get_task(task.id))  # holds the one connection
+        await asyncio.sleep(0.1)
+        created = await client.submit(prompt="q", images=[PNG])
+        await holder
+    assert created.id != task.id
+    assert server.stats.create_requests == 2  # one per submit: the timed-out waits sent nothing
+
+
 async def test_the_free_slot_shortcut_never_jumps_the_queue() -> None:
     slots = LocalSlots(1)
     assert slots.try_acquire()
