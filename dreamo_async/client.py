@@ -456,7 +456,8 @@ class DreamOClient:
             on_poll(task)
         deadline = None if timeout is None else started + timeout
         schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
-        schedule.observe(loop.time(), task.progress)
+        if task.progress is not None:
+            schedule.observe(schedule.started_at, task.progress)
         while not task.is_terminal:
             now = loop.time()
             delay = 0.0 if is_testing() else schedule.next_delay(now)
@@ -467,7 +468,8 @@ class DreamOClient:
             if delay > 0:  # zero: poll at once, without a trip round the loop
                 await asyncio.sleep(delay)
             task = await self._transport.get_task(task.id)
-            schedule.observe(loop.time(), task.progress)
+            if task.progress is not None:
+                schedule.observe(loop.time(), task.progress)
             if on_poll is not None:
                 on_poll(task)
         if task.status is TaskStatus.FAILED:

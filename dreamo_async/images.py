@@ -425,6 +425,13 @@ def prepare_inline(sources: Sequence[ImageSource], limits: Limits) -> PreparedIm
         total += len(value) if type(value) is bytes else memoryview(value).nbytes  # type: ignore[arg-type]
         if total > INLINE_MAX_BYTES:
             return None
+    if len(sources) == 1 and type(value) is bytes:
+        # One image seen before: the common case of a bulk run, without the lists.
+        hit = ENCODED_CACHE.get(value)
+        if hit is not None:
+            info, encoded_one = hit
+            if _within(info, limits):
+                return _track(PreparedImages((encoded_one,), (), (info,)))
     encoded, infos, notes = _encode_all(sources, {}, limits, False)
     if notes:
         _warn(notes, stacklevel=3)
@@ -593,6 +600,18 @@ def _encode_all(
             ENCODED_CACHE.put(value, info, encoded[-1])
         del data
     return tuple(encoded), tuple(infos), notes
+
+
+def _within(info: ImageInfo, limits: Limits) -> bool:
+    """Whether cached header facts pass ``limits`` with nothing to say (else: _recheck)."""
+    if info.size > limits.max_image_bytes:
+        return False
+    if info.width > limits.max_image_width or info.height > limits.max_image_height:
+        return False
+    if limits.aspect_policy is CheckPolicy.OFF:
+        return True
+    width, height = info.displayed_size
+    return limits.min_aspect_ratio <= width / height <= limits.max_aspect_ratio
 
 
 def _recheck(

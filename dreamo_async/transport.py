@@ -596,10 +596,15 @@ _DECODER: Final = json.JSONDecoder()
 def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, Any]:
     try:
         try:
-            # UTF-8 decoded here, then the decoder itself: ``json.loads(bytes)`` spends
-            # as long guessing the encoding (a UTF-16/32 BOM) as parsing a poll answer.
-            data = _DECODER.decode(payload.decode())
-        except ValueError:  # not UTF-8, a BOM, or not JSON: json.loads decides
+            # UTF-8 decoded here, then the decoder's scanner: ``json.loads(bytes)`` spends
+            # as long guessing the encoding (a UTF-16/32 BOM) and skipping whitespace as
+            # parsing a poll answer. Anything but one bare JSON document (whitespace
+            # around it, trailing data, another encoding) goes to json.loads, which decides.
+            text = payload.decode()
+            data, end = _DECODER.raw_decode(text)
+            if end != len(text):
+                raise ValueError("not one bare JSON document")
+        except ValueError:
             data = json.loads(payload)
     except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep
         raise ResponseFormatError(

@@ -62,12 +62,16 @@ converter.register_unstructure_hook(
 )
 
 
+#: The converter's hook for requests, looked up once (``unstructure`` dispatches per call).
+_UNSTRUCTURE_REQUEST: Final = converter.get_unstructure_hook(GenerationRequest)
+
+
 def request_params(request: GenerationRequest) -> dict[str, Any]:
     """The ``params`` object of a create body, without the images (sent by the caller).
 
     Parameters left at ``None`` are omitted, so the service applies its defaults.
     """
-    params: dict[str, Any] = converter.unstructure(request)
+    params: dict[str, Any] = _UNSTRUCTURE_REQUEST(request)
     return params
 
 
@@ -102,9 +106,7 @@ def create_body_parts(
     parts are sent one after the other (:class:`~dreamo_async._body.BodyParts`),
     so the image data is never copied into a body buffer.
     """
-    body_params = dict(params)
-    if image_urls:
-        body_params["image_urls"] = list(image_urls)
+    body_params = {**params, "image_urls": list(image_urls)} if image_urls else params
     head = _HEAD_ENCODER.encode({"model": model, "input": [{"params": body_params}]}).encode()
     if not images_base64:
         return (head,)
