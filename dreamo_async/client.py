@@ -287,7 +287,11 @@ class DreamOClient:
         id so the caller can resume with :meth:`wait`. Failures raise
         :class:`TaskFailedError` with the provider's code.
         """
-        built = self.build_request(request, **params)
+        built = (
+            GenerationRequest(limits=self.limits, **params)  # build_request's common case
+            if request is None
+            else self.build_request(request, **params)
+        )
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         async with self._job() as job:
             loop = asyncio.get_running_loop()

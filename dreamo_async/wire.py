@@ -193,9 +193,9 @@ def _structure_task(data: Mapping[str, Any], _: type) -> Task:
             if type(created_at) is int or type(created_at) is float
             else _parse_time(created_at)
         ),
-        () if output is None or output == [] else _parse_output(output),
+        _parse_output(output) if output else (),  # None, [] and other empties: no images
         None if usage is None else _parse_usage(usage),
-        _parse_task_error(data) if status is TaskStatus.FAILED else None,
+        _parse_task_error(data) if status is _FAILED else None,
         metadata,
         data,
     )
@@ -212,6 +212,9 @@ def _odd_task_id(data: Mapping[str, Any]) -> str:
         raise ResponseFormatError("the task answer has no id")
     return str(task_id)
 
+
+#: Looked up once: the hot path compares against it per answer.
+_FAILED: Final = TaskStatus.FAILED
 
 converter.register_structure_hook(Task, _structure_task)
 
@@ -310,8 +313,12 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
 
 
 def _job_of(item: Mapping[str, Any]) -> str | None:
-    """``jobId`` (or ``job_id``) of an output item or part, as text."""
-    job = item["jobId"] if "jobId" in item else item.get("job_id")
+    """``jobId`` (or, when that is absent or null, ``job_id``) of an output item or part."""
+    job = item.get("jobId")
+    if job is None:
+        job = item.get("job_id")
+        if job is None:
+            return None
     return job if type(job) is str else _str_or_none(job)
 
 
