@@ -602,8 +602,8 @@ def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, A
             # around it, trailing data, another encoding) goes to json.loads, which decides.
             text = payload.decode()
             data, end = _DECODER.raw_decode(text)
-            if end != len(text):
-                raise ValueError("not one bare JSON document")
+            if end != len(text) and not text[end:].isspace():  # a newline after it is fine
+                raise ValueError("not one JSON document")
         except ValueError:
             data = json.loads(payload)
     except (ValueError, RecursionError) as exc:  # RecursionError: [[[[... nested too deep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -169,3 +170,24 @@ def test_poll_urls_built_from_parts_match_the_template(
 ) -> None:
     endpoints = transport_module.Endpoints(base_url=base_url, task_path=task_path)
     assert str(transport_module._task_url_maker(endpoints)(task_id)) == expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"id":"t1","status":"completed"}',
+        b'{"id":"t1"}\r\n',  # a newline after the document
+        b' \n{"id":"t1"}',  # whitespace before it: json.loads decides
+        '\ufeff{"id":"t1"}'.encode(),  # a UTF-8 BOM
+        '{"id":"é"}'.encode("utf-16"),  # another encoding json.loads detects
+        '{"id":"猫"}'.encode(),
+    ],
+)
+def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
+    assert transport_module._json(payload, 200, None) == json.loads(payload)
+
+
+@pytest.mark.parametrize("payload", [b'{"id":"t1"} trailing', b'{"id":', b"\xff\xfe\xfd", b"[1]"])
+def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
+    with pytest.raises(d.ResponseFormatError):
+        transport_module._json(payload, 200, None)
