@@ -153,14 +153,14 @@ class GenerationResult:
     @classmethod
     def from_task(cls, task: Task) -> GenerationResult:
         """Build the result of a completed task."""
-        usage = task.usage or Usage()
-        return cls(
-            task_id=task.id,
-            images=task.images,
-            cost=usage.cost,
-            discount=usage.discount,
-            model=task.model,
-            created_at=task.created_at,
-            metadata=task.metadata,
-            raw=task.raw,
+        usage = task.usage
+        return cls(  # positional, in field order: one per job, on the hot path
+            task.id,
+            task.images,
+            None if usage is None else usage.cost,
+            None if usage is None else usage.discount,
+            task.model,
+            task.created_at,
+            task.metadata,
+            task.raw,
         )

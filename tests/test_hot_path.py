@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import dreamo_async as d
 import dreamo_async.transport as transport_module
+import dreamo_async.wire as wire
 from dreamo_async.ratelimit import LocalSlots
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 from dreamo_async.wire import parse_task
@@ -191,3 +194,28 @@ def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
 def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
     with pytest.raises(d.ResponseFormatError):
         transport_module._json(payload, 200, None)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=12),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text()
+        | st.lists(st.text(max_size=4), max_size=3),
+        max_size=6,
+    )
+)
+def test_the_cached_c_encoder_writes_what_the_json_encoder_writes(
+    params: dict[str, object],
+) -> None:
+    head = {"model": "spark_multi_dreamo", "input": [{"params": params}]}
+    assert wire._encode_head(head) == wire._HEAD_ENCODER.encode(head)
+
+
+def test_the_cached_c_encoder_refuses_what_the_json_encoder_refuses() -> None:
+    for bad in ({"x": float("nan")}, {"x": object()}):
+        with pytest.raises((ValueError, TypeError)):
+            wire._encode_head(bad)
