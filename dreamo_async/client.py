@@ -429,7 +429,6 @@ class DreamOClient:
         )
         del parts
         request_id = secrets.token_hex(16)  # 32 hex digits, as uuid4().hex, 5x cheaper
-        logger.debug("create %s (%d bytes, request id %s)", request.model, len(body), request_id)
         try:
             task = await self._transport.create(
                 body, request_id=request_id, before_send=before_send
@@ -440,7 +439,7 @@ class DreamOClient:
                 request_id,
             )
             raise
-        logger.info("created task %s (%s)", task.id, task.raw_status)
+        logger.info("created task %s (%s; X-Request-Id %s)", task.id, task.raw_status, request_id)
         return task
 
     async def _fetch_input(self, url: str, max_bytes: int) -> bytes:

@@ -288,7 +288,7 @@ class Transport:
         """
         request_id = request_id or secrets.token_hex(16)
         headers = {
-            **self._auth_headers(),
+            **(self._auth or self._auth_headers()),  # the method raises when no key
             "Content-Type": "application/json",
             "X-Request-Id": request_id,
         }
@@ -365,7 +365,7 @@ class Transport:
         the hot path does not need.
         """
         url = self._task_url(task_id)
-        headers = self._auth_headers()
+        headers = self._auth or self._auth_headers()  # the method raises when no key
         timeout = self._poll_timeout or self._timeout
         limiter = self.limiter
         cap = self.limits.max_response_bytes
