@@ -454,8 +454,9 @@ class _EncodedCache:
     immutable ``bytes`` object cannot change, so it is read and encoded once. The
     facts kept (:class:`ImageInfo`) do not depend on the limits: every use checks
     them against its own. Only images of at most ``INLINE_MAX_BYTES`` are kept,
-    at most ``max_bytes`` of them in all (least recently used go first), so the
-    cache holds a few MB at worst. Each entry keeps its ``bytes`` alive, so an id
+    at most ``max_entries`` and ``max_bytes`` of them in all, the oldest entries
+    going first (an image evicted while still in use is encoded once more and kept
+    again), so the cache holds a few MB at worst. Each entry keeps its ``bytes`` alive, so an id
     is never reused while it is a key. A lock: worker threads use it too.
     """
 
