@@ -288,7 +288,7 @@ class Transport:
         """
         request_id = request_id or secrets.token_hex(16)
         headers = {
-            **(self._auth or self._auth_headers()),  # the method raises when no key
+            **self._auth_headers(),
             "Content-Type": "application/json",
             "X-Request-Id": request_id,
         }
@@ -365,7 +365,7 @@ class Transport:
         the hot path does not need.
         """
         url = self._task_url(task_id)
-        headers = self._auth or self._auth_headers()  # the method raises when no key
+        headers = self._auth_headers()
         timeout = self._poll_timeout or self._timeout
         limiter = self.limiter
         cap = self.limits.max_response_bytes
@@ -533,15 +533,15 @@ class Transport:
         inflated, chunk by chunk.
         """
         limit = self.limits.max_response_bytes
-        declared = response.content_length
-        if declared is not None and _identity(response):
-            if declared > limit:
-                raise ResponseFormatError(
-                    f"response of {declared} bytes exceeds the {limit}-byte cap",
-                    status=response.status,
-                    request_id=request_id,
-                )
+        if _plain_within(response, limit):
             return await response.read()
+        declared = response.content_length
+        if declared is not None and _identity(response):  # over the cap, by its header
+            raise ResponseFormatError(
+                f"response of {declared} bytes exceeds the {limit}-byte cap",
+                status=response.status,
+                request_id=request_id,
+            )
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.content.iter_chunked(64 * 1024):
@@ -652,11 +652,16 @@ def _task_url_maker(endpoints: Endpoints) -> Callable[[str], URL | str]:
 
 def _plain_within(response: aiohttp.ClientResponse, cap: int) -> bool:
     """An answer whose ``Content-Length`` is within ``cap`` and that aiohttp will not
-    inflate: read in one call. Every other answer goes through ``_read_capped``, which
-    counts what it reads (this is its fast path, without a coroutine: every poll runs it).
+    inflate: read in one call. ``_read_capped``'s fast path; the two calls of the API
+    test it first, without that coroutine (every poll runs it), and send every other
+    answer to ``_read_capped``, which refuses or counts what it reads.
     """
     declared = response.content_length
-    return declared is not None and declared <= cap and "Content-Encoding" not in response.headers
+    return (
+        declared is not None
+        and declared <= cap
+        and ("Content-Encoding" not in response.headers or _identity(response))
+    )
 
 
 def _identity(response: aiohttp.ClientResponse) -> bool:
