@@ -318,23 +318,26 @@ def inspect_image(
     if kind not in ("JPEG", "PNG"):
         what = kind or f"not a recognisable image (it starts with {head[:8].hex(' ')})"
         raise _error(index, source, f"is {what}; the service accepts JPEG or PNG")
-    if size > limits.max_image_bytes:
-        raise _error(
-            index,
-            source,
-            f"is {size:,} bytes; the limit is {limits.max_image_bytes:,} bytes "
-            "(Limits.max_image_bytes)",
-        )
+    if size > limits.max_image_bytes:  # before reading the header: the likelier fix
+        raise _error(index, source, _too_large(size, limits.max_image_bytes, limits, False))
     try:
         header = read_header(data)
     except HeaderError as exc:
         text = str(exc)
         detail = text if text.startswith("is ") else f"is unusable: {text}"
         raise _error(index, source, detail) from None
-    _check_resolution(header.width, header.height, index, source, limits)
     info = ImageInfo(header.format, header.width, header.height, size, header.orientation)
-    note = _check_aspect(info, index, source, limits)
+    note = _check_limits(info, index, source, limits)
     return info, [note] if note else []
+
+
+def _check_limits(info: ImageInfo, index: int, source: str, limits: Limits) -> str | None:
+    """Size, resolution and aspect of known header facts against ``limits``: raise, or
+    return the advisory text. For a fresh image and for one from ENCODED_CACHE alike."""
+    if info.size > limits.max_image_bytes:
+        raise _error(index, source, _too_large(info.size, limits.max_image_bytes, limits, False))
+    _check_resolution(info.width, info.height, index, source, limits)
+    return _check_aspect(info, index, source, limits)
 
 
 def _check_resolution(width: int, height: int, index: int, source: str, limits: Limits) -> None:
@@ -425,13 +428,6 @@ def prepare_inline(sources: Sequence[ImageSource], limits: Limits) -> PreparedIm
         total += len(value) if type(value) is bytes else memoryview(value).nbytes  # type: ignore[arg-type]
         if total > INLINE_MAX_BYTES:
             return None
-    if len(sources) == 1 and type(value) is bytes:
-        # One image seen before: the common case of a bulk run, without the lists.
-        hit = ENCODED_CACHE.get(value)
-        if hit is not None:
-            info, encoded_one = hit
-            if _within(info, limits):
-                return _track(PreparedImages((encoded_one,), (), (info,)))
     encoded, infos, notes = _encode_all(sources, {}, limits, False)
     if notes:
         _warn(notes, stacklevel=3)
@@ -583,8 +579,12 @@ def _encode_all(
         if type(value) is bytes and not fit:
             hit = ENCODED_CACHE.get(value)
             if hit is not None:
-                _recheck(hit[0], source, limits, infos, notes)
-                encoded.append(hit[1])
+                info, cached = hit
+                note = _check_limits(info, source.index, source.label, limits)
+                encoded.append(cached)
+                infos.append(info)
+                if note:
+                    notes.append(note)
                 continue
         data = downloaded.pop(source.index) if source.is_url else _load(source, cap, limits, fit)
         if len(data) > cap:  # a download from a lax fetch
@@ -597,44 +597,10 @@ def _encode_all(
         encoded.append(pybase64.b64encode(data))
         infos.append(info)
         notes.extend(warned)
-        if type(value) is bytes and not fit and not source.is_url:
+        if type(value) is bytes and not fit:
             ENCODED_CACHE.put(value, info, encoded[-1])
         del data
     return tuple(encoded), tuple(infos), notes
-
-
-def _within(info: ImageInfo, limits: Limits) -> bool:
-    """Whether cached header facts pass ``limits`` with nothing to say (else: _recheck)."""
-    if info.size > limits.max_image_bytes:
-        return False
-    if info.width > limits.max_image_width or info.height > limits.max_image_height:
-        return False
-    if limits.aspect_policy is CheckPolicy.OFF:
-        return True
-    ratio = info.width / info.height if info.orientation < 5 else info.height / info.width
-    return limits.min_aspect_ratio <= ratio <= limits.max_aspect_ratio
-
-
-def _recheck(
-    info: ImageInfo,
-    source: ImageSource,
-    limits: Limits,
-    infos: list[ImageInfo | None],
-    notes: list[str],
-) -> None:
-    """The limit checks of :func:`inspect_image` on cached header facts (same order, same texts)."""
-    if info.size > limits.max_image_bytes:
-        raise _error(
-            source.index,
-            source.label,
-            f"is {info.size:,} bytes; the limit is {limits.max_image_bytes:,} bytes "
-            "(Limits.max_image_bytes)",
-        )
-    _check_resolution(info.width, info.height, source.index, source.label, limits)
-    note = _check_aspect(info, source.index, source.label, limits)
-    if note:
-        notes.append(note)
-    infos.append(info)
 
 
 def check_local_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
