@@ -19,7 +19,7 @@ import json
 import json.encoder
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final, TypeGuard, cast
+from typing import Any, Final, TypeGuard
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
@@ -314,41 +314,30 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
     items: Sequence[object] = output if isinstance(output, list) else [output]
     images: list[OutputImage] = []
     for item in items:
-        if type(item) is not dict:
-            if isinstance(item, str):
-                images.append(OutputImage(item))
-                continue
-            if not isinstance(item, Mapping):
-                continue
-        item_job: object = _UNREAD  # read only if a part has no job id
+        if isinstance(item, str):
+            images.append(OutputImage(item))
+            continue
+        if not _is_mapping(item):
+            continue
+        item_job = _job_of(item)
         content = item.get("content")
         if isinstance(content, list):
             for part in content:
-                if type(part) is dict or isinstance(part, Mapping):
+                if _is_mapping(part):
                     url = part.get("url")
                     if isinstance(url, str):
                         kind = part.get("type")
-                        job = _job_of(part)
-                        if not job:
-                            if item_job is _UNREAD:
-                                item_job = _job_of(item)
-                            job = cast("str | None", item_job)
                         images.append(
                             OutputImage(
                                 url,
                                 kind if type(kind) is str and kind else str(kind or "image"),
-                                job,
+                                _job_of(part) or item_job,
                             )
                         )
         url = item.get("url")
         if isinstance(url, str):
-            job = _job_of(item) if item_job is _UNREAD else cast("str | None", item_job)
-            images.append(OutputImage(url, str(item.get("type") or "image"), job))
+            images.append(OutputImage(url, str(item.get("type") or "image"), item_job))
     return tuple(images)
-
-
-#: Marker: an output item's own job id not read yet.
-_UNREAD: Final = object()
 
 
 def _job_of(item: Mapping[str, Any]) -> str | None:
