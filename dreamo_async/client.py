@@ -287,11 +287,7 @@ class DreamOClient:
         id so the caller can resume with :meth:`wait`. Failures raise
         :class:`TaskFailedError` with the provider's code.
         """
-        built = (
-            GenerationRequest(limits=self.limits, **params)  # build_request's common case
-            if request is None
-            else self.build_request(request, **params)
-        )
+        built = self.build_request(request, **params)
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         async with self._job() as job:
             loop = asyncio.get_running_loop()
@@ -459,8 +455,7 @@ class DreamOClient:
             on_poll(task)
         deadline = None if timeout is None else started + timeout
         schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
-        if task.progress is not None:
-            schedule.observe(schedule.started_at, task.progress)
+        schedule.observe(schedule.started_at, task.progress)
         while not task.is_terminal:
             now = loop.time()
             delay = 0.0 if is_testing() else schedule.next_delay(now)
@@ -471,8 +466,7 @@ class DreamOClient:
             if delay > 0:  # zero: poll at once, without a trip round the loop
                 await asyncio.sleep(delay)
             task = await self._transport.get_task(task.id)
-            if task.progress is not None:
-                schedule.observe(loop.time(), task.progress)
+            schedule.observe(loop.time(), task.progress)
             if on_poll is not None:
                 on_poll(task)
         if task.status is TaskStatus.FAILED:
@@ -535,9 +529,7 @@ class _Job(_Tracker):
     __slots__ = ("_token",)
 
     def __init__(self, client: DreamOClient) -> None:
-        self._client = client
-        self._task = None
-        self.task_id = None
+        super().__init__(client)
         self._token: object = None
 
     async def __aenter__(self) -> _Job:
