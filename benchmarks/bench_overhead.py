@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import collections
 import json
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -38,7 +36,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 import dreamo_async as d
 from benchmarks._common import fake_server_process, print_table
-from benchmarks.bench_throughput import PNG, ZERO_POLL, run_bare_aiohttp, run_library
+from benchmarks.bench_throughput import (
+    PNG,
+    ZERO_POLL,
+    create_body,
+    drive,
+    run_bare_aiohttp,
+    run_library,
+)
 
 CREATED = (
     b'{"id":"fake0001","status":"pending","model":"spark_multi_dreamo","created_at":1796015713}'
@@ -136,18 +141,18 @@ async def stub_library(jobs: int, concurrency: int) -> float:
         api_key="k" * 40, base_url="http://stub", max_concurrency=concurrency, poll=ZERO_POLL
     )
     client._transport._session = StubSession()  # type: ignore[assignment]
-    return await _workers(
-        lambda prompt: client.generate(prompt=prompt, images=[PNG]), jobs, concurrency
-    )
+
+    def one(prompt: str) -> Coroutine[Any, Any, d.GenerationResult]:
+        return client.generate(prompt=prompt, images=[PNG])
+
+    return (await drive(one, jobs, concurrency, "workers"))[1]
 
 
 async def stub_bare(jobs: int, concurrency: int) -> float:
     session = StubSession()
 
     async def one(prompt: str) -> None:
-        params = {"prompt": prompt, "binary_data_base64": [base64.b64encode(PNG).decode()]}
-        body = json.dumps({"model": d.MULTI_IP_MODEL, "input": [{"params": params}]}).encode()
-        async with session.post("create", data=body) as answer:
+        async with session.post("create", data=create_body(prompt)) as answer:
             task = json.loads(await answer.read())
         while True:
             async with session.get("task/" + task["id"]) as answer:
@@ -156,22 +161,7 @@ async def stub_bare(jobs: int, concurrency: int) -> float:
                 return
             await asyncio.sleep(0)
 
-    return await _workers(one, jobs, concurrency)
-
-
-async def _workers(
-    one: Callable[[str], Coroutine[Any, Any, object]], jobs: int, concurrency: int
-) -> float:
-    """CPU µs per job of ``jobs`` calls, ``concurrency`` workers."""
-    counter = iter(range(jobs))
-
-    async def worker() -> None:
-        for i in counter:
-            await one(f"p{i}")
-
-    started = time.process_time()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.process_time() - started) / jobs * 1e6
+    return (await drive(one, jobs, concurrency, "workers"))[1]
 
 
 def main() -> None:
