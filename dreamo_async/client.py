@@ -33,7 +33,7 @@ from .errors import (
 )
 from .images import live_payload_count, prepare_images, prepare_inline
 from .limits import DEFAULT_LIMITS, Limits
-from .models import GenerationResult, Task, TaskStatus
+from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
 from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationRequest
@@ -454,10 +454,10 @@ class DreamOClient:
         if on_poll is not None:
             on_poll(task)
         deadline = None if timeout is None else started + timeout
-        schedule = PollSchedule(self.poll_policy, started_at=loop.time(), rng=self._rng)
-        schedule.observe(schedule.started_at, task.progress)
-        while not task.is_terminal:
-            now = loop.time()
+        now = loop.time()  # one clock read per answer: the next delay is reckoned from it
+        schedule = PollSchedule(self.poll_policy, started_at=now, rng=self._rng)
+        schedule.observe(now, task.progress)
+        while task.status not in TERMINAL_STATUSES:
             delay = 0.0 if is_testing() else schedule.next_delay(now)
             if deadline is not None:
                 if now >= deadline:
@@ -466,7 +466,8 @@ class DreamOClient:
             if delay > 0:  # zero: poll at once, without a trip round the loop
                 await asyncio.sleep(delay)
             task = await self._transport.get_task(task.id)
-            schedule.observe(loop.time(), task.progress)
+            now = loop.time()
+            schedule.observe(now, task.progress)
             if on_poll is not None:
                 on_poll(task)
         if task.status is TaskStatus.FAILED:

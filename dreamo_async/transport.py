@@ -612,7 +612,7 @@ def _json(payload: bytes, status: int, request_id: str | None) -> Mapping[str, A
             status=status,
             request_id=request_id,
         ) from exc
-    if not isinstance(data, Mapping):
+    if type(data) is not dict:  # a JSON object decodes to a dict, and to nothing else
         raise ResponseFormatError(
             f"the answer is JSON {type(data).__name__}, expected an object",
             status=status,

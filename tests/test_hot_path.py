@@ -190,7 +190,10 @@ def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
     assert transport_module._json(payload, 200, None) == json.loads(payload)
 
 
-@pytest.mark.parametrize("payload", [b'{"id":"t1"} trailing', b'{"id":', b"\xff\xfe\xfd", b"[1]"])
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"id":"t1"} trailing', b'{"id":', b"\xff\xfe\xfd", b"[1]", b"null", b"3", b'"t1"'],
+)
 def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
     with pytest.raises(d.ResponseFormatError):
         transport_module._json(payload, 200, None)
