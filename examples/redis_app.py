@@ -33,10 +33,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import dreamo_async as d
+from examples.starlette_app import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
 
 
 def make_client() -> d.DreamOClient:
@@ -73,11 +74,16 @@ def create_app() -> Starlette:
     )
 
 
-async def generate(request: Request) -> JSONResponse:
+async def generate(request: Request) -> Response:
     body = await request.json()
     client: d.DreamOClient = request.state.dreamo
     try:
-        result = await client.generate(prompt=body.get("prompt"), images=body.get("images", []))
+        # A caller that leaves cancels its job: its slot goes back to every worker's budget.
+        result = await unless_disconnected(
+            request, client.generate(prompt=body.get("prompt"), images=body.get("images", []))
+        )
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     except d.InvalidRequestError as exc:
         return JSONResponse({"error": str(exc), "parameter": exc.parameter}, status_code=400)
     except d.TaskFailedError as exc:
