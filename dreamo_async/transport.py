@@ -193,10 +193,10 @@ class Transport:
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
         )
-        #: Per-request timeout of polls; None (the session's) when the user set one.
-        self._poll_timeout = None if timeout is not None else _POLL_TIMEOUT
-        #: Per-request timeout of small creates; None (the session's) when the user set one.
-        self._create_timeout = None if timeout is not None else _CREATE_TIMEOUT
+        #: Per-request timeout of polls: the session's when the user set one.
+        self._poll_timeout = _POLL_TIMEOUT if timeout is None else self._timeout
+        #: Per-request timeout of small creates: the session's when the user set one.
+        self._create_timeout = _CREATE_TIMEOUT if timeout is None else self._timeout
         self._max_connections = max_connections
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -293,8 +293,7 @@ class Transport:
             "X-Request-Id": request_id,
         }
         url = self._create_url
-        timeout = self._create_timeout if type(body) is bytes else None
-        timeout = timeout or self._timeout
+        timeout = self._create_timeout if type(body) is bytes else self._timeout
         attempt = 0
         while True:
             attempt += 1
@@ -366,7 +365,7 @@ class Transport:
         """
         url = self._task_url(task_id)
         headers = self._auth_headers()
-        timeout = self._poll_timeout or self._timeout
+        timeout = self._poll_timeout
         limiter = self.limiter
         cap = self.limits.max_response_bytes
         attempt = 0
