@@ -24,7 +24,7 @@ import random
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -185,10 +185,10 @@ class Transport:
         self._task_url = _task_url_maker(endpoints)
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
-        #: New connections take a second rate slot (_PacedConnector) unless unlimited.
-        self._paced = type(self.limiter) is not UnlimitedLimiter
-        #: The unlimited limiter, whose acquire is skipped while it was never paused.
-        self._unlimited = None if self._paced else cast(UnlimitedLimiter, self.limiter)
+        #: The unlimited limiter, whose acquire is skipped while it was never paused; None
+        #: for any other limiter, and then requests are paced: new connections take a
+        #: second rate slot (_PacedConnector) and the limiter records each status.
+        self._unlimited = self.limiter if type(self.limiter) is UnlimitedLimiter else None
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -211,8 +211,8 @@ class Transport:
             raise _closed_error()
         if self._session is None:
             # Without a rate there is nothing to pace: the plain connector saves a
-            # coroutine layer per request (``_paced`` is also False then).
-            connector_class = _PacedConnector if self._paced else aiohttp.TCPConnector
+            # coroutine layer per request.
+            connector_class = _PacedConnector if self._unlimited is None else aiohttp.TCPConnector
             connector = connector_class(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
@@ -301,7 +301,7 @@ class Transport:
                 await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
-            pacing = _PACING.set(self.limiter) if self._paced else None
+            pacing = _PACING.set(self.limiter) if self._unlimited is None else None
             try:
                 async with self.session.post(
                     url, data=body, headers=headers, timeout=timeout
@@ -373,7 +373,7 @@ class Transport:
             attempt += 1
             if self._unlimited is None or not self._unlimited.never_paused:
                 await limiter.acquire(Priority.POLL)
-            pacing = _PACING.set(limiter) if self._paced else None
+            pacing = _PACING.set(limiter) if self._unlimited is None else None
             try:
                 async with self.session.get(url, headers=headers, timeout=timeout) as response:
                     status = response.status
