@@ -216,13 +216,7 @@ class Transport:
             connector = connector_class(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
-                raise_for_status=False,
-                trust_env=False,
-            )
+            self._session = self._new_session(connector)
         return self._session
 
     @property
@@ -241,15 +235,20 @@ class Transport:
                 ssl=self._ssl,
                 socket_factory=None if self.allow_private_urls else guarded_socket_factory,
             )
-            self._user_session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
-                cookie_jar=aiohttp.DummyCookieJar(),
-                raise_for_status=False,
-                trust_env=False,
-            )
+            self._user_session = self._new_session(connector, cookie_jar=aiohttp.DummyCookieJar())
         return self._user_session
+
+    def _new_session(self, connector: aiohttp.BaseConnector, **extra: Any) -> aiohttp.ClientSession:
+        """A session with the options both sessions share: timeout, User-Agent, no
+        environment proxies, statuses left to the caller."""
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
+            raise_for_status=False,
+            trust_env=False,
+            **extra,
+        )
 
     @property
     def is_open(self) -> bool:
