@@ -160,7 +160,8 @@ class GenerationRequest:
     def check(self, limits: Limits) -> None:
         """Check every parameter against ``limits``; raise on the first problem.
 
-        Called at construction, and again by a client whose limits differ.
+        Called at construction (``__attrs_post_init__``), so also by ``attrs.evolve``,
+        which is how a client gives a request its own limits (``build_request``).
         """
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)

@@ -526,9 +526,11 @@ class Transport:
         """Read an API answer, refusing more than ``Limits.max_response_bytes``.
 
         ``Content-Length`` is the size on the wire: for a compressed answer aiohttp
-        inflates the body, so only an uncompressed answer is judged (and read in one
-        call, the hot path of polls) by its header; any other is counted as it is
-        inflated, chunk by chunk.
+        inflates the body, so only an uncompressed answer is judged by its header (and,
+        when within the cap, read in one call); any other is counted as it is
+        inflated, chunk by chunk. Creates and polls test :func:`_plain_within`
+        themselves and come here only for other answers; a download's error answer
+        comes here directly.
         """
         limit = self.limits.max_response_bytes
         if _plain_within(response, limit):
