@@ -25,12 +25,13 @@ class BodyParts(Payload):
     """A JSON body given as byte strings whose concatenation is the document."""
 
     _autoclose = True  # only bytes in memory: nothing to close
+    #: The body's length: aiohttp's ``Payload.size`` (the Content-Length) reads it.
+    _size: int
 
     def __init__(self, parts: Sequence[bytes], **kwargs: Any) -> None:
         self.parts: tuple[bytes, ...] = tuple(parts)
         super().__init__(self.parts, content_type="application/json", **kwargs)
-        self._length = sum(map(len, self.parts))
-        self._size = self._length
+        self._size = sum(map(len, self.parts))
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self.parts).decode(encoding, errors)
@@ -41,7 +42,7 @@ class BodyParts(Payload):
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        remaining = self._length if content_length is None else content_length
+        remaining = self._size if content_length is None else content_length
         for part in self.parts:
             if remaining <= 0:
                 break
@@ -50,7 +51,7 @@ class BodyParts(Payload):
             remaining -= len(chunk)
 
     def __len__(self) -> int:
-        return self._length
+        return self._size
 
     def __repr__(self) -> str:
-        return f"<BodyParts {len(self.parts)} parts, {self._length} bytes>"
+        return f"<BodyParts {len(self.parts)} parts, {self._size} bytes>"

@@ -31,7 +31,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import live_payload_count, prepare_images, prepare_inline
+from .images import _prepare_slow, live_payload_count, prepare_inline
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
@@ -411,9 +411,12 @@ class DreamOClient:
         before_send: Callable[[str], Awaitable[None]] | None = None,
     ) -> Task:
         prepared = None if self.fit_images else prepare_inline(request.images, self.limits)
-        if prepared is None:  # files, URLs, large or fitted images: the worker thread
-            prepared = await prepare_images(
-                request.images, limits=self.limits, fetch=self._fetch_input, fit=self.fit_images
+        if prepared is None:
+            # URLs alone pass through, with no I/O; files, data URIs, large or fitted
+            # images, and URLs mixed with local images (downloaded first) go to the
+            # worker thread. prepare_images would run prepare_inline again.
+            prepared = await _prepare_slow(
+                request.images, self.limits, self._fetch_input, self.fit_images
             )
         params = request_params(request)
         parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import inspect
 import io
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -401,6 +403,14 @@ async def prepare_images(
         inline = prepare_inline(sources, limits)
         if inline is not None:
             return inline
+    return await _prepare_slow(sources, limits, fetch, fit)
+
+
+async def _prepare_slow(
+    sources: Sequence[ImageSource], limits: Limits, fetch: Fetch | None, fit: bool
+) -> PreparedImages:
+    """:func:`prepare_images` for what :func:`prepare_inline` does not take (it returned
+    None, or ``fit``): URLs alone pass through; anything else goes to the worker thread."""
     if sources and all(source.is_url for source in sources):
         urls = tuple(str(source.value) for source in sources)
         return _track(PreparedImages(urls=urls, infos=(None,) * len(urls)))
@@ -409,7 +419,8 @@ async def prepare_images(
     encoded, infos, notes = await anyio.to_thread.run_sync(
         _encode_all, sources, downloaded, limits, fit, limiter=stage_limiter()
     )
-    _warn(notes)
+    if notes:
+        _warn(notes)
     return _track(PreparedImages(base64=encoded, infos=infos))
 
 
@@ -430,13 +441,36 @@ def prepare_inline(sources: Sequence[ImageSource], limits: Limits) -> PreparedIm
             return None
     encoded, infos, notes = _encode_all(sources, {}, limits, False)
     if notes:
-        _warn(notes, stacklevel=3)
+        _warn(notes)
     return _track(PreparedImages(base64=encoded, infos=infos))
 
 
-def _warn(notes: list[str], stacklevel: int = 3) -> None:
+def _warn(notes: list[str]) -> None:
+    """Emit advisory texts as :class:`DreamOWarning`, attributed to the first caller
+    outside this package: the user's line, whichever call of theirs led here
+    (``prepare_images``, ``generate``, ...) and however many of our frames lie between.
+
+    A coroutine of ours that the event loop runs as a task (``generate_many``'s jobs)
+    has no caller of the user's on its stack: the warning then points at its frame.
+    """
+    level = 2  # warnings.warn counts from 1, this frame; 2 is our caller
+    frame = sys._getframe(1)
+    while frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        outer = frame.f_back
+        if outer is None or (
+            frame.f_code.co_flags & _ASYNC_CODE and not outer.f_code.co_flags & _ASYNC_CODE
+        ):
+            break  # awaited by nothing: the loop (a task) runs it
+        frame = outer
+        level += 1
     for text in notes:
-        warnings.warn(text, DreamOWarning, stacklevel=stacklevel)
+        warnings.warn(text, DreamOWarning, stacklevel=level)
+
+
+#: This package's directory (``_warn`` skips the frames of its files).
+_PACKAGE_DIR: Final = os.path.dirname(__file__) + os.sep
+#: Code flags of frames that can await: a coroutine's caller is one of these, or the loop.
+_ASYNC_CODE: Final = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
 #: In-memory images up to this many bytes in all are checked and encoded on the loop.

@@ -47,12 +47,12 @@ class TaskStatus(enum.StrEnum):
 
     @classmethod
     def from_wire(cls, word: object) -> TaskStatus:
-        """Map any status word to a status; unknown words mean "still running" (API.md)."""
-        if type(word) is str:
-            status = _STATUS_WORDS.get(word)  # the exact word: the common case, no copies
-            if status is not None:
-                return status
-        elif not isinstance(word, str):
+        """Map any status word to a status; unknown words mean "still running" (API.md).
+
+        Case and surrounding whitespace do not matter. (Parsing a task looks the exact
+        word up itself first, and comes here for any other.)
+        """
+        if not isinstance(word, str):
             return cls.PROCESSING
         return _STATUS_WORDS.get(word.strip().lower(), cls.PROCESSING)
 

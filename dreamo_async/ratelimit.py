@@ -108,7 +108,9 @@ class UnlimitedLimiter:
         self._cooldown = _CoolDown()
 
     async def acquire(self, priority: Priority = Priority.CREATE) -> None:
-        if self._cooldown._until > 0.0:  # ever paused: (no coroutine on the hot path)
+        """Wait out the cool-down after a 429, if one was ever set (the transport skips
+        this call until then: see :attr:`never_paused`)."""
+        if not self.never_paused:
             await self._cooldown.wait()
 
     @property

@@ -160,7 +160,8 @@ class GenerationRequest:
     def check(self, limits: Limits) -> None:
         """Check every parameter against ``limits``; raise on the first problem.
 
-        Called at construction, and again by a client whose limits differ.
+        Called at construction (``__attrs_post_init__``), so also by ``attrs.evolve``,
+        which is how a client gives a request its own limits (``build_request``).
         """
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)
@@ -275,8 +276,8 @@ def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
 
 
 def _check_number(name: str, value: object, low: float, high: float, *, integer: bool) -> None:
-    if value is None:
-        return
+    """Refuse a non-number (or a non-integer) or one outside ``low..high``; ``value`` is
+    never None (the callers skip parameters left to the service's default)."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{name} must be {kind}; got {value!r}", parameter=name)

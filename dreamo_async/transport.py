@@ -24,7 +24,7 @@ import random
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -185,18 +185,18 @@ class Transport:
         self._task_url = _task_url_maker(endpoints)
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
-        #: New connections take a second rate slot (_PacedConnector) unless unlimited.
-        self._paced = type(self.limiter) is not UnlimitedLimiter
-        #: The unlimited limiter, whose acquire is skipped while it was never paused.
-        self._unlimited = None if self._paced else cast(UnlimitedLimiter, self.limiter)
+        #: The unlimited limiter, whose acquire is skipped while it was never paused; None
+        #: for any other limiter, and then requests are paced: new connections take a
+        #: second rate slot (_PacedConnector) and the limiter records each status.
+        self._unlimited = self.limiter if type(self.limiter) is UnlimitedLimiter else None
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
         )
-        #: Per-request timeout of polls; None (the session's) when the user set one.
-        self._poll_timeout = None if timeout is not None else _POLL_TIMEOUT
-        #: Per-request timeout of small creates; None (the session's) when the user set one.
-        self._create_timeout = None if timeout is not None else _CREATE_TIMEOUT
+        #: Per-request timeout of polls: the session's when the user set one.
+        self._poll_timeout = _POLL_TIMEOUT if timeout is None else self._timeout
+        #: Per-request timeout of small creates: the session's when the user set one.
+        self._create_timeout = _CREATE_TIMEOUT if timeout is None else self._timeout
         self._max_connections = max_connections
         self._rng = rng or random.Random()
         self._session: aiohttp.ClientSession | None = None
@@ -211,18 +211,12 @@ class Transport:
             raise _closed_error()
         if self._session is None:
             # Without a rate there is nothing to pace: the plain connector saves a
-            # coroutine layer per request (``_paced`` is also False then).
-            connector_class = _PacedConnector if self._paced else aiohttp.TCPConnector
+            # coroutine layer per request.
+            connector_class = _PacedConnector if self._unlimited is None else aiohttp.TCPConnector
             connector = connector_class(
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
-                raise_for_status=False,
-                trust_env=False,
-            )
+            self._session = self._new_session(connector)
         return self._session
 
     @property
@@ -241,15 +235,20 @@ class Transport:
                 ssl=self._ssl,
                 socket_factory=None if self.allow_private_urls else guarded_socket_factory,
             )
-            self._user_session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self._timeout,
-                headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
-                cookie_jar=aiohttp.DummyCookieJar(),
-                raise_for_status=False,
-                trust_env=False,
-            )
+            self._user_session = self._new_session(connector, cookie_jar=aiohttp.DummyCookieJar())
         return self._user_session
+
+    def _new_session(self, connector: aiohttp.BaseConnector, **extra: Any) -> aiohttp.ClientSession:
+        """A session with the options both sessions share: timeout, User-Agent, no
+        environment proxies, statuses left to the caller."""
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"User-Agent": f"dreamo_async/{__about__.__version__}"},
+            raise_for_status=False,
+            trust_env=False,
+            **extra,
+        )
 
     @property
     def is_open(self) -> bool:
@@ -293,8 +292,7 @@ class Transport:
             "X-Request-Id": request_id,
         }
         url = self._create_url
-        timeout = self._create_timeout if type(body) is bytes else None
-        timeout = timeout or self._timeout
+        timeout = self._create_timeout if type(body) is bytes else self._timeout
         attempt = 0
         while True:
             attempt += 1
@@ -302,7 +300,7 @@ class Transport:
                 await self.limiter.acquire(Priority.CREATE)
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
-            pacing = _PACING.set(self.limiter) if self._paced else None
+            pacing = _PACING.set(self.limiter) if self._unlimited is None else None
             try:
                 async with self.session.post(
                     url, data=body, headers=headers, timeout=timeout
@@ -366,7 +364,7 @@ class Transport:
         """
         url = self._task_url(task_id)
         headers = self._auth_headers()
-        timeout = self._poll_timeout or self._timeout
+        timeout = self._poll_timeout
         limiter = self.limiter
         cap = self.limits.max_response_bytes
         attempt = 0
@@ -374,7 +372,7 @@ class Transport:
             attempt += 1
             if self._unlimited is None or not self._unlimited.never_paused:
                 await limiter.acquire(Priority.POLL)
-            pacing = _PACING.set(limiter) if self._paced else None
+            pacing = _PACING.set(limiter) if self._unlimited is None else None
             try:
                 async with self.session.get(url, headers=headers, timeout=timeout) as response:
                     status = response.status
@@ -528,9 +526,11 @@ class Transport:
         """Read an API answer, refusing more than ``Limits.max_response_bytes``.
 
         ``Content-Length`` is the size on the wire: for a compressed answer aiohttp
-        inflates the body, so only an uncompressed answer is judged (and read in one
-        call, the hot path of polls) by its header; any other is counted as it is
-        inflated, chunk by chunk.
+        inflates the body, so only an uncompressed answer is judged by its header (and,
+        when within the cap, read in one call); any other is counted as it is
+        inflated, chunk by chunk. Creates and polls test :func:`_plain_within`
+        themselves and come here only for other answers; a download's error answer
+        comes here directly.
         """
         limit = self.limits.max_response_bytes
         if _plain_within(response, limit):

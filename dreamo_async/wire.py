@@ -82,9 +82,10 @@ def encode_create_body(
     images_base64: Sequence[bytes] = (),
     image_urls: Sequence[str] = (),
 ) -> bytes:
-    """Serialise a create request to one JSON byte string (small bodies, tests).
+    """Serialise a create request to one JSON byte string: :func:`create_body_parts`, joined.
 
-    Large bodies are sent as :func:`create_body_parts` without ever being joined.
+    The client does not call this: it joins the parts itself when the body is small
+    and sends a large one as its parts (see :func:`create_body_parts`).
     """
     return b"".join(create_body_parts(model, params, images_base64, image_urls))
 
@@ -131,9 +132,11 @@ def create_body_parts(
 
     The base64 images (up to 5 x 6.3 MB) are spliced in as they are, not
     decoded to ``str`` and run through ``json.dumps``: base64 needs no JSON
-    escaping. Only the small head (model and parameters) is serialised; the
-    parts are sent one after the other (:class:`~dreamo_async._body.BodyParts`),
-    so the image data is never copied into a body buffer.
+    escaping. Only the small head (model and parameters) is serialised. The
+    client joins the parts of a body up to ``client._JOIN_MAX_BYTES`` (256 KiB) into
+    one buffer; a larger body's parts are sent one after the other
+    (:class:`~dreamo_async._body.BodyParts`), so its image data is never copied
+    into a body buffer.
     """
     body_params = {**params, "image_urls": list(image_urls)} if image_urls else params
     head = _encode_head({"model": model, "input": [{"params": body_params}]}).encode()

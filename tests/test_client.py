@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -70,6 +72,17 @@ async def test_urls_only_are_sent_as_image_urls(server: FakeDreamOServer) -> Non
     assert server.last_create_body is not None
     assert server.last_create_body["input"][0]["params"]["image_urls"] == [url]
     assert server.stats.downloads == 0  # the client did not fetch it
+
+
+async def test_an_aspect_warning_points_at_the_generate_call(server: FakeDreamOServer) -> None:
+    # On the loop (small bytes) or via the worker thread (a file object) alike.
+    tall = make_png(100, 400)
+    async with client_for(server, limits=d.Limits(aspect_policy="warn")) as client:
+        for image in (tall, io.BytesIO(tall)):
+            line = sys._getframe().f_lineno + 2  # the call's line
+            with pytest.warns(d.DreamOWarning) as caught:
+                await client.generate(prompt="p", images=[image])
+            assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
 
 
 async def test_a_request_object_and_keywords_are_equivalent(server: FakeDreamOServer) -> None:

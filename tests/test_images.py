@@ -561,6 +561,18 @@ async def test_aspect_warnings_are_emitted_on_the_loop_thread(
     assert [thread for _, thread in emitted] == [threading.get_ident()]
 
 
+async def test_aspect_warnings_point_at_the_line_that_called_prepare_images() -> None:
+    # Checked on the loop (small bytes) or in the worker thread (a file object), the
+    # warning names the caller's line, not a frame of the library.
+    limits = Limits(aspect_policy="warn")
+    for item in (TALL_JPEG, io.BytesIO(TALL_JPEG)):
+        sources = classify_images([item])
+        line = sys._getframe().f_lineno + 2  # the call's line
+        with pytest.warns(DreamOWarning) as caught:
+            await prepare_images(sources, limits=limits)
+        assert [(w.filename, w.lineno) for w in caught] == [(__file__, line)]
+
+
 # --------------------------------------------------------------------------- memory bound
 
 
