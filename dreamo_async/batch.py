@@ -531,13 +531,22 @@ class Journal:
         """Every job, in index order."""
         return self.call(_select)
 
-    async def aupdate(self, index: int, state: JobState, **fields: Any) -> None:
-        """Set a job's state (and columns such as ``task_id``); committed when it returns."""
-        await self.acall(_updater(index, state, fields), sync=state in _CRITICAL)
+    async def aupdate(
+        self, index: int, state: JobState, *, count_create: bool = False, **fields: Any
+    ) -> None:
+        """Set a job's state (and columns such as ``task_id``); committed when it returns.
 
-    def update(self, index: int, state: JobState, **fields: Any) -> None:
+        ``count_create`` adds one to the job's ``creates`` (a create request is leaving).
+        """
+        op = _updater(index, state, fields, count_create=count_create)
+        await self.acall(op, sync=state in _CRITICAL)
+
+    def update(
+        self, index: int, state: JobState, *, count_create: bool = False, **fields: Any
+    ) -> None:
         """Blocking :meth:`aupdate`."""
-        self.call(_updater(index, state, fields), sync=state in _CRITICAL)
+        op = _updater(index, state, fields, count_create=count_create)
+        self.call(op, sync=state in _CRITICAL)
 
 
 #: States whose loss in a power cut could cost money (``sending``) or a task id (``created``).
@@ -564,20 +573,18 @@ _UPDATABLE: Final = frozenset(
 
 
 def _updater(
-    index: int, state: JobState, fields: Mapping[str, Any]
+    index: int, state: JobState, fields: Mapping[str, Any], *, count_create: bool
 ) -> Callable[[sqlite3.Connection], None]:
-    if bad := set(fields) - _UPDATABLE - {"count_create"}:
+    if bad := set(fields) - _UPDATABLE:
         raise ValueError(f"unknown journal columns {sorted(bad)}")
-    values = {k: v for k, v in fields.items() if k != "count_create"}
-    count = bool(fields.get("count_create"))
 
     def op(conn: sqlite3.Connection) -> None:
-        sets = ["state = ?", "updated = ?", *(f"{k} = ?" for k in values)]
-        if count:
+        sets = ["state = ?", "updated = ?", *(f"{k} = ?" for k in fields)]
+        if count_create:
             sets.append("creates = creates + 1")
         cursor = conn.execute(
             f"UPDATE jobs SET {', '.join(sets)} WHERE idx = ?",
-            (state, time.time(), *values.values(), index),
+            (state, time.time(), *fields.values(), index),
         )
         if cursor.rowcount != 1:
             raise JournalError(f"job {index} is not in the journal")

@@ -551,6 +551,20 @@ def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path:
         Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
 
 
+def test_count_create_counts_each_create_sent_and_unknown_columns_are_refused(
+    tmp_path: Path,
+) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        journal.update(0, "sending", request_id="r1", count_create=True)
+        journal.update(0, "unknown", error_code="unknown")
+        journal.update(0, "sending", request_id="r2", count_create=True)
+        (row,) = journal.rows()
+        assert (row.state, row.request_id, row.creates) == ("sending", "r2", 2)
+        with pytest.raises(ValueError, match="unknown journal columns"):
+            journal.update(0, "failed", creates=5)
+
+
 async def test_the_output_folder_can_move_between_runs(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
