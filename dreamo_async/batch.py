@@ -55,6 +55,7 @@ import attrs
 
 from .download import fsync_directory, is_saved_image, result_stem
 from .errors import (
+    SERVICE_ERRORS,
     APIConnectionError,
     AuthenticationError,
     CreateOutcomeUnknownError,
@@ -63,7 +64,6 @@ from .errors import (
     JobsFileError,
     JournalError,
     NotFoundError,
-    PermissionDeniedError,
     TaskFailedError,
     TaskTimeoutError,
 )
@@ -99,8 +99,6 @@ JobState = Literal["queued", "sending", "created", "completed", "failed", "unkno
 #: fields, so a new parameter is accepted here the day it is added there), but not
 #: ``limits``, which is the client's.
 JOB_KEYS: Final = frozenset(field.name for field in attrs.fields(GenerationRequest)) - {"limits"}
-#: Errors after which no job can succeed: the run stops (exit code 3 in the CLI).
-FATAL_ERRORS: Final = (AuthenticationError, PermissionDeniedError, APIConnectionError)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -882,7 +880,7 @@ class _Engine:
                 code = _code_of(exc)
                 await journal.aupdate(index, "failed", error_code=code, error_message=str(exc))
                 self._fail(index, code, str(exc))
-                if isinstance(exc, FATAL_ERRORS):
+                if isinstance(exc, SERVICE_ERRORS):
                     self.fatal = self.fatal or exc
                     raise _Stop from None
                 return
@@ -918,7 +916,7 @@ class _Engine:
             code = _code_of(exc)
             await journal.aupdate(index, "created", error_code=code, error_message=str(exc))
             self._fail(index, code, str(exc), task_id)
-            if isinstance(exc, FATAL_ERRORS):
+            if isinstance(exc, SERVICE_ERRORS):
                 self.fatal = self.fatal or exc
                 raise _Stop from None
             return

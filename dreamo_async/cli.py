@@ -127,11 +127,9 @@ def _read_key(api_key_file: Path | None) -> str:
 
 def _service_error(exc: BaseException) -> int | None:
     """Exit code 3 for errors that mean "the service cannot be used", else ``None``."""
-    from .errors import APIConnectionError, AuthenticationError, PermissionDeniedError
+    from .errors import SERVICE_ERRORS
 
-    if isinstance(exc, AuthenticationError | PermissionDeniedError | APIConnectionError):
-        return EXIT_SERVICE
-    return None
+    return EXIT_SERVICE if isinstance(exc, SERVICE_ERRORS) else None
 
 
 if click is not None:
