@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 import anyio
 import attrs
 
-from .download import fsync_directory, is_saved_image, result_stem
+from .download import download_result, fsync_directory, is_saved_image
 from .errors import (
     SERVICE_ERRORS,
     APIConnectionError,
@@ -927,13 +927,8 @@ class _Engine:
 
     async def _download(self, index: int, result: GenerationResult) -> None:
         try:
-            files: list[str] = []
             try:
-                for n, url in enumerate(result.image_urls):
-                    path = await self.client.download(
-                        url, self.out, result_stem(index, result.task_id, n)
-                    )
-                    files.append(path.name)
+                saved = await download_result(self.client, result, self.out, index)
             except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
                 await self.journal.aupdate(
@@ -941,6 +936,7 @@ class _Engine:
                 )
                 self._fail(index, "download", str(exc), result.task_id)
                 return
+            files = [path.name for path in saved]
             await self.journal.aupdate(
                 index,
                 "completed",

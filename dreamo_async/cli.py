@@ -316,7 +316,7 @@ if click is not None:
         created: list[str],
     ) -> int:
         import dreamo_async as d
-        from dreamo_async.download import result_stem
+        from dreamo_async.download import download_result
 
         err = Console(stderr=True, highlight=False)
         key = _read_key(api_key_file)
@@ -341,10 +341,7 @@ if click is not None:
             try:
                 with _StatusLine(err, task) as line:
                     result = await client.wait(task, on_poll=line.update)
-                files = [
-                    await client.download(url, out, result_stem(0, result.task_id, n))
-                    for n, url in enumerate(result.image_urls)
-                ]
+                files = await download_result(client, result, out)
             except d.TaskFailedError as exc:
                 raise _Exit(EXIT_FAILED, str(exc)) from None
             except d.DreamOError as exc:
@@ -450,7 +447,7 @@ if click is not None:
 
         async def go() -> int:
             import dreamo_async as d
-            from dreamo_async.download import result_stem
+            from dreamo_async.download import download_result
 
             err = Console(stderr=True, highlight=False)
             key = _read_key(api_key_file)
@@ -464,12 +461,7 @@ if click is not None:
                 try:
                     with _StatusLine(err, None) as line:
                         result = await client.wait(task_id, on_poll=line.update)
-                    files = []
-                    if out is not None:
-                        for n, url in enumerate(result.image_urls):
-                            files.append(
-                                await client.download(url, out, result_stem(0, task_id, n))
-                            )
+                    files = [] if out is None else await download_result(client, result, out)
                 except d.DreamOError as exc:
                     raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
             if as_json:

@@ -37,10 +37,13 @@ from ._imageheaders import sniff_format
 from .errors import DownloadError
 
 if TYPE_CHECKING:
+    from .client import DreamOClient
+    from .models import GenerationResult
     from .transport import Transport
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "download_result",
     "download_to",
     "fsync_directory",
     "is_saved_image",
@@ -79,6 +82,20 @@ def safe_component(value: str, what: str = "task id") -> str:
 def result_stem(index: int, task_id: str, n: int) -> str:
     """The name (without extension) of image ``n`` of job ``index``: ``00042-<task>-0``."""
     return f"{index:05d}-{safe_component(task_id)}-{n}"
+
+
+async def download_result(
+    client: DreamOClient, result: GenerationResult, directory: Path, index: int = 0
+) -> list[Path]:
+    """Save every image of ``result``, in order, as ``directory/{result_stem}.<ext>``.
+
+    ``index`` is the job's position in a batch (0 for a single generation). The
+    first image that cannot be saved raises; the ones saved before it stay.
+    """
+    return [
+        await client.download(url, directory, result_stem(index, result.task_id, n))
+        for n, url in enumerate(result.image_urls)
+    ]
 
 
 class _PartFile:
