@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 import anyio
 import attrs
 
-from .download import download_result, fsync_directory, is_saved_image
+from .download import download_result, fsync_directory, is_saved_image, remove_stale_parts
 from .errors import (
     SERVICE_ERRORS,
     APIConnectionError,
@@ -771,7 +771,7 @@ class _Engine:
     ) -> BatchReport:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
-        await asyncio.to_thread(_remove_stale_parts, self.out)
+        await asyncio.to_thread(remove_stale_parts, self.out)
         self.state = BatchState(total=len(jobs))
         work: list[tuple[BatchJob, JobRow]] = []
         cost = Decimal(0)
@@ -961,13 +961,6 @@ def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
         for row in rows
         if row.state == "completed" and all(is_saved_image(out / f) for f in row.files)
     }
-
-
-def _remove_stale_parts(out: Path) -> None:
-    """Delete partial downloads left by a killed run (this run holds the journal's lock)."""
-    for part in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.part"):
-        with contextlib.suppress(OSError):
-            part.unlink()
 
 
 def _code_of(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from dreamo_async.batch import (
     load_jobs,
     run_batch,
 )
-from dreamo_async.download import result_stem, safe_component
+from dreamo_async.download import _PartFile, remove_stale_parts, result_stem, safe_component
 from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
 
 KEY = "sk-test-0123456789abcdef"
@@ -486,6 +486,17 @@ def test_task_ids_that_could_escape_the_folder_are_refused() -> None:
         with pytest.raises(d.DownloadError):
             safe_component(bad)
     assert result_stem(7, "d5u5obte8783ap44qtj0", 1) == "00007-d5u5obte8783ap44qtj0-1"
+
+
+def test_only_the_temporary_files_of_result_downloads_are_removed_as_stale(
+    tmp_path: Path,
+) -> None:
+    stale = [_PartFile(tmp_path, result_stem(i, "t1", 0)).path for i in (0, 42, 123_456)]
+    kept = [tmp_path / n for n in ("00000-t1-0.png", ".notes.part", ".12-t-0.1-2.part", "a.part")]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    remove_stale_parts(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
 
 
 async def test_download_checks_the_content_and_names_the_extension(
