@@ -31,7 +31,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from .batch import BatchReport
 
 __all__ = ["main"]
 
@@ -568,7 +571,7 @@ if click is not None:
                 retries=retries,
             )
             async with client:
-                return await _run_batch_ui(
+                code, _ = await _run_batch_ui(
                     client,
                     jobs,
                     out,
@@ -578,6 +581,7 @@ if click is not None:
                     retry_failed=retry_failed,
                     as_json=as_json,
                 )
+            return code
 
         _run(go)
 
@@ -592,9 +596,9 @@ if click is not None:
         retry_failed: bool,
         as_json: bool,
         extra_rows: Callable[[], Mapping[str, str]] | None = None,
-        reports: list[Any] | None = None,
-    ) -> int:
-        """Run the batch engine with a progress display and print the summary."""
+    ) -> tuple[int, BatchReport]:
+        """Run the batch engine with a progress display, print the summary; return the
+        exit code and the report."""
         from .batch import JournalError, _RunJournalError, run_batch
 
         err = Console(stderr=True, highlight=False)
@@ -616,8 +620,6 @@ if click is not None:
             # sent, an input error. Failed once jobs ran: requests were sent, a failed run.
             failed_run = isinstance(exc, _RunJournalError)
             raise _Exit(EXIT_FAILED if failed_run else EXIT_USAGE, str(exc)) from None
-        if reports is not None:
-            reports.append(report)
         code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
         rows: dict[str, str] = {
             "jobs": str(report.total),
@@ -668,7 +670,7 @@ if click is not None:
                 "command again: finished jobs are kept, created tasks are polled, not re-created.",
                 soft_wrap=True,
             )
-        return code
+        return code, report
 
     class _Display:
         """A progress bar on a terminal; one plain line per job event otherwise."""
@@ -806,7 +808,6 @@ if click is not None:
             f"(concurrency {concurrency}, {rps:g} requests/s, ~{task_ms:g} ms per task; "
             f"{2 if jobs > 2 else 0} jobs are scripted to fail)"
         )
-        outcome: list[Any] = []
         with tempfile.TemporaryDirectory(prefix="dreamo-demo-") as scratch:
             folder = out or Path(scratch)
             async with FakeDreamOServer(
@@ -821,7 +822,7 @@ if click is not None:
                     timeout=60,
                 )
                 async with client:
-                    code = await _run_batch_ui(
+                    code, report = await _run_batch_ui(
                         client,
                         batch,
                         folder,
@@ -830,7 +831,6 @@ if click is not None:
                         retry_unknown=False,
                         retry_failed=False,
                         as_json=as_json,
-                        reports=outcome,
                         extra_rows=lambda: {
                             **(
                                 {}
@@ -847,7 +847,7 @@ if click is not None:
                     )
         # Two failures are scripted: the demo succeeds when exactly those failed.
         scripted = {"003013095": 2} if jobs > 2 else {}
-        if code == EXIT_FAILED and outcome and outcome[0].failed == scripted:
+        if code == EXIT_FAILED and report.failed == scripted:
             return EXIT_OK
         return code
 
