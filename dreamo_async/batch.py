@@ -784,20 +784,9 @@ class _Engine:
                 files = tuple(str(self.out / f) for f in row.files)
                 self.emit("skipped", job.index, task_id=row.task_id, files=files)
             elif row.state in ("sending", "unknown") and not retry_unknown:
-                self.unknown[job.index] = row.request_id
-                self.state.failed += 1
-                self.failed["unknown"] += 1
-                self.emit("unknown", job.index, code="unknown", message=row.error_message)
+                self._count_unknown(job.index, row.request_id, row.error_message)
             elif row.state == "failed" and row.task_id is not None and not retry_failed:
-                self.state.failed += 1
-                self.failed[row.error_code or "failed"] += 1
-                self.emit(
-                    "failed",
-                    job.index,
-                    task_id=row.task_id,
-                    code=row.error_code,
-                    message=row.error_message,
-                )
+                self._fail(job.index, row.error_code, row.error_message, row.task_id)
             else:
                 work.append((job, row))
         self.state.cost = cost
@@ -840,10 +829,33 @@ class _Engine:
             finally:
                 self.state.running -= 1
 
-    def _fail(self, index: int, code: str, message: str, task_id: str | None = None) -> None:
+    def _fail(
+        self, index: int, code: str | None, message: str | None, task_id: str | None = None
+    ) -> None:
+        """Count a failed job (under ``failed`` if it has no code) and emit ``failed``."""
         self.state.failed += 1
-        self.failed[code] += 1
+        self.failed[code or "failed"] += 1
         self.emit("failed", index, task_id=task_id, code=code, message=message)
+
+    async def _record_failure(
+        self, index: int, state: JobState, code: str, message: str, task_id: str | None = None
+    ) -> None:
+        """Journal the job as ``state`` with its error, then count it and emit ``failed``."""
+        await self.journal.aupdate(index, state, error_code=code, error_message=message)
+        self._fail(index, code, message, task_id)
+
+    def _count_unknown(self, index: int, request_id: str | None, message: str | None) -> None:
+        """Count a job whose create outcome is unknown and emit ``unknown``."""
+        self.unknown[index] = request_id
+        self.state.failed += 1
+        self.failed["unknown"] += 1
+        self.emit("unknown", index, code="unknown", message=message)
+
+    def _stop_if_fatal(self, exc: DreamOError) -> None:
+        """Stop the run (raise :class:`_Stop`) if ``exc`` means the service cannot be used."""
+        if isinstance(exc, SERVICE_ERRORS):
+            self.fatal = self.fatal or exc
+            raise _Stop from None
 
     async def _job(self, job: BatchJob, row: JobRow) -> None:
         client, journal, index = self.client, self.journal, job.index
@@ -853,8 +865,7 @@ class _Engine:
             try:
                 request = client.build_request(**job.params)
             except (InvalidRequestError, TypeError) as exc:  # TypeError: an unknown key
-                await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
-                self._fail(index, "invalid", str(exc))
+                await self._record_failure(index, "failed", "invalid", str(exc))
                 return
 
             async def before_send(request_id: str) -> None:
@@ -870,19 +881,12 @@ class _Engine:
                     error_code="unknown",
                     error_message=str(exc),
                 )
-                self.unknown[index] = exc.request_id
-                self.state.failed += 1
-                self.failed["unknown"] += 1
-                self.emit("unknown", index, code="unknown", message=str(exc))
+                self._count_unknown(index, exc.request_id, str(exc))
                 return
             except DreamOError as exc:
                 # Refused before any task existed (the client raises these only then).
-                code = _code_of(exc)
-                await journal.aupdate(index, "failed", error_code=code, error_message=str(exc))
-                self._fail(index, code, str(exc))
-                if isinstance(exc, SERVICE_ERRORS):
-                    self.fatal = self.fatal or exc
-                    raise _Stop from None
+                await self._record_failure(index, "failed", _code_of(exc), str(exc))
+                self._stop_if_fatal(exc)
                 return
             task_id, created = task.id, task
             await journal.aupdate(
@@ -898,27 +902,19 @@ class _Engine:
                 on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
             )
         except TaskFailedError as exc:
-            code = exc.code or "failed"
-            text = exc.message or str(exc)
-            await journal.aupdate(index, "failed", error_code=code, error_message=text)
-            self._fail(index, code, text, task_id)
+            code, text = exc.code or "failed", exc.message or str(exc)
+            await self._record_failure(index, "failed", code, text, task_id)
             return
         except NotFoundError as exc:
-            await journal.aupdate(index, "failed", error_code="not_found", error_message=str(exc))
-            self._fail(index, "not_found", str(exc), task_id)
+            await self._record_failure(index, "failed", "not_found", str(exc), task_id)
             return
         except TaskTimeoutError as exc:
             # The task may still finish: it stays "created", the next run polls it again.
-            await journal.aupdate(index, "created", error_code="timeout", error_message=str(exc))
-            self._fail(index, "timeout", str(exc), task_id)
+            await self._record_failure(index, "created", "timeout", str(exc), task_id)
             return
         except DreamOError as exc:
-            code = _code_of(exc)
-            await journal.aupdate(index, "created", error_code=code, error_message=str(exc))
-            self._fail(index, code, str(exc), task_id)
-            if isinstance(exc, SERVICE_ERRORS):
-                self.fatal = self.fatal or exc
-                raise _Stop from None
+            await self._record_failure(index, "created", _code_of(exc), str(exc), task_id)
+            self._stop_if_fatal(exc)
             return
         await self.download_slots.acquire()
         download = asyncio.create_task(self._download(index, result))
@@ -931,10 +927,7 @@ class _Engine:
                 saved = await download_result(self.client, result, self.out, index)
             except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
-                await self.journal.aupdate(
-                    index, "created", error_code="download", error_message=str(exc)
-                )
-                self._fail(index, "download", str(exc), result.task_id)
+                await self._record_failure(index, "created", "download", str(exc), result.task_id)
                 return
             files = [path.name for path in saved]
             await self.journal.aupdate(

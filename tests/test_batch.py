@@ -133,6 +133,25 @@ async def test_rerunning_a_finished_journal_sends_nothing(
     assert report.failed == {"003013095": 1}
 
 
+async def test_a_resumed_failed_job_is_reported_as_the_run_that_failed_it_did(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a [fail:003013095]")
+    runs: list[list[BatchEvent]] = [[], []]
+    async with client_for(server) as client:
+        for events in runs:
+            await run_batch(client, jobs, tmp_path / "j.db", tmp_path, on_event=events.append)
+    first, second = ([e for e in events if e.kind == "failed"] for events in runs)
+    assert len(first) == len(second) == 1
+    assert (second[0].task_id, second[0].code, second[0].message) == (
+        first[0].task_id,
+        first[0].code,
+        first[0].message,
+    )
+    assert first[0].task_id is not None
+    assert first[0].code == "003013095"
+
+
 async def test_retry_failed_creates_a_failed_task_again_on_request(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
