@@ -215,7 +215,7 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
-            GenerationRequest(limits=limits, **params)
+            GenerationRequest(limits=limits, **{**params, "images": sources})  # kept as they are
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
     for source in sources:
