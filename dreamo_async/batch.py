@@ -219,6 +219,8 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
     for source in sources:
+        # Only files that passed are remembered: a failure is rare, and its message
+        # names the image's position in this line, which differs between lines.
         if source.kind == "path" and (path := str(source.value)) not in checked:
             _check_image_file(source, limits)
             checked.add(path)
@@ -234,11 +236,8 @@ def _resolve(source: ImageSource, base: Path) -> ImageSource:
 
 
 def _check_image_file(source: ImageSource, limits: Limits) -> None:
-    """Read and check a local image the way a run will, with the library's own messages.
-
-    Only files that passed are remembered (a failure is rare, and its message
-    names the image's position in this line, which differs between lines).
-    """
+    """Read and check a local image the way a run will; a problem is a ``ValueError``
+    with the library's own message."""
     try:
         check_local_image(source, limits)
     except InvalidRequestError as exc:
