@@ -690,7 +690,8 @@ async def run_batch(
 
     ``jobs`` are :class:`BatchJob` (from :func:`load_jobs`) or plain mappings of
     ``generate`` keywords (indexed in order). Results are saved in ``out_dir`` as
-    ``{index:05d}-{task_id}-{n}.{ext}``; ``results.jsonl`` there lists every job.
+    ``{index:05d}-{task_id}-{n}.{ext}``; ``results.jsonl`` there lists every job
+    (``results_name`` names it otherwise; ``None``: no such file, the journal has all).
     ``concurrency`` (default ``client.max_concurrency``) jobs create-and-poll at
     once; downloads overlap with the next jobs. See the module docstring for
     what resuming does with each state.

@@ -119,6 +119,20 @@ async def test_a_run_journals_every_job_and_saves_every_result(
     assert {"created", "polled", "completed", "failed"} <= kinds
 
 
+async def test_results_name_names_the_results_file_or_leaves_it_out(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        named = await run_batch(client, jobs, tmp_path / "j.db", tmp_path, results_name="r.jsonl")
+        none = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "x", results_name=None)
+    assert named.results_path == tmp_path / "r.jsonl"
+    assert json.loads(named.results_path.read_text())["state"] == "completed"
+    assert none.results_path is None
+    assert not (tmp_path / "results.jsonl").exists()
+    assert not (tmp_path / "x" / "results.jsonl").exists()
+
+
 async def test_rerunning_a_finished_journal_sends_nothing(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
