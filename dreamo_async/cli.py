@@ -424,7 +424,7 @@ if click is not None:
                     click.echo(f"error {task.error.code}: {task.error.message}")
             return EXIT_FAILED if task.status is d.TaskStatus.FAILED else EXIT_OK
 
-        _run(go)
+        _run(go, lambda: f"the task is unaffected; poll it again with: dreamo status {task_id}")
 
     @cli.command(name="wait")
     @click.argument("task_id")
