@@ -778,7 +778,10 @@ if click is not None:
         jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
     ) -> None:
         """The batch engine against the built-in fake service (no key, no network)."""
-        _run(lambda: _demo(jobs, concurrency, rps, task_ms, out, as_json))
+        _run(
+            lambda: _demo(jobs, concurrency, rps, task_ms, out, as_json),
+            lambda: "the demo ran against the built-in fake service only; nothing real was sent",
+        )
 
     async def _demo(
         jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
