@@ -53,8 +53,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeVar
 import anyio
 import attrs
 
-from .download import fsync_directory, is_saved_image, result_stem
+from .download import download_result, fsync_directory, is_saved_image, remove_stale_parts
 from .errors import (
+    SERVICE_ERRORS,
     APIConnectionError,
     AuthenticationError,
     CreateOutcomeUnknownError,
@@ -63,7 +64,6 @@ from .errors import (
     JobsFileError,
     JournalError,
     NotFoundError,
-    PermissionDeniedError,
     TaskFailedError,
     TaskTimeoutError,
 )
@@ -99,8 +99,6 @@ JobState = Literal["queued", "sending", "created", "completed", "failed", "unkno
 #: fields, so a new parameter is accepted here the day it is added there), but not
 #: ``limits``, which is the client's.
 JOB_KEYS: Final = frozenset(field.name for field in attrs.fields(GenerationRequest)) - {"limits"}
-#: Errors after which no job can succeed: the run stops (exit code 3 in the CLI).
-FATAL_ERRORS: Final = (AuthenticationError, PermissionDeniedError, APIConnectionError)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -217,10 +215,12 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
-            GenerationRequest(limits=limits, **params)
+            GenerationRequest(limits=limits, **{**params, "images": sources})  # kept as they are
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
     for source in sources:
+        # Only files that passed are remembered: a failure is rare, and its message
+        # names the image's position in this line, which differs between lines.
         if source.kind == "path" and (path := str(source.value)) not in checked:
             _check_image_file(source, limits)
             checked.add(path)
@@ -236,11 +236,8 @@ def _resolve(source: ImageSource, base: Path) -> ImageSource:
 
 
 def _check_image_file(source: ImageSource, limits: Limits) -> None:
-    """Read and check a local image the way a run will, with the library's own messages.
-
-    Only files that passed are remembered (a failure is rare, and its message
-    names the image's position in this line, which differs between lines).
-    """
+    """Read and check a local image the way a run will; a problem is a ``ValueError``
+    with the library's own message."""
     try:
         check_local_image(source, limits)
     except InvalidRequestError as exc:
@@ -531,13 +528,22 @@ class Journal:
         """Every job, in index order."""
         return self.call(_select)
 
-    async def aupdate(self, index: int, state: JobState, **fields: Any) -> None:
-        """Set a job's state (and columns such as ``task_id``); committed when it returns."""
-        await self.acall(_updater(index, state, fields), sync=state in _CRITICAL)
+    async def aupdate(
+        self, index: int, state: JobState, *, count_create: bool = False, **fields: Any
+    ) -> None:
+        """Set a job's state (and columns such as ``task_id``); committed when it returns.
 
-    def update(self, index: int, state: JobState, **fields: Any) -> None:
+        ``count_create`` adds one to the job's ``creates`` (a create request is leaving).
+        """
+        op = _updater(index, state, fields, count_create=count_create)
+        await self.acall(op, sync=state in _CRITICAL)
+
+    def update(
+        self, index: int, state: JobState, *, count_create: bool = False, **fields: Any
+    ) -> None:
         """Blocking :meth:`aupdate`."""
-        self.call(_updater(index, state, fields), sync=state in _CRITICAL)
+        op = _updater(index, state, fields, count_create=count_create)
+        self.call(op, sync=state in _CRITICAL)
 
 
 #: States whose loss in a power cut could cost money (``sending``) or a task id (``created``).
@@ -564,20 +570,18 @@ _UPDATABLE: Final = frozenset(
 
 
 def _updater(
-    index: int, state: JobState, fields: Mapping[str, Any]
+    index: int, state: JobState, fields: Mapping[str, Any], *, count_create: bool
 ) -> Callable[[sqlite3.Connection], None]:
-    if bad := set(fields) - _UPDATABLE - {"count_create"}:
+    if bad := set(fields) - _UPDATABLE:
         raise ValueError(f"unknown journal columns {sorted(bad)}")
-    values = {k: v for k, v in fields.items() if k != "count_create"}
-    count = bool(fields.get("count_create"))
 
     def op(conn: sqlite3.Connection) -> None:
-        sets = ["state = ?", "updated = ?", *(f"{k} = ?" for k in values)]
-        if count:
+        sets = ["state = ?", "updated = ?", *(f"{k} = ?" for k in fields)]
+        if count_create:
             sets.append("creates = creates + 1")
         cursor = conn.execute(
             f"UPDATE jobs SET {', '.join(sets)} WHERE idx = ?",
-            (state, time.time(), *values.values(), index),
+            (state, time.time(), *fields.values(), index),
         )
         if cursor.rowcount != 1:
             raise JournalError(f"job {index} is not in the journal")
@@ -686,7 +690,8 @@ async def run_batch(
 
     ``jobs`` are :class:`BatchJob` (from :func:`load_jobs`) or plain mappings of
     ``generate`` keywords (indexed in order). Results are saved in ``out_dir`` as
-    ``{index:05d}-{task_id}-{n}.{ext}``; ``results.jsonl`` there lists every job.
+    ``{index:05d}-{task_id}-{n}.{ext}``; ``results.jsonl`` there lists every job
+    (``results_name`` names it otherwise; ``None``: no such file, the journal has all).
     ``concurrency`` (default ``client.max_concurrency``) jobs create-and-poll at
     once; downloads overlap with the next jobs. See the module docstring for
     what resuming does with each state.
@@ -766,7 +771,7 @@ class _Engine:
     ) -> BatchReport:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
-        await asyncio.to_thread(_remove_stale_parts, self.out)
+        await asyncio.to_thread(remove_stale_parts, self.out)
         self.state = BatchState(total=len(jobs))
         work: list[tuple[BatchJob, JobRow]] = []
         cost = Decimal(0)
@@ -779,20 +784,9 @@ class _Engine:
                 files = tuple(str(self.out / f) for f in row.files)
                 self.emit("skipped", job.index, task_id=row.task_id, files=files)
             elif row.state in ("sending", "unknown") and not retry_unknown:
-                self.unknown[job.index] = row.request_id
-                self.state.failed += 1
-                self.failed["unknown"] += 1
-                self.emit("unknown", job.index, code="unknown", message=row.error_message)
+                self._count_unknown(job.index, row.request_id, row.error_message)
             elif row.state == "failed" and row.task_id is not None and not retry_failed:
-                self.state.failed += 1
-                self.failed[row.error_code or "failed"] += 1
-                self.emit(
-                    "failed",
-                    job.index,
-                    task_id=row.task_id,
-                    code=row.error_code,
-                    message=row.error_message,
-                )
+                self._fail(job.index, row.error_code, row.error_message, row.task_id)
             else:
                 work.append((job, row))
         self.state.cost = cost
@@ -835,10 +829,33 @@ class _Engine:
             finally:
                 self.state.running -= 1
 
-    def _fail(self, index: int, code: str, message: str, task_id: str | None = None) -> None:
+    def _fail(
+        self, index: int, code: str | None, message: str | None, task_id: str | None = None
+    ) -> None:
+        """Count a failed job (under ``failed`` if it has no code) and emit ``failed``."""
         self.state.failed += 1
-        self.failed[code] += 1
+        self.failed[code or "failed"] += 1
         self.emit("failed", index, task_id=task_id, code=code, message=message)
+
+    async def _record_failure(
+        self, index: int, state: JobState, code: str, message: str, task_id: str | None = None
+    ) -> None:
+        """Journal the job as ``state`` with its error, then count it and emit ``failed``."""
+        await self.journal.aupdate(index, state, error_code=code, error_message=message)
+        self._fail(index, code, message, task_id)
+
+    def _count_unknown(self, index: int, request_id: str | None, message: str | None) -> None:
+        """Count a job whose create outcome is unknown and emit ``unknown``."""
+        self.unknown[index] = request_id
+        self.state.failed += 1
+        self.failed["unknown"] += 1
+        self.emit("unknown", index, code="unknown", message=message)
+
+    def _stop_if_fatal(self, exc: DreamOError) -> None:
+        """Stop the run (raise :class:`_Stop`) if ``exc`` means the service cannot be used."""
+        if isinstance(exc, SERVICE_ERRORS):
+            self.fatal = self.fatal or exc
+            raise _Stop from None
 
     async def _job(self, job: BatchJob, row: JobRow) -> None:
         client, journal, index = self.client, self.journal, job.index
@@ -848,8 +865,7 @@ class _Engine:
             try:
                 request = client.build_request(**job.params)
             except (InvalidRequestError, TypeError) as exc:  # TypeError: an unknown key
-                await journal.aupdate(index, "failed", error_code="invalid", error_message=str(exc))
-                self._fail(index, "invalid", str(exc))
+                await self._record_failure(index, "failed", "invalid", str(exc))
                 return
 
             async def before_send(request_id: str) -> None:
@@ -865,19 +881,12 @@ class _Engine:
                     error_code="unknown",
                     error_message=str(exc),
                 )
-                self.unknown[index] = exc.request_id
-                self.state.failed += 1
-                self.failed["unknown"] += 1
-                self.emit("unknown", index, code="unknown", message=str(exc))
+                self._count_unknown(index, exc.request_id, str(exc))
                 return
             except DreamOError as exc:
                 # Refused before any task existed (the client raises these only then).
-                code = _code_of(exc)
-                await journal.aupdate(index, "failed", error_code=code, error_message=str(exc))
-                self._fail(index, code, str(exc))
-                if isinstance(exc, FATAL_ERRORS):
-                    self.fatal = self.fatal or exc
-                    raise _Stop from None
+                await self._record_failure(index, "failed", _code_of(exc), str(exc))
+                self._stop_if_fatal(exc)
                 return
             task_id, created = task.id, task
             await journal.aupdate(
@@ -893,27 +902,19 @@ class _Engine:
                 on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
             )
         except TaskFailedError as exc:
-            code = exc.code or "failed"
-            text = exc.message or str(exc)
-            await journal.aupdate(index, "failed", error_code=code, error_message=text)
-            self._fail(index, code, text, task_id)
+            code, text = exc.code or "failed", exc.message or str(exc)
+            await self._record_failure(index, "failed", code, text, task_id)
             return
         except NotFoundError as exc:
-            await journal.aupdate(index, "failed", error_code="not_found", error_message=str(exc))
-            self._fail(index, "not_found", str(exc), task_id)
+            await self._record_failure(index, "failed", "not_found", str(exc), task_id)
             return
         except TaskTimeoutError as exc:
             # The task may still finish: it stays "created", the next run polls it again.
-            await journal.aupdate(index, "created", error_code="timeout", error_message=str(exc))
-            self._fail(index, "timeout", str(exc), task_id)
+            await self._record_failure(index, "created", "timeout", str(exc), task_id)
             return
         except DreamOError as exc:
-            code = _code_of(exc)
-            await journal.aupdate(index, "created", error_code=code, error_message=str(exc))
-            self._fail(index, code, str(exc), task_id)
-            if isinstance(exc, FATAL_ERRORS):
-                self.fatal = self.fatal or exc
-                raise _Stop from None
+            await self._record_failure(index, "created", _code_of(exc), str(exc), task_id)
+            self._stop_if_fatal(exc)
             return
         await self.download_slots.acquire()
         download = asyncio.create_task(self._download(index, result))
@@ -922,20 +923,13 @@ class _Engine:
 
     async def _download(self, index: int, result: GenerationResult) -> None:
         try:
-            files: list[str] = []
             try:
-                for n, url in enumerate(result.image_urls):
-                    path = await self.client.download(
-                        url, self.out, result_stem(index, result.task_id, n)
-                    )
-                    files.append(path.name)
+                saved = await download_result(self.client, result, self.out, index)
             except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
                 # The task is done and paid: keep it "created" so a re-run fetches it again.
-                await self.journal.aupdate(
-                    index, "created", error_code="download", error_message=str(exc)
-                )
-                self._fail(index, "download", str(exc), result.task_id)
+                await self._record_failure(index, "created", "download", str(exc), result.task_id)
                 return
+            files = [path.name for path in saved]
             await self.journal.aupdate(
                 index,
                 "completed",
@@ -960,13 +954,6 @@ def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
         for row in rows
         if row.state == "completed" and all(is_saved_image(out / f) for f in row.files)
     }
-
-
-def _remove_stale_parts(out: Path) -> None:
-    """Delete partial downloads left by a killed run (this run holds the journal's lock)."""
-    for part in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.part"):
-        with contextlib.suppress(OSError):
-            part.unlink()
 
 
 def _code_of(exc: BaseException) -> str:

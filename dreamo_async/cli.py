@@ -31,7 +31,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from .batch import BatchReport
 
 __all__ = ["main"]
 
@@ -127,11 +130,9 @@ def _read_key(api_key_file: Path | None) -> str:
 
 def _service_error(exc: BaseException) -> int | None:
     """Exit code 3 for errors that mean "the service cannot be used", else ``None``."""
-    from .errors import APIConnectionError, AuthenticationError, PermissionDeniedError
+    from .errors import SERVICE_ERRORS
 
-    if isinstance(exc, AuthenticationError | PermissionDeniedError | APIConnectionError):
-        return EXIT_SERVICE
-    return None
+    return EXIT_SERVICE if isinstance(exc, SERVICE_ERRORS) else None
 
 
 if click is not None:
@@ -318,7 +319,7 @@ if click is not None:
         created: list[str],
     ) -> int:
         import dreamo_async as d
-        from dreamo_async.download import result_stem
+        from dreamo_async.download import download_result
 
         err = Console(stderr=True, highlight=False)
         key = _read_key(api_key_file)
@@ -343,10 +344,7 @@ if click is not None:
             try:
                 with _StatusLine(err, task) as line:
                     result = await client.wait(task, on_poll=line.update)
-                files = [
-                    await client.download(url, out, result_stem(0, result.task_id, n))
-                    for n, url in enumerate(result.image_urls)
-                ]
+                files = await download_result(client, result, out)
             except d.TaskFailedError as exc:
                 raise _Exit(EXIT_FAILED, str(exc)) from None
             except d.DreamOError as exc:
@@ -426,7 +424,7 @@ if click is not None:
                     click.echo(f"error {task.error.code}: {task.error.message}")
             return EXIT_FAILED if task.status is d.TaskStatus.FAILED else EXIT_OK
 
-        _run(go)
+        _run(go, lambda: f"the task is unaffected; poll it again with: dreamo status {task_id}")
 
     @cli.command(name="wait")
     @click.argument("task_id")
@@ -452,7 +450,7 @@ if click is not None:
 
         async def go() -> int:
             import dreamo_async as d
-            from dreamo_async.download import result_stem
+            from dreamo_async.download import download_result
 
             err = Console(stderr=True, highlight=False)
             key = _read_key(api_key_file)
@@ -466,12 +464,7 @@ if click is not None:
                 try:
                     with _StatusLine(err, None) as line:
                         result = await client.wait(task_id, on_poll=line.update)
-                    files = []
-                    if out is not None:
-                        for n, url in enumerate(result.image_urls):
-                            files.append(
-                                await client.download(url, out, result_stem(0, task_id, n))
-                            )
+                    files = [] if out is None else await download_result(client, result, out)
                 except d.DreamOError as exc:
                     raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
             if as_json:
@@ -578,7 +571,7 @@ if click is not None:
                 retries=retries,
             )
             async with client:
-                return await _run_batch_ui(
+                code, _ = await _run_batch_ui(
                     client,
                     jobs,
                     out,
@@ -588,6 +581,7 @@ if click is not None:
                     retry_failed=retry_failed,
                     as_json=as_json,
                 )
+            return code
 
         _run(go)
 
@@ -602,9 +596,9 @@ if click is not None:
         retry_failed: bool,
         as_json: bool,
         extra_rows: Callable[[], Mapping[str, str]] | None = None,
-        reports: list[Any] | None = None,
-    ) -> int:
-        """Run the batch engine with a progress display and print the summary."""
+    ) -> tuple[int, BatchReport]:
+        """Run the batch engine with a progress display, print the summary; return the
+        exit code and the report."""
         from .batch import JournalError, _RunJournalError, run_batch
 
         err = Console(stderr=True, highlight=False)
@@ -626,8 +620,6 @@ if click is not None:
             # sent, an input error. Failed once jobs ran: requests were sent, a failed run.
             failed_run = isinstance(exc, _RunJournalError)
             raise _Exit(EXIT_FAILED if failed_run else EXIT_USAGE, str(exc)) from None
-        if reports is not None:
-            reports.append(report)
         code = EXIT_SERVICE if report.fatal is not None else EXIT_OK if report.ok else EXIT_FAILED
         rows: dict[str, str] = {
             "jobs": str(report.total),
@@ -678,7 +670,7 @@ if click is not None:
                 "command again: finished jobs are kept, created tasks are polled, not re-created.",
                 soft_wrap=True,
             )
-        return code
+        return code, report
 
     class _Display:
         """A progress bar on a terminal; one plain line per job event otherwise."""
@@ -786,7 +778,10 @@ if click is not None:
         jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
     ) -> None:
         """The batch engine against the built-in fake service (no key, no network)."""
-        _run(lambda: _demo(jobs, concurrency, rps, task_ms, out, as_json))
+        _run(
+            lambda: _demo(jobs, concurrency, rps, task_ms, out, as_json),
+            lambda: "the demo ran against the built-in fake service only; nothing real was sent",
+        )
 
     async def _demo(
         jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
@@ -816,7 +811,6 @@ if click is not None:
             f"(concurrency {concurrency}, {rps:g} requests/s, ~{task_ms:g} ms per task; "
             f"{2 if jobs > 2 else 0} jobs are scripted to fail)"
         )
-        outcome: list[Any] = []
         with tempfile.TemporaryDirectory(prefix="dreamo-demo-") as scratch:
             folder = out or Path(scratch)
             async with FakeDreamOServer(
@@ -831,7 +825,7 @@ if click is not None:
                     timeout=60,
                 )
                 async with client:
-                    code = await _run_batch_ui(
+                    code, report = await _run_batch_ui(
                         client,
                         batch,
                         folder,
@@ -840,7 +834,6 @@ if click is not None:
                         retry_unknown=False,
                         retry_failed=False,
                         as_json=as_json,
-                        reports=outcome,
                         extra_rows=lambda: {
                             **(
                                 {}
@@ -857,7 +850,7 @@ if click is not None:
                     )
         # Two failures are scripted: the demo succeeds when exactly those failed.
         scripted = {"003013095": 2} if jobs > 2 else {}
-        if code == EXIT_FAILED and outcome and outcome[0].failed == scripted:
+        if code == EXIT_FAILED and report.failed == scripted:
             return EXIT_OK
         return code
 

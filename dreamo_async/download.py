@@ -37,14 +37,18 @@ from ._imageheaders import sniff_format
 from .errors import DownloadError
 
 if TYPE_CHECKING:
+    from .client import DreamOClient
+    from .models import GenerationResult
     from .transport import Transport
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "download_result",
     "download_to",
     "fsync_directory",
     "is_saved_image",
     "open_exclusive",
+    "remove_stale_parts",
     "result_stem",
     "safe_component",
 ]
@@ -81,6 +85,26 @@ def result_stem(index: int, task_id: str, n: int) -> str:
     return f"{index:05d}-{safe_component(task_id)}-{n}"
 
 
+#: Matches every :func:`result_stem` in a glob (an index of five digits or more).
+_RESULT_STEM_GLOB: Final = "[0-9][0-9][0-9][0-9][0-9]*-*-*"
+#: The temporary file of one download, hidden, unique to this process and download.
+_PART_NAME: Final = ".{stem}.{pid}-{serial}.part"
+
+
+async def download_result(
+    client: DreamOClient, result: GenerationResult, directory: Path, index: int = 0
+) -> list[Path]:
+    """Save every image of ``result``, in order, as ``directory/{result_stem}.<ext>``.
+
+    ``index`` is the job's position in a batch (0 for a single generation). The
+    first image that cannot be saved raises; the ones saved before it stay.
+    """
+    return [
+        await client.download(url, directory, result_stem(index, result.task_id, n))
+        for n, url in enumerate(result.image_urls)
+    ]
+
+
 class _PartFile:
     """The temporary file of one download; every retry starts it afresh.
 
@@ -91,7 +115,8 @@ class _PartFile:
     """
 
     def __init__(self, directory: Path, stem: str) -> None:
-        self.path = directory / f".{stem}.{os.getpid()}-{next(_PART_IDS)}.part"
+        name = _PART_NAME.format(stem=stem, pid=os.getpid(), serial=next(_PART_IDS))
+        self.path = directory / name
         self.handle: IO[bytes] | None = None
         self.buffer = bytearray()
         self.head = b""
@@ -146,6 +171,18 @@ class _PartFile:
         if not self.renamed:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+def remove_stale_parts(directory: Path) -> None:
+    """Delete the temporary files of result downloads left in ``directory`` by a killed run.
+
+    Only for a caller sure that nobody else downloads results there now (a batch
+    holds its journal's lock); only names shaped like a result's temporary file go.
+    """
+    pattern = _PART_NAME.format(stem=_RESULT_STEM_GLOB, pid="*", serial="*")
+    for part in directory.glob(pattern):
+        with contextlib.suppress(OSError):
+            part.unlink()
 
 
 async def download_to(

@@ -302,3 +302,8 @@ class JournalError(DreamOError):
 
 class LimitsBackendError(DreamOError):
     """The shared limits backend (for example Redis) cannot be reached or answered wrongly."""
+
+
+#: Errors after which the service cannot be used at all (the key is refused, the
+#: service is unreachable): a batch stops, and the ``dreamo`` command exits with 3.
+SERVICE_ERRORS: Final = (AuthenticationError, PermissionDeniedError, APIConnectionError)

@@ -30,7 +30,7 @@ from dreamo_async.batch import (
     load_jobs,
     run_batch,
 )
-from dreamo_async.download import result_stem, safe_component
+from dreamo_async.download import _PartFile, remove_stale_parts, result_stem, safe_component
 from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
 
 KEY = "sk-test-0123456789abcdef"
@@ -119,6 +119,20 @@ async def test_a_run_journals_every_job_and_saves_every_result(
     assert {"created", "polled", "completed", "failed"} <= kinds
 
 
+async def test_results_name_names_the_results_file_or_leaves_it_out(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        named = await run_batch(client, jobs, tmp_path / "j.db", tmp_path, results_name="r.jsonl")
+        none = await run_batch(client, jobs, tmp_path / "j.db", tmp_path / "x", results_name=None)
+    assert named.results_path == tmp_path / "r.jsonl"
+    assert json.loads(named.results_path.read_text())["state"] == "completed"
+    assert none.results_path is None
+    assert not (tmp_path / "results.jsonl").exists()
+    assert not (tmp_path / "x" / "results.jsonl").exists()
+
+
 async def test_rerunning_a_finished_journal_sends_nothing(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
@@ -131,6 +145,25 @@ async def test_rerunning_a_finished_journal_sends_nothing(
     assert report.skipped == 2
     assert report.completed == 2
     assert report.failed == {"003013095": 1}
+
+
+async def test_a_resumed_failed_job_is_reported_as_the_run_that_failed_it_did(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a [fail:003013095]")
+    runs: list[list[BatchEvent]] = [[], []]
+    async with client_for(server) as client:
+        for events in runs:
+            await run_batch(client, jobs, tmp_path / "j.db", tmp_path, on_event=events.append)
+    first, second = ([e for e in events if e.kind == "failed"] for events in runs)
+    assert len(first) == len(second) == 1
+    assert (second[0].task_id, second[0].code, second[0].message) == (
+        first[0].task_id,
+        first[0].code,
+        first[0].message,
+    )
+    assert first[0].task_id is not None
+    assert first[0].code == "003013095"
 
 
 async def test_retry_failed_creates_a_failed_task_again_on_request(
@@ -488,6 +521,17 @@ def test_task_ids_that_could_escape_the_folder_are_refused() -> None:
     assert result_stem(7, "d5u5obte8783ap44qtj0", 1) == "00007-d5u5obte8783ap44qtj0-1"
 
 
+def test_only_the_temporary_files_of_result_downloads_are_removed_as_stale(
+    tmp_path: Path,
+) -> None:
+    stale = [_PartFile(tmp_path, result_stem(i, "t1", 0)).path for i in (0, 42, 123_456)]
+    kept = [tmp_path / n for n in ("00000-t1-0.png", ".notes.part", ".12-t-0.1-2.part", "a.part")]
+    for path in (*stale, *kept):
+        path.write_bytes(b"x")
+    remove_stale_parts(tmp_path)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+
+
 async def test_download_checks_the_content_and_names_the_extension(
     server: FakeDreamOServer, tmp_path: Path
 ) -> None:
@@ -549,6 +593,20 @@ def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path:
         assert every.stats.synced_commits == before + 1
     with pytest.raises(ValueError, match="fsync"):
         Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
+
+
+def test_count_create_counts_each_create_sent_and_unknown_columns_are_refused(
+    tmp_path: Path,
+) -> None:
+    with Journal(tmp_path / "j.db") as journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        journal.update(0, "sending", request_id="r1", count_create=True)
+        journal.update(0, "unknown", error_code="unknown")
+        journal.update(0, "sending", request_id="r2", count_create=True)
+        (row,) = journal.rows()
+        assert (row.state, row.request_id, row.creates) == ("sending", "r2", 2)
+        with pytest.raises(ValueError, match="unknown journal columns"):
+            journal.update(0, "failed", creates=5)
 
 
 async def test_the_output_folder_can_move_between_runs(

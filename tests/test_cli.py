@@ -474,3 +474,21 @@ def test_a_journal_failure_once_jobs_ran_exits_1_not_2(
     assert run.exit_code == 1, run.output
     assert "journal write failed: disk I/O error" in run.output
     assert service.creates_of(names) == [1]
+
+
+def test_ctrl_c_during_status_points_at_the_task_not_at_a_journal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    import dreamo_async as d
+    from dreamo_async.cli import cli
+
+    async def interrupted(self: d.DreamOClient, task_id: str) -> d.Task:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(d.DreamOClient, "get_task", interrupted)
+    run = CliRunner().invoke(cli, ["status", "t123"], env=env())
+    assert run.exit_code == 130, run.output
+    assert "dreamo status t123" in run.output
+    assert "journal" not in run.output
