@@ -48,8 +48,8 @@ import socket
 import warnings
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
+from ._netguard import display_url
 from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
 from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
 from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter, _CoolDown
@@ -74,18 +74,6 @@ _MAX_TURNS_PER_CALL: Final = 16
 
 class _Unavailable(Exception):
     """Redis could not be reached (within the grace period); carries the cause."""
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for messages and ``repr`` (secrets stay secret)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
 class _Link:
@@ -117,7 +105,8 @@ class _Link:
             ) from exc
         self._redis_module = redis.asyncio
         self.url = url
-        self.safe_url = safe_url(url)
+        #: ``url`` for messages and ``repr``: no user info, password or query.
+        self.safe_url = display_url(url)
         self.fallback: Fallback = fallback
         self.reconnect_timeout = reconnect_timeout
         self.socket_timeout = socket_timeout
@@ -672,7 +661,7 @@ class RedisLimits:
 
     @property
     def url(self) -> str:
-        """The Redis URL, password masked."""
+        """The Redis URL for display: without user name, password, query or fragment."""
         return self._link.safe_url
 
     @property
