@@ -432,7 +432,7 @@ class RedisSlots:
     async def acquire(self) -> object:
         link = self._backend._link
         keys = self._backend.keys
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
         self._waiting += 1
         try:
             async with self._turn:
@@ -503,7 +503,7 @@ class RedisSlots:
     async def _release_remote(self, lease: str) -> None:
         link = self._backend._link
         keys = self._backend.keys
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
 
         async def release(client: Redis) -> Any:
             script = link.script("release", RELEASE_LUA)
@@ -527,7 +527,7 @@ class RedisSlots:
         link = self._backend._link
         keys = self._backend.keys
         period = self._backend.lease_ttl / 3
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
         while self._held:
             await asyncio.sleep(period)
             leases = list(self._held)
@@ -647,6 +647,7 @@ class RedisLimits:
         self.key = key
         self.headroom = float(headroom)
         self.lease_ttl = float(lease_ttl)
+        self._lease_ttl_ms = round(self.lease_ttl * 1000)  # as the Lua scripts take it
         self.keys = _Keys(prefix, key)
         #: Who holds a lease (visible in Redis): host, pid and a random tag.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
