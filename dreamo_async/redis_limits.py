@@ -46,7 +46,7 @@ import os
 import secrets
 import socket
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from ._netguard import display_url
@@ -696,14 +696,10 @@ class RedisLimits:
         except _Unavailable as exc:
             raise LimitsBackendError(str(exc)) from exc.__cause__
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in a task that is kept (never garbage-collected mid-flight) and
         awaited by :meth:`aclose`; it must log its own failures."""
-
-        async def run() -> None:
-            await coro
-
-        task = asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
