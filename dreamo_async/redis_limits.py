@@ -13,12 +13,16 @@ one pool of job slots. :class:`RedisLimits` keeps both in Redis (the
 How it works (every decision is one Lua script, atomic in Redis, timed by Redis's
 own ``TIME`` so that hosts with skewed clocks agree):
 
-* **Rate**: a GCRA ("virtual scheduling") reservation. Each request reserves the
-  next theoretical arrival time and sleeps until it (one round trip, no retries);
-  at most ``burst`` go early. Any 1-second window holds at most ``rate + burst``
-  requests of all processes together, the first second included (the state
-  starts empty). A 429 in one process writes a "paused until" key that every
-  process's next reservation honours.
+* **Rate**: a GCRA ("virtual scheduling") reservation. A request reserves the
+  next theoretical arrival time and sleeps until it; at most ``burst`` go early.
+  While the bucket has credit, that one round trip also takes the turns due now
+  of requests queued behind it in this process (``_MAX_TURNS_PER_CALL`` turns at
+  most, its own included). A request reserves again after sleeping out a 429
+  pause, and once more if its event loop stalled past its turn (rather than send
+  late, bunched with the next turn). Any 1-second window holds at most
+  ``rate + burst`` requests of all processes together, the first second included
+  (the state starts empty). A 429 in one process writes a "paused until" key
+  that every process's next reservation honours.
 * **Job slots**: leases in a sorted set scored by expiry. Acquiring purges expired
   leases first, so the slots of a process that died (SIGKILL, lost host) come back
   within ``lease_ttl``; a live process renews its leases every ``lease_ttl / 3``.
@@ -310,7 +314,8 @@ class RedisRateLimiter:
         self._interval_us = 0 if rate is None else max(1, round(1_000_000 * spacing))
         #: A turn woken later than this (s) is given back for a fresh one (see acquire).
         self._late_s = max(0.001, self._interval_us / 2_000_000)
-        #: Turns given back after a stall of this process's event loop.
+        #: This process's requests reserve one at a time, polls first; a reservation's
+        #: extra turns go to the next waiters.
         self._gate = _PriorityGate()
         self._cooldown = _CoolDown()
         self._local: RateLimiter | None = None
@@ -611,15 +616,15 @@ class RedisLimits:
     - ``reconnect_timeout``: how long an outage of a Redis that answered before is
       waited out (a restart) before ``fallback`` applies.
     - ``socket_timeout``: connect and read timeout of each Redis call.
+    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (by default
+      2 % slower than asked), so that a request reaching the service up to
+      ``headroom`` seconds after its turn (network jitter, a busy event loop) still
+      cannot make ``rate + burst`` in one second at the service.
 
     Give each ``DreamOClient`` its own ``RedisLimits`` (it is one connection pool):
     closing the client closes the backend and gives back its leases. With
     ``requests_per_second=None`` each request still asks Redis whether a 429 paused
     the key (one round trip).
-    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (2 % slower
-      than asked), so that a request reaching the service up to ``headroom`` seconds
-      after its turn (network jitter, a busy event loop) still cannot make
-      ``rate + burst`` in one second at the service.
     """
 
     def __init__(
