@@ -371,9 +371,7 @@ async def run_chaos(
     if started_tracing:
         tracemalloc.start(1)
     try:
-        async with FakeDreamOServer(
-            api_key=_KEY, task_duration_ms=task_duration_ms, chaos_config=None
-        ) as server:
+        async with FakeDreamOServer(api_key=_KEY, task_duration_ms=task_duration_ms) as server:
             # Warm-up without faults, as many jobs: lazy imports, bounded caches and the
             # hash tables sized for `jobs` live asyncio tasks are then not counted as growth.
             await run(server, jobs)
@@ -419,13 +417,11 @@ async def run_chaos(
                 fds_before=fds_before,
                 fds_after=_open_fds(),
             )
-            del stats
             known_tasks.clear()  # the run's own bookkeeping, not the client's memory
             maybe_created.clear()
             server.set_chaos(None)
             server.forget_tasks()  # what the service keeps is not the client's memory
             server.reset_stats()
-            server.stats.request_times.clear()
             if trace_memory:
                 report = attrs.evolve(report, memory_growth=_traced_memory() - memory_before)
             return report
