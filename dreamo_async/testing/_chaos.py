@@ -275,6 +275,22 @@ class ChaosReport:
     def faults_injected(self) -> int:
         return sum(self.faults.values())
 
+    def problems(self) -> list[str]:
+        """The invariants this run broke, one sentence each (empty: none).
+
+        A job lost, a task created twice (per request id or per job), a task the
+        client knows nothing of, asyncio tasks or file descriptors left behind.
+        """
+        checks = [
+            (self.lost != 0, f"{self.lost} jobs lost"),
+            (self.max_creates_per_request_id > 1, "a request id created two tasks"),
+            (self.max_creates_per_prompt > 1, "a job created two tasks"),
+            (self.unaccounted_tasks != 0, f"{self.unaccounted_tasks} tasks unaccounted for"),
+            (self.tasks_after != self.tasks_before, "asyncio tasks left behind"),
+            (self.fds_after != self.fds_before, "file descriptors left open"),
+        ]
+        return [text for failed, text in checks if failed]
+
     def table(self) -> str:
         """The report as a plain-text table."""
         lines = [
