@@ -51,7 +51,7 @@ fuzz: $(STAMP)
 	fi
 	DREAMO_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DREAMO_FUZZ_RANDOM=1 \
 	  $(BIN)/pytest tests/test_fuzz.py -q -o timeout=0 --hypothesis-show-statistics
-	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
+	$(MAKE) chaos
 
 chaos: $(STAMP)
 	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)

@@ -13,12 +13,16 @@ one pool of job slots. :class:`RedisLimits` keeps both in Redis (the
 How it works (every decision is one Lua script, atomic in Redis, timed by Redis's
 own ``TIME`` so that hosts with skewed clocks agree):
 
-* **Rate**: a GCRA ("virtual scheduling") reservation. Each request reserves the
-  next theoretical arrival time and sleeps until it (one round trip, no retries);
-  at most ``burst`` go early. Any 1-second window holds at most ``rate + burst``
-  requests of all processes together, the first second included (the state
-  starts empty). A 429 in one process writes a "paused until" key that every
-  process's next reservation honours.
+* **Rate**: a GCRA ("virtual scheduling") reservation. A request reserves the
+  next theoretical arrival time and sleeps until it; at most ``burst`` go early.
+  While the bucket has credit, that one round trip also takes the turns due now
+  of requests queued behind it in this process (``_MAX_TURNS_PER_CALL`` turns at
+  most, its own included). A request reserves again after sleeping out a 429
+  pause, and once more if its event loop stalled past its turn (rather than send
+  late, bunched with the next turn). Any 1-second window holds at most
+  ``rate + burst`` requests of all processes together, the first second included
+  (the state starts empty). A 429 in one process writes a "paused until" key
+  that every process's next reservation honours.
 * **Job slots**: leases in a sorted set scored by expiry. Acquiring purges expired
   leases first, so the slots of a process that died (SIGKILL, lost host) come back
   within ``lease_ttl``; a live process renews its leases every ``lease_ttl / 3``.
@@ -46,10 +50,10 @@ import os
 import secrets
 import socket
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
+from ._netguard import display_url
 from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
 from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
 from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter, _CoolDown
@@ -74,18 +78,6 @@ _MAX_TURNS_PER_CALL: Final = 16
 
 class _Unavailable(Exception):
     """Redis could not be reached (within the grace period); carries the cause."""
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its password, for messages and ``repr`` (secrets stay secret)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
 class _Link:
@@ -117,7 +109,8 @@ class _Link:
             ) from exc
         self._redis_module = redis.asyncio
         self.url = url
-        self.safe_url = safe_url(url)
+        #: ``url`` for messages and ``repr``: no user info, password or query.
+        self.safe_url = display_url(url)
         self.fallback: Fallback = fallback
         self.reconnect_timeout = reconnect_timeout
         self.socket_timeout = socket_timeout
@@ -321,7 +314,8 @@ class RedisRateLimiter:
         self._interval_us = 0 if rate is None else max(1, round(1_000_000 * spacing))
         #: A turn woken later than this (s) is given back for a fresh one (see acquire).
         self._late_s = max(0.001, self._interval_us / 2_000_000)
-        #: Turns given back after a stall of this process's event loop.
+        #: This process's requests reserve one at a time, polls first; a reservation's
+        #: extra turns go to the next waiters.
         self._gate = _PriorityGate()
         self._cooldown = _CoolDown()
         self._local: RateLimiter | None = None
@@ -443,7 +437,7 @@ class RedisSlots:
     async def acquire(self) -> object:
         link = self._backend._link
         keys = self._backend.keys
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
         self._waiting += 1
         try:
             async with self._turn:
@@ -514,7 +508,7 @@ class RedisSlots:
     async def _release_remote(self, lease: str) -> None:
         link = self._backend._link
         keys = self._backend.keys
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
 
         async def release(client: Redis) -> Any:
             script = link.script("release", RELEASE_LUA)
@@ -538,7 +532,7 @@ class RedisSlots:
         link = self._backend._link
         keys = self._backend.keys
         period = self._backend.lease_ttl / 3
-        ttl_ms = round(self._backend.lease_ttl * 1000)
+        ttl_ms = self._backend._lease_ttl_ms
         while self._held:
             await asyncio.sleep(period)
             leases = list(self._held)
@@ -622,15 +616,15 @@ class RedisLimits:
     - ``reconnect_timeout``: how long an outage of a Redis that answered before is
       waited out (a restart) before ``fallback`` applies.
     - ``socket_timeout``: connect and read timeout of each Redis call.
+    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (by default
+      2 % slower than asked), so that a request reaching the service up to
+      ``headroom`` seconds after its turn (network jitter, a busy event loop) still
+      cannot make ``rate + burst`` in one second at the service.
 
     Give each ``DreamOClient`` its own ``RedisLimits`` (it is one connection pool):
     closing the client closes the backend and gives back its leases. With
     ``requests_per_second=None`` each request still asks Redis whether a 429 paused
     the key (one round trip).
-    - ``headroom``: requests are spaced ``(1 + headroom) / rate`` apart (2 % slower
-      than asked), so that a request reaching the service up to ``headroom`` seconds
-      after its turn (network jitter, a busy event loop) still cannot make
-      ``rate + burst`` in one second at the service.
     """
 
     def __init__(
@@ -658,6 +652,7 @@ class RedisLimits:
         self.key = key
         self.headroom = float(headroom)
         self.lease_ttl = float(lease_ttl)
+        self._lease_ttl_ms = round(self.lease_ttl * 1000)  # as the Lua scripts take it
         self.keys = _Keys(prefix, key)
         #: Who holds a lease (visible in Redis): host, pid and a random tag.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -672,7 +667,7 @@ class RedisLimits:
 
     @property
     def url(self) -> str:
-        """The Redis URL, password masked."""
+        """The Redis URL for display: without user name, password, query or fragment."""
         return self._link.safe_url
 
     @property
@@ -706,14 +701,10 @@ class RedisLimits:
         except _Unavailable as exc:
             raise LimitsBackendError(str(exc)) from exc.__cause__
 
-    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` in a task that is kept (never garbage-collected mid-flight) and
         awaited by :meth:`aclose`; it must log its own failures."""
-
-        async def run() -> None:
-            await coro
-
-        task = asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -4,7 +4,8 @@
 
 Exits non-zero when a job ended other than as a result or a typed DreamOError
 (run_chaos re-raises it), when a job was lost, a task was created twice or left
-unaccounted for, or asyncio tasks / file descriptors were left behind.
+unaccounted for, or asyncio tasks / file descriptors were left behind
+(ChaosReport.problems).
 """
 
 from __future__ import annotations
@@ -20,18 +21,7 @@ def main() -> int:
     seed = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     report = asyncio.run(run_chaos(jobs, config=ChaosConfig.everything(0.03, seed=seed)))
     print(report.table())
-    problems = [
-        text
-        for failed, text in [
-            (report.lost != 0, f"{report.lost} jobs lost"),
-            (report.max_creates_per_request_id > 1, "a request id created two tasks"),
-            (report.max_creates_per_prompt > 1, "a job created two tasks"),
-            (report.unaccounted_tasks != 0, f"{report.unaccounted_tasks} tasks unaccounted for"),
-            (report.tasks_after != report.tasks_before, "asyncio tasks left behind"),
-            (report.fds_after != report.fds_before, "file descriptors left open"),
-        ]
-        if failed
-    ]
+    problems = report.problems()
     for text in problems:
         print("FAILED:", text)
     return 1 if problems else 0

@@ -81,6 +81,8 @@ async def test_500_jobs_under_every_fault_at_once_end_typed_and_nothing_is_lost(
     # Traced memory is back where it was after an equal run without faults (the
     # fake server's own tasks forgotten): a leak of 128 bytes per job would show.
     assert report.memory_growth < 64 * 1024
+    # the same invariants as fuzz/chaos.py checks at scale, through the report's own list
+    assert report.problems() == []
 
 
 async def test_chaos_is_reproducible_from_its_seed() -> None:

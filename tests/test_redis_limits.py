@@ -326,6 +326,22 @@ async def test_redis_down_fails_closed_with_the_url_and_no_secret() -> None:
         await d.RedisLimits(f"redis://127.0.0.1:{port}/0").ping()
 
 
+async def test_a_password_in_the_query_or_user_info_is_never_shown() -> None:
+    # redis-py also reads the password from `?password=`: the shown URL drops the query.
+    port = free_port()
+    backend = d.RedisLimits(f"redis://127.0.0.1:{port}/0?password=s3cret", key="query")
+    assert backend.url == f"redis://127.0.0.1:{port}/0"
+    assert "s3cret" not in repr(backend)
+    with pytest.raises(d.LimitsBackendError) as caught:
+        await backend.ping()
+    assert f"127.0.0.1:{port}" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    # An IPv6 host keeps its brackets; user name and password both go.
+    ipv6 = d.RedisLimits("redis://admin:s3cret@[::1]:6379/0")
+    assert ipv6.url == "redis://[::1]:6379/0"
+    assert "s3cret" not in repr(ipv6)
+
+
 async def test_fallback_local_warns_once_and_keeps_working() -> None:
     backend = d.RedisLimits(f"redis://127.0.0.1:{free_port()}/0", key="x", fallback="local")
     async with FakeDreamOServer(task_duration_ms=5) as server:

@@ -275,6 +275,22 @@ class ChaosReport:
     def faults_injected(self) -> int:
         return sum(self.faults.values())
 
+    def problems(self) -> list[str]:
+        """The invariants this run broke, one sentence each (empty: none).
+
+        A job lost, a task created twice (per request id or per job), a task the
+        client knows nothing of, asyncio tasks or file descriptors left behind.
+        """
+        checks = [
+            (self.lost != 0, f"{self.lost} jobs lost"),
+            (self.max_creates_per_request_id > 1, "a request id created two tasks"),
+            (self.max_creates_per_prompt > 1, "a job created two tasks"),
+            (self.unaccounted_tasks != 0, f"{self.unaccounted_tasks} tasks unaccounted for"),
+            (self.tasks_after != self.tasks_before, "asyncio tasks left behind"),
+            (self.fds_after != self.fds_before, "file descriptors left open"),
+        ]
+        return [text for failed, text in checks if failed]
+
     def table(self) -> str:
         """The report as a plain-text table."""
         lines = [
@@ -371,9 +387,7 @@ async def run_chaos(
     if started_tracing:
         tracemalloc.start(1)
     try:
-        async with FakeDreamOServer(
-            api_key=_KEY, task_duration_ms=task_duration_ms, chaos_config=None
-        ) as server:
+        async with FakeDreamOServer(api_key=_KEY, task_duration_ms=task_duration_ms) as server:
             # Warm-up without faults, as many jobs: lazy imports, bounded caches and the
             # hash tables sized for `jobs` live asyncio tasks are then not counted as growth.
             await run(server, jobs)
@@ -419,13 +433,11 @@ async def run_chaos(
                 fds_before=fds_before,
                 fds_after=_open_fds(),
             )
-            del stats
             known_tasks.clear()  # the run's own bookkeeping, not the client's memory
             maybe_created.clear()
             server.set_chaos(None)
             server.forget_tasks()  # what the service keeps is not the client's memory
             server.reset_stats()
-            server.stats.request_times.clear()
             if trace_memory:
                 report = attrs.evolve(report, memory_growth=_traced_memory() - memory_before)
             return report

@@ -160,10 +160,7 @@ async def stream_cut(request: web.Request, answer: Answer) -> web.StreamResponse
         await response.write(body[: len(body) // 2])
     except ConnectionError:
         pass
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-    return Dropped()
+    return drop(request, reset=True)
 
 
 @attrs.define
