@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,27 +27,10 @@ from dreamo_async.testing import FakeDreamOServer, make_png
 from examples import aiohttp_app, starlette_app
 
 from .conftest import eventually, landed
+from .helpers import KEY, threaded_fake_server
 
-KEY = "test-key"
 REF = make_png(32, 32)
 SLOTS, RATE, BURST = 8, 100, 5
-
-
-@contextlib.asynccontextmanager
-async def threaded_fake(**options: Any) -> AsyncIterator[FakeDreamOServer]:
-    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    fake = FakeDreamOServer(api_key=KEY, **options)
-    try:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.start(), loop))
-        yield fake
-    finally:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.close(), loop))
-        loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join)
-        loop.close()
 
 
 def make_client(server: FakeDreamOServer) -> d.DreamOClient:
@@ -103,7 +85,7 @@ def image_url(server: FakeDreamOServer) -> str:
 
 @pytest.mark.parametrize("framework", list(SERVE))
 async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None:
-    async with threaded_fake(task_duration_ms=60) as fake:
+    async with threaded_fake_server(task_duration_ms=60) as fake:
         client = make_client(fake)
         body = {"prompt": "a cat", "images": [image_url(fake)]}
         async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
@@ -125,7 +107,7 @@ async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None
 
 @pytest.mark.parametrize("framework", list(SERVE))
 async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None:
-    async with threaded_fake(task_duration_ms=60) as fake:
+    async with threaded_fake_server(task_duration_ms=60) as fake:
         client = make_client(fake)
         async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
             body = {"prompt": "p [never]", "images": [image_url(fake)]}

@@ -1,0 +1,33 @@
+"""Helpers shared by several test modules and by benchmarks/ (so no pytest here).
+
+Pytest-bound helpers (``eventually``, ``landed``) stay in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from dreamo_async.testing import FakeDreamOServer
+
+KEY = "test-key"
+
+
+@contextlib.asynccontextmanager
+async def threaded_fake_server(**options: Any) -> AsyncIterator[FakeDreamOServer]:
+    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = FakeDreamOServer(api_key=KEY, **options)
+    try:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.start(), loop))
+        yield server
+    finally:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.close(), loop))
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
