@@ -65,8 +65,8 @@ def fake_server_process(*args: str) -> Iterator[str]:
         text=True,
         env=env,
     )
+    assert process.stdout is not None
     try:
-        assert process.stdout is not None
         line = process.stdout.readline().strip()
         if not line.startswith("READY "):
             raise RuntimeError(f"fake server did not start: {line!r}")
@@ -74,3 +74,4 @@ def fake_server_process(*args: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        process.stdout.close()
