@@ -20,22 +20,15 @@ import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 
 from .conftest import assert_no_more_requests, eventually
+from .helpers import KEY, client_for
 
-KEY = "test-key"
 PNG = make_png(32, 32)
-FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=20)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[FakeDreamOServer]:
     async with FakeDreamOServer(api_key=KEY, task_duration_ms=30) as fake:
         yield fake
-
-
-def client_for(server: FakeDreamOServer, **options: Any) -> d.DreamOClient:
-    options.setdefault("poll", FAST_POLL)
-    options.setdefault("retry", d.RetryPolicy(initial_delay=0.01, max_delay=0.02))
-    return d.DreamOClient(api_key=KEY, base_url=server.url, **options)
 
 
 def leftovers(client: d.DreamOClient) -> dict[str, int]:
