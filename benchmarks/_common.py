@@ -24,12 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.helpers import KEY as KEY
+from tests.helpers import threaded_fake_server as threaded_fake_server
 
-from tests.helpers import KEY as KEY  # noqa: E402
-from tests.helpers import threaded_fake_server as threaded_fake_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def median(values: Sequence[float]) -> float:
