@@ -220,7 +220,7 @@ async def test_auto_rate_learns_a_server_limit() -> None:
     begin = server.stats.request_times[0][0]
     late = [t for t, _, path in server.stats.request_times if 1.5 <= t - begin < 2.5]
     assert len(late) >= 0.6 * 15  # it found most of the server's rate
-    limited = sum(1 for r in server.stats.refusals if r.reason == "rate_limit")
+    limited = server.stats.refused["rate_limit"]
     assert limited / server.stats.requests < 0.15
 
 
