@@ -8,30 +8,26 @@ Two ways to run the fake service:
 
 * :func:`fake_server_process`: ``python -m dreamo_async.testing`` in another process,
   so the server's CPU does not share the measuring loop (throughput);
-* :func:`threaded_fake_server`: a :class:`FakeDreamOServer` on its own loop in a
-  thread, when the benchmark reads the server's own counters (arrival times, 429s).
+* :func:`threaded_fake_server` (from ``tests/helpers.py``, which the tests use too): a
+  :class:`FakeDreamOServer` on its own loop in a thread, when the benchmark reads the
+  server's own counters (arrival times, 429s).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import statistics
 import subprocess
 import sys
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import KEY as KEY
+from tests.helpers import threaded_fake_server as threaded_fake_server
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dreamo_async.testing import FakeDreamOServer  # noqa: E402
-
-KEY = "test-key"
 
 
 def median(values: Sequence[float]) -> float:
@@ -67,8 +63,8 @@ def fake_server_process(*args: str) -> Iterator[str]:
         text=True,
         env=env,
     )
+    assert process.stdout is not None
     try:
-        assert process.stdout is not None
         line = process.stdout.readline().strip()
         if not line.startswith("READY "):
             raise RuntimeError(f"fake server did not start: {line!r}")
@@ -76,20 +72,4 @@ def fake_server_process(*args: str) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-@contextlib.asynccontextmanager
-async def threaded_fake_server(**options: Any) -> AsyncIterator[FakeDreamOServer]:
-    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = FakeDreamOServer(api_key=KEY, **options)
-    try:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.start(), loop))
-        yield server
-    finally:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.close(), loop))
-        loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join)
-        loop.close()
+        process.stdout.close()

@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import contextlib
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -41,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dreamo_async as d  # noqa: E402
+from benchmarks._common import KEY, fake_server_process  # noqa: E402
 from dreamo_async.batch import _SCHEMA, BatchJob, Journal, run_batch  # noqa: E402
 from dreamo_async.testing import make_png  # noqa: E402
 
 _T = TypeVar("_T")
-KEY = "bench-key"
 CONCURRENCY = 16
 
 
@@ -70,24 +68,6 @@ class MemoryJournal(Journal):
 
     async def acall(self, fn: Callable[[sqlite3.Connection], _T], *, sync: bool = True) -> _T:
         return fn(self._conn)
-
-
-@contextlib.contextmanager
-def fake_service_process() -> Iterator[str]:
-    """FakeDreamOServer in its own process (20 ms tasks): the client's CPU is measured alone."""
-    argv = [sys.executable, "-m", "dreamo_async.testing", "--api-key", KEY]
-    process = subprocess.Popen(
-        [*argv, "--task-duration-ms", "20"], stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("READY "), line
-        yield line.split()[1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
 
 
 def journal_factory(kind: str, path: Path) -> Journal:
@@ -167,11 +147,6 @@ async def generate_many_run(server: str, jobs: int, image: Path) -> float:
     return elapsed
 
 
-async def median_of(runs: int, measure: Callable[[], Awaitable[float]]) -> float:
-    values = [await measure() for _ in range(runs)]
-    return statistics.median(values)
-
-
 async def main(quick: bool) -> None:
     runs = 3 if quick else 5
     journal_jobs = 500 if quick else 2000
@@ -201,7 +176,7 @@ async def main(quick: bool) -> None:
             value = statistics.median(values)
             print(f"    {labels[kind]:<40}{value:>10.1f}{value / base:>12.2f}")
 
-        with fake_service_process() as server:
+        with fake_server_process("--task-duration-ms", "20") as server:
             print(
                 f"\n(b)+(c) against FakeDreamOServer in another process (20 ms tasks), "
                 f"concurrency {CONCURRENCY}, "

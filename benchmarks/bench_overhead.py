@@ -133,7 +133,7 @@ class StubSession:
         return _Exchange(DONE)
 
     async def close(self) -> None:
-        return None
+        self.closed = True
 
 
 async def stub_library(jobs: int, concurrency: int) -> float:
@@ -145,7 +145,8 @@ async def stub_library(jobs: int, concurrency: int) -> float:
     def one(prompt: str) -> Coroutine[Any, Any, d.GenerationResult]:
         return client.generate(prompt=prompt, images=[PNG])
 
-    return (await drive(one, jobs, concurrency, "workers"))[1]
+    async with client:
+        return (await drive(one, jobs, concurrency, "workers"))[1]
 
 
 async def stub_bare(jobs: int, concurrency: int) -> float:

@@ -9,8 +9,10 @@ Real time, not scaled: each run starts ``--jobs`` jobs per policy, spread over t
 first 2 s, against fake servers (own threads) whose tasks take 20 s +- 2 s (uniform,
 so a fixed interval is not flattered by durations that are a multiple of it), one
 server reporting a linear ``progress`` and one not. All policies run at once, so they see
-the same machine. The delay is measured on one monotonic clock: the moment the
-server's task ends to the moment ``generate`` returns.
+the same machine, and each draws its start times and durations from its own generator
+with the same seed, so they see the same tasks (a paired comparison). The delay is
+measured on one monotonic clock: the moment the server's task ends to the moment
+``generate`` returns.
 
 * default policy, service reports ``progress``: the finish is estimated from it;
 * default policy, no ``progress``: backoff capped at 15% of the elapsed time;
@@ -80,16 +82,15 @@ async def jobs_through(
 
 
 async def one_run(jobs: int, seed: int) -> dict[str, tuple[float, float, float]]:
-    rng = random.Random(seed)
     async with (
         threaded_fake_server(task_duration_ms=DURATION_MS, report_progress=True) as progress,
         threaded_fake_server(task_duration_ms=DURATION_MS) as plain,
         threaded_fake_server(task_duration_ms=DURATION_MS) as cli,
     ):
         results = await asyncio.gather(
-            jobs_through(progress, d.PollPolicy(), jobs, rng),
-            jobs_through(plain, d.PollPolicy(), jobs, rng),
-            jobs_through(cli, CLI_POLICY, jobs, rng),
+            jobs_through(progress, d.PollPolicy(), jobs, random.Random(seed)),
+            jobs_through(plain, d.PollPolicy(), jobs, random.Random(seed)),
+            jobs_through(cli, CLI_POLICY, jobs, random.Random(seed)),
         )
     names = ["default, with progress", "default, no progress", "fixed 5 s (provider CLI)"]
     return dict(zip(names, results, strict=True))

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import redis.asyncio as aioredis  # noqa: E402
 
 import dreamo_async as d  # noqa: E402
+from benchmarks._common import fake_server_process  # noqa: E402
 from tests.redis_server import RedisServer, redis_server_binary  # noqa: E402
 
 WORKER = ROOT / "tests" / "redis_worker.py"
@@ -87,8 +88,8 @@ async def jobs_per_s(
     base_url: str, redis_url: str | None, processes: int, key: str
 ) -> tuple[float, int, int]:
     """(jobs/s, server-counted Redis commands, client-counted round trips) for one run."""
-    probe = aioredis.Redis.from_url(redis_url or "redis://127.0.0.1:1")
-    counted_before = await client_commands(probe) if redis_url else 0
+    probe = aioredis.Redis.from_url(redis_url) if redis_url else None
+    counted_before = await client_commands(probe) if probe else 0
     slots = SLOTS if redis_url else SLOTS // processes
     args = [
         *("--base-url", base_url, "--key", key, "--wait-go"),
@@ -125,25 +126,11 @@ async def jobs_per_s(
                 trips += int(count)
                 ends.append(float(ended))
         assert await worker.wait() == 0
-    counted = await client_commands(probe) - counted_before if redis_url else 0
-    await probe.aclose()
+    counted = 0
+    if probe:
+        counted = await client_commands(probe) - counted_before
+        await probe.aclose()
     return JOBS / (max(ends) - started), counted, trips
-
-
-async def start_fake() -> tuple[asyncio.subprocess.Process, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dreamo_async.testing",
-        "--port",
-        "0",
-        "--task-duration-ms",
-        "5",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    ready = (await process.stdout.readline()).decode().split()
-    return process, ready[1]
 
 
 def row(name: str, local: float, redis: float, unit: str) -> str:
@@ -156,34 +143,32 @@ async def main(runs: int) -> None:
         raise SystemExit("redis-server not found: sudo apt-get install redis-server")
     server = RedisServer(binary)
     server.start()
-    fake, base_url = await start_fake()
     try:
-        results: dict[str, list[float]] = {}
+        with fake_server_process("--task-duration-ms", "5") as base_url:
+            results: dict[str, list[float]] = {}
 
-        def add(name: str, value: float) -> None:
-            results.setdefault(name, []).append(value)
+            def add(name: str, value: float) -> None:
+                results.setdefault(name, []).append(value)
 
-        for run in range(runs):
-            redis_backend = d.RedisLimits(server.url, key=f"micro{run}")
-            add("rate_local", await limiter_us(d.LocalLimits(), 5000))
-            add("rate_redis", await limiter_us(redis_backend, 2000))
-            add("slot_local", await slots_us(d.LocalLimits(), 5000))
-            add("slot_redis", await slots_us(redis_backend, 1000))
-            await redis_backend.aclose()
-            for processes in (1, 4):
-                for mode in ("local", "redis"):
-                    url = server.url if mode == "redis" else None
-                    rate, counted, trips = await jobs_per_s(
-                        base_url, url, processes, key=f"jobs{run}-{processes}"
-                    )
-                    add(f"jobs_{mode}_{processes}", rate)
-                    if url:
-                        add(f"counted_{processes}", counted / JOBS)
-                        add(f"trips_{processes}", trips / JOBS)
-            print(f"run {run + 1}/{runs} done", file=sys.stderr)
+            for run in range(runs):
+                redis_backend = d.RedisLimits(server.url, key=f"micro{run}")
+                add("rate_local", await limiter_us(d.LocalLimits(), 5000))
+                add("rate_redis", await limiter_us(redis_backend, 2000))
+                add("slot_local", await slots_us(d.LocalLimits(), 5000))
+                add("slot_redis", await slots_us(redis_backend, 1000))
+                await redis_backend.aclose()
+                for processes in (1, 4):
+                    for mode in ("local", "redis"):
+                        url = server.url if mode == "redis" else None
+                        rate, counted, trips = await jobs_per_s(
+                            base_url, url, processes, key=f"jobs{run}-{processes}"
+                        )
+                        add(f"jobs_{mode}_{processes}", rate)
+                        if url:
+                            add(f"counted_{processes}", counted / JOBS)
+                            add(f"trips_{processes}", trips / JOBS)
+                print(f"run {run + 1}/{runs} done", file=sys.stderr)
     finally:
-        fake.terminate()
-        await fake.wait()
         server.close()
 
     med = {name: statistics.median(values) for name, values in results.items()}

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import dreamo_async as d
+from dreamo_async.testing import FakeDreamOServer
 
 
 async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
@@ -27,6 +28,17 @@ async def landed() -> None:
     cancellation, and the server (same loop) has yet to read it. 20 ms covers that.
     """
     await asyncio.sleep(0.02)
+
+
+async def assert_no_more_requests(server: FakeDreamOServer, quiet: float = 0.1) -> None:
+    """After a cancellation: no request reaches ``server`` during ``quiet`` seconds.
+
+    Requests written before the cancellation are let land first (:func:`landed`).
+    """
+    await landed()
+    seen = server.stats.requests
+    await asyncio.sleep(quiet)
+    assert server.stats.requests == seen
 
 
 @pytest.fixture(autouse=True)

@@ -19,23 +19,16 @@ import pytest
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 
-from .conftest import eventually, landed
+from .conftest import assert_no_more_requests, eventually
+from .helpers import KEY, client_for
 
-KEY = "test-key"
 PNG = make_png(32, 32)
-FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=20)
 
 
 @pytest.fixture
 async def server() -> AsyncIterator[FakeDreamOServer]:
     async with FakeDreamOServer(api_key=KEY, task_duration_ms=30) as fake:
         yield fake
-
-
-def client_for(server: FakeDreamOServer, **options: Any) -> d.DreamOClient:
-    options.setdefault("poll", FAST_POLL)
-    options.setdefault("retry", d.RetryPolicy(initial_delay=0.01, max_delay=0.02))
-    return d.DreamOClient(api_key=KEY, base_url=server.url, **options)
 
 
 def leftovers(client: d.DreamOClient) -> dict[str, int]:
@@ -65,10 +58,7 @@ async def cancel_and_check_silence(
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    await landed()  # a request written before the cancellation may still be in the server\'s queue
-    seen = server.stats.requests
-    await asyncio.sleep(0.15)  # several poll intervals
-    assert server.stats.requests == seen
+    await assert_no_more_requests(server, quiet=0.15)  # several poll intervals
     assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
 
 
@@ -134,12 +124,7 @@ async def test_asyncio_timeout_and_anyio_fail_after_behave(server: FakeDreamOSer
         with pytest.raises(TimeoutError):
             with anyio.fail_after(0.1):
                 await client.generate(prompt="p [never]", images=[PNG])
-        await (
-            landed()
-        )  # a request written before the cancellation may still be in the server\'s queue
-        seen = server.stats.requests
-        await asyncio.sleep(0.1)
-        assert server.stats.requests == seen
+        await assert_no_more_requests(server)
         assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
         # the task is not cancelled for good: the client keeps working
         assert (await client.generate(prompt="after", images=[PNG])).task_id
@@ -164,10 +149,7 @@ async def test_closing_cancels_running_and_queued_jobs_with_client_closed_error(
     assert all(
         f"task {task_id} exists" in str(o) for o, task_id in zip(outcomes, named, strict=False)
     )
-    await landed()  # a request written before the cancellation may still be in the server\'s queue
-    seen = server.stats.requests
-    await asyncio.sleep(0.1)
-    assert server.stats.requests == seen
+    await assert_no_more_requests(server)
     assert server.stats.creates == 2  # the three queued jobs never created anything
 
 
@@ -192,10 +174,7 @@ async def test_generate_many_pulls_lazily_from_an_endless_generator(
         await stream.aclose()
         assert leftovers(client)["tasks"] == 0
     assert pulled <= 10 + 4 * 3  # what was yielded plus a window of about 2 x slots
-    await landed()  # a request written before the cancellation may still be in the server\'s queue
-    seen = server.stats.requests
-    await asyncio.sleep(0.05)
-    assert server.stats.requests == seen
+    await assert_no_more_requests(server, quiet=0.05)
 
 
 async def test_generate_many_ordered_with_progress_and_failures(server: FakeDreamOServer) -> None:
@@ -235,12 +214,7 @@ async def test_generate_many_without_return_exceptions_raises_and_stops(
         with pytest.raises(d.TaskFailedError):
             async for _ in client.generate_many(requests, return_exceptions=False):
                 pass
-        await (
-            landed()
-        )  # a request written before the cancellation may still be in the server\'s queue
-        seen = server.stats.requests
-        await asyncio.sleep(0.1)
-        assert server.stats.requests == seen  # the other jobs were cancelled
+        await assert_no_more_requests(server)  # the other jobs were cancelled
         assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
 
 

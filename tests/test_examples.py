@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -27,28 +26,11 @@ import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, make_png
 from examples import aiohttp_app, starlette_app
 
-from .conftest import eventually, landed
+from .conftest import assert_no_more_requests, eventually
+from .helpers import KEY, threaded_fake_server
 
-KEY = "test-key"
 REF = make_png(32, 32)
 SLOTS, RATE, BURST = 8, 100, 5
-
-
-@contextlib.asynccontextmanager
-async def threaded_fake(**options: Any) -> AsyncIterator[FakeDreamOServer]:
-    """A FakeDreamOServer on its own event loop in a thread (read its stats afterwards)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    fake = FakeDreamOServer(api_key=KEY, **options)
-    try:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.start(), loop))
-        yield fake
-    finally:
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fake.close(), loop))
-        loop.call_soon_threadsafe(loop.stop)
-        await asyncio.to_thread(thread.join)
-        loop.close()
 
 
 def make_client(server: FakeDreamOServer) -> d.DreamOClient:
@@ -103,7 +85,7 @@ def image_url(server: FakeDreamOServer) -> str:
 
 @pytest.mark.parametrize("framework", list(SERVE))
 async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None:
-    async with threaded_fake(task_duration_ms=60) as fake:
+    async with threaded_fake_server(task_duration_ms=60) as fake:
         client = make_client(fake)
         body = {"prompt": "a cat", "images": [image_url(fake)]}
         async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
@@ -125,7 +107,7 @@ async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None
 
 @pytest.mark.parametrize("framework", list(SERVE))
 async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None:
-    async with threaded_fake(task_duration_ms=60) as fake:
+    async with threaded_fake_server(task_duration_ms=60) as fake:
         client = make_client(fake)
         async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
             body = {"prompt": "p [never]", "images": [image_url(fake)]}
@@ -136,12 +118,8 @@ async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None
             with pytest.raises(asyncio.CancelledError):
                 await caller
             await eventually(lambda: client.statistics().jobs_running == 0)
-            await (
-                landed()
-            )  # a request written before the cancellation may still be in the server\'s queue
-            seen = fake.stats.requests
-            await asyncio.sleep(0.2)  # several poll intervals
-            assert fake.stats.requests == seen  # nobody polls the abandoned task
+            # several poll intervals: nobody polls the abandoned task
+            await assert_no_more_requests(fake, quiet=0.2)
             # and the app still serves the next caller
             ok = {"prompt": "p", "images": [image_url(fake)]}
             async with http.post(url, json=ok) as response:

@@ -59,6 +59,9 @@ def test_relative_cap_keeps_delays_within_a_share_of_the_elapsed_time(jitter: fl
     assert delays[0] <= 1.0
     assert max(delays) <= 10.0 * (1 + jitter)  # max_delay still applies on long tasks
     assert max(delays) >= 9.0
+    if jitter == 0.0:
+        assert delays[0] == 1.0
+        assert max(delays) == 10.0  # the cap itself, exactly
 
 
 def test_an_early_estimate_retries_soon_then_backs_off() -> None:
@@ -117,8 +120,6 @@ def test_retry_after_forms() -> None:
 def test_a_task_first_seen_under_way_does_not_get_an_absurd_finish_estimate() -> None:
     """``wait`` on a task at 50 %: progress seen a microsecond after the schedule starts
     says nothing about its speed; the next poll is the usual first delay, not 0.1 s."""
-    from dreamo_async.polling import PollSchedule
-
     policy = d.PollPolicy(initial_delay=1.0, jitter=0.0)
     schedule = PollSchedule(policy, started_at=100.0)
     schedule.observe(100.000001, 0.5)

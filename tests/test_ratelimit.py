@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from typing import Any
 
 import pytest
 
@@ -18,10 +17,9 @@ from dreamo_async.ratelimit import AdaptiveLimiter, LocalLimits, Priority, Token
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
+from .helpers import KEY, client_for
 
-KEY = "test-key"
 PNG = make_png(32, 32)
-FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=20)
 
 
 
@@ -174,12 +172,6 @@ async def test_adaptive_limiter_slow_start_then_aimd(monkeypatch: pytest.MonkeyP
 # ------------------------------------------------------------------ over HTTP
 
 
-def client_for(server: FakeDreamOServer, **options: Any) -> d.DreamOClient:
-    options.setdefault("poll", FAST_POLL)
-    options.setdefault("retry", d.RetryPolicy(initial_delay=0.01, max_delay=0.02))
-    return d.DreamOClient(api_key=KEY, base_url=server.url, **options)
-
-
 async def test_creates_and_polls_together_stay_within_rate_plus_burst() -> None:
     async with (
         FakeDreamOServer(api_key=KEY, task_duration_ms=30) as server,
@@ -228,7 +220,7 @@ async def test_auto_rate_learns_a_server_limit() -> None:
     begin = server.stats.request_times[0][0]
     late = [t for t, _, path in server.stats.request_times if 1.5 <= t - begin < 2.5]
     assert len(late) >= 0.6 * 15  # it found most of the server's rate
-    limited = sum(1 for r in server.stats.refusals if r.reason == "rate_limit")
+    limited = server.stats.refused["rate_limit"]
     assert limited / server.stats.requests < 0.15
 
 

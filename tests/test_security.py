@@ -8,6 +8,7 @@ guard refuses by default: tests that need the client to download from it say
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pathlib
 import re
@@ -16,9 +17,12 @@ import ssl
 import subprocess
 import traceback
 import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +49,21 @@ def _client(server: FakeDreamOServer, **options: object) -> d.DreamOClient:
         base_url=server.url,
         **settings,  # type: ignore[arg-type]
     )
+
+
+@contextlib.asynccontextmanager
+async def serve_every_get(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> AsyncIterator[str]:
+    """An aiohttp server on 127.0.0.1 answering every GET with ``handler``; yields its URL."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
 
 
 # --------------------------------------------------------------------------- size caps
@@ -113,8 +132,6 @@ async def test_a_compressed_answer_is_capped_after_inflating(tmp_path: pathlib.P
     is counted on the inflated bytes, for user URLs and API answers alike."""
     import gzip
 
-    from aiohttp import web
-
     bomb = gzip.compress(b"\0" * 50_000_000)
 
     async def handler(request: web.Request) -> web.Response:
@@ -122,28 +139,21 @@ async def test_a_compressed_answer_is_capped_after_inflating(tmp_path: pathlib.P
             body=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
         )
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
-        async with d.DreamOClient(
+    async with (
+        serve_every_get(handler) as base,
+        d.DreamOClient(
             api_key=KEY, base_url=base, allow_private_urls=True, retry=d.RetryPolicy(max_attempts=1)
-        ) as client:
-            tracemalloc.start()
-            try:
-                with pytest.raises(d.DownloadError, match="more than the 1000000-byte cap"):
-                    await client._transport.download(base + "/a.jpg", 1_000_000, untrusted=True)
-                with pytest.raises(d.ResponseFormatError, match="exceeds the"):
-                    await client.get_task("t1")
-                peak = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
-    finally:
-        await runner.cleanup()
+        ) as client,
+    ):
+        tracemalloc.start()
+        try:
+            with pytest.raises(d.DownloadError, match="more than the 1000000-byte cap"):
+                await client._transport.download(base + "/a.jpg", 1_000_000, untrusted=True)
+            with pytest.raises(d.ResponseFormatError, match="exceeds the"):
+                await client.get_task("t1")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
     assert len(bomb) < 100_000
     assert peak < 20_000_000  # the caps (1 MB, 8 MiB) and a chunk, never the 50 MB
 
@@ -466,7 +476,6 @@ async def test_a_result_is_saved_under_the_client_s_name_whatever_the_server_say
     """The server names the file ``../../evil.sh`` in its URL and Content-Disposition;
     the file lands in the output folder under the name the client made, with the
     extension of its content."""
-    from aiohttp import web
 
     async def evil(request: web.Request) -> web.Response:
         return web.Response(
@@ -475,21 +484,14 @@ async def test_a_result_is_saved_under_the_client_s_name_whatever_the_server_say
             headers={"Content-Disposition": 'attachment; filename="../../evil.sh"'},
         )
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", evil)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     out = tmp_path / "out"
-    try:
-        async with d.DreamOClient(api_key=KEY, base_url=f"http://127.0.0.1:{port}") as client:
-            saved = await client.download(
-                f"http://127.0.0.1:{port}/files/..%2F..%2Fevil.sh", out, result_stem(0, "t1", 0)
-            )
-    finally:
-        await runner.cleanup()
+    async with (
+        serve_every_get(evil) as base,
+        d.DreamOClient(api_key=KEY, base_url=base) as client,
+    ):
+        saved = await client.download(
+            f"{base}/files/..%2F..%2Fevil.sh", out, result_stem(0, "t1", 0)
+        )
     assert saved == out / "00000-t1-0.png"
     assert saved.read_bytes() == PNG
     assert _tree(tmp_path) == ["out", "out/00000-t1-0.png"]
