@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -48,3 +49,19 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("VTRIX_API_KEY", raising=False)
     yield
     d.set_testing(False)
+
+
+@pytest.fixture
+def journal_fails_at_created(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every journal write of the ``created`` state fails, as a full or broken disk would:
+    the moment a task exists but its id cannot be kept."""
+    from dreamo_async.batch import Journal, JournalError
+
+    real = Journal.aupdate
+
+    async def failing(self: Journal, index: int, state: Any, **fields: Any) -> None:
+        if state == "created":
+            raise JournalError("journal write failed: disk I/O error")
+        await real(self, index, state, **fields)
+
+    monkeypatch.setattr(Journal, "aupdate", failing)

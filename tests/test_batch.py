@@ -364,24 +364,17 @@ async def test_run_batch_opens_and_closes_its_journal_off_the_event_loop(
             await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
 
 
+@pytest.mark.usefixtures("journal_fails_at_created")
 async def test_a_journal_failure_after_the_jobs_started_is_told_apart(
     server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A write failing once tasks exist is not the up-front refusal the CLI calls input error."""
-    real = Journal.aupdate
-
-    async def failing(self: Journal, index: int, state: Any, **fields: Any) -> None:
-        if state == "created":
-            raise JournalError("journal write failed: disk I/O error")
-        await real(self, index, state, **fields)
-
-    monkeypatch.setattr(Journal, "aupdate", failing)
     async with client_for(server) as client:
         with pytest.raises(JournalError, match="disk I/O error") as caught:
             await run_batch(client, jobs_for(image, "a"), tmp_path / "j.db", tmp_path)
     assert isinstance(caught.value, _RunJournalError)
     assert server.stats.creates == 1
-    monkeypatch.undo()
+    monkeypatch.undo()  # the fixture's patch too: one monkeypatch per test
     async with client_for(server) as client:  # up front: other jobs than the journal's
         with pytest.raises(JournalError) as refused:
             await run_batch(client, jobs_for(image, "b"), tmp_path / "j.db", tmp_path)

@@ -448,26 +448,16 @@ def test_generate_shows_a_live_status_line_on_a_terminal(service: Service, tmp_p
     assert str(tmp_path / f"00000-{task_id}-0.png") in plain.replace("\r\n", "")
 
 
-def test_a_journal_failure_once_jobs_ran_exits_1_not_2(
-    service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("journal_fails_at_created")
+def test_a_journal_failure_once_jobs_ran_exits_1_not_2(service: Service, tmp_path: Path) -> None:
     """Exit 2 promises nothing was sent; a journal write failing after a create is exit 1.
 
     In process (click's runner), so that the journal can be made to fail.
     """
     from click.testing import CliRunner
 
-    from dreamo_async.batch import Journal, JournalError
     from dreamo_async.cli import cli
 
-    real = Journal.aupdate
-
-    async def failing(self: Journal, index: int, state: Any, **fields: Any) -> None:
-        if state == "created":
-            raise JournalError("journal write failed: disk I/O error")
-        await real(self, index, state, **fields)
-
-    monkeypatch.setattr(Journal, "aupdate", failing)
     names = prompts(1)
     jobs = make_jobs(tmp_path, names)
     run = CliRunner().invoke(cli, batch_args(service, jobs, tmp_path / "out"), env=env())
