@@ -25,6 +25,12 @@ The hierarchy::
 
     DreamOWarning (UserWarning)              advisory checks (long prompt, extreme aspect ratio)
 
+Every error a job raises also says where the job's money stands (:class:`MoneyState`):
+``money_state``, ``task_id`` once a task exists, ``request_id`` once a create was sent, and
+``unknown_task_possible`` when a paid task may exist that the error cannot name. Callers,
+``generate_many``, the batch journal and the CLI decide what to retry, resume or report from
+these fields, never from the exception's class.
+
 Errors inherit the standard type they behave like, so ``except ValueError`` and
 ``except TimeoutError`` keep working in code that knows nothing of this library.
 Exceptions of aiohttp and other dependencies never reach users: the transport maps
@@ -33,6 +39,7 @@ them and chains the original as ``__cause__``.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -52,6 +59,7 @@ __all__ = [
     "JobsFileError",
     "JournalError",
     "LimitsBackendError",
+    "MoneyState",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -79,15 +87,51 @@ class DreamOWarning(UserWarning):
     """An input the service may accept but handle poorly (long prompt, extreme aspect)."""
 
 
+class MoneyState(enum.Enum):
+    """Where a job stands with the service's billing: what may be retried, what must not.
+
+    ``NOT_SENT``: nothing reached the service (checks, slot wait, a documented refusal,
+    a connection never made, 429); retry freely. ``SENDING``: the create body may be on
+    the wire. ``OUTCOME_UNKNOWN``: the body may have reached the service and the answer
+    was lost or unreadable; never re-send, report ``request_id``. ``CREATED``: a task
+    exists (``task_id``); poll or ``wait`` it, never create again. ``COMPLETED`` and
+    ``FAILED``: the service said so.
+    """
+
+    NOT_SENT = "not_sent"
+    SENDING = "sending"
+    OUTCOME_UNKNOWN = "outcome_unknown"
+    CREATED = "created"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 class DreamOError(Exception):
     """Base class of every error this library raises.
 
     ``task_id`` names the task the error is about whenever one is known (a poll
     that failed, a deadline, a failed task), so the caller can resume with
     ``client.wait(err.task_id)`` or report it; ``None`` before a task exists.
+    ``request_id`` is the ``X-Request-Id`` of the create once one was sent.
+    ``money_state`` is the job's :class:`MoneyState` when the error was raised.
     """
 
     task_id: str | None = None
+    request_id: str | None = None
+    money_state: MoneyState = MoneyState.NOT_SENT
+
+    @property
+    def unknown_task_possible(self) -> bool:
+        """A paid task may exist that this error does not name: report it, never re-send."""
+        return self.task_id is None and self.money_state in _MAYBE_CREATED
+
+    @property
+    def nothing_sent(self) -> bool:
+        """Nothing reached the service: the job may be sent again without paying twice."""
+        return self.task_id is None and self.money_state is MoneyState.NOT_SENT
+
+
+_MAYBE_CREATED: Final = frozenset({MoneyState.SENDING, MoneyState.OUTCOME_UNKNOWN})
 
 
 class InvalidRequestError(DreamOError, ValueError):
@@ -219,7 +263,7 @@ class TaskFailedError(DreamOError):
         super().__init__(text)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.task_id, self.code, self.message))
+        return (type(self), (self.task_id, self.code, self.message), self.__dict__)
 
 
 class TaskTimeoutError(DreamOError, TimeoutError):
@@ -241,7 +285,7 @@ class TaskTimeoutError(DreamOError, TimeoutError):
         )
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.task_id, self.timeout, self.last_status))
+        return (type(self), (self.task_id, self.timeout, self.last_status), self.__dict__)
 
 
 class CreateOutcomeUnknownError(DreamOError):
@@ -252,6 +296,8 @@ class CreateOutcomeUnknownError(DreamOError):
     ``request_id`` (sent as ``X-Request-Id``) helps the provider's support find it.
     """
 
+    money_state = MoneyState.OUTCOME_UNKNOWN
+
     def __init__(self, message: str, *, request_id: str | None = None) -> None:
         self.request_id = request_id
         rid = f" (X-Request-Id {request_id})" if request_id else ""
@@ -260,7 +306,7 @@ class CreateOutcomeUnknownError(DreamOError):
         )
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_outcome_unknown, (self.args[0], self.request_id))
+        return (_rebuild_outcome_unknown, (self.args[0], self.request_id), self.__dict__)
 
 
 def _rebuild_outcome_unknown(text: str, request_id: str | None) -> CreateOutcomeUnknownError:
@@ -293,7 +339,7 @@ class JobsFileError(InvalidRequestError):
         )
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.problems,))
+        return (type(self), (self.problems,), self.__dict__)
 
 
 class JournalError(DreamOError):
