@@ -32,6 +32,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .images import _prepare_slow, live_payload_count, prepare_inline
+from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
@@ -428,15 +429,19 @@ class DreamOClient:
         )
         del parts
         request_id = secrets.token_hex(16)  # 32 hex digits, as uuid4().hex, 5x cheaper
+        lifecycle = JobLifecycle()
         try:
             task = await self._transport.create(
-                body, request_id=request_id, before_send=before_send
+                body, request_id=request_id, before_send=before_send, lifecycle=lifecycle
             )
         except asyncio.CancelledError:
             logger.warning(
                 "a create request was cancelled in flight; a task may exist (X-Request-Id %s)",
                 request_id,
             )
+            raise
+        except BaseException as exc:
+            lifecycle.stamp(exc)
             raise
         logger.info("created task %s (%s; X-Request-Id %s)", task.id, task.raw_status, request_id)
         return task

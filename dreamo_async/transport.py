@@ -54,6 +54,7 @@ from .errors import (
     ResponseFormatError,
     ServerError,
 )
+from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
 from .ratelimit import Priority, RateLimiter, UnlimitedLimiter
@@ -278,14 +279,17 @@ class Transport:
         *,
         request_id: str | None = None,
         before_send: Callable[[str], Awaitable[None]] | None = None,
+        lifecycle: JobLifecycle | None = None,
     ) -> Task:
         """Send a create request; retried only while no task can exist.
 
         ``before_send(request_id)`` is awaited once, right before the body first
         leaves (after the rate limiter): a journal records "outcome unknown from
-        here on" durably before any task can exist.
+        here on" durably before any task can exist. ``lifecycle`` is moved along as
+        the body leaves, is refused, makes a task or meets an unknown outcome.
         """
         request_id = request_id or secrets.token_hex(16)
+        job = lifecycle if lifecycle is not None else JobLifecycle()
         headers = {
             **self._auth_headers(),
             "Content-Type": "application/json",
@@ -301,6 +305,7 @@ class Transport:
             if before_send is not None and attempt == 1:
                 await before_send(request_id)
             pacing = _PACING.set(self.limiter) if self._unlimited is None else None
+            job.sending(request_id)
             try:
                 async with self.session.post(
                     url, data=body, headers=headers, timeout=timeout
@@ -314,15 +319,19 @@ class Transport:
                         payload = await self._read_capped(response, request_id=request_id)
                     if status in (200, 201, 202):
                         try:
-                            return parse_task(_json(payload, status, request_id))
+                            task = parse_task(_json(payload, status, request_id))
                         except APIError as exc:
+                            job.outcome_unknown()
                             raise CreateOutcomeUnknownError(
                                 f"the create answer could not be read ({exc})",
                                 request_id=request_id,
                             ) from exc
+                        job.created(task.id)
+                        return task
                     error = self._error_from_response(status, payload, response, request_id)
             except _NOT_SENT_ERRORS as exc:
                 # The connection was never made: no task can exist, so sending again is safe.
+                job.refused()
                 if attempt < self.retry.max_attempts:
                     await self._backoff(attempt, None, "create", exc)
                     continue
@@ -333,6 +342,7 @@ class Transport:
             except (CreateOutcomeUnknownError, ConfigurationError):
                 raise
             except (*_TRANSPORT_ERRORS, ResponseFormatError) as exc:
+                job.outcome_unknown()
                 raise CreateOutcomeUnknownError(
                     f"the create request failed after it was sent ({type(exc).__name__}: {exc})",
                     request_id=request_id,
@@ -342,17 +352,20 @@ class Transport:
                     _PACING.reset(pacing)
             if isinstance(error, RateLimitError):
                 # 429: the service refused, so no task exists; safe to send again.
+                job.refused()
                 self._pause_for(error)
                 if attempt < self.retry.max_attempts and self._hint_ok(error):
                     await self._backoff(attempt, error.retry_after, "create", error)
                     continue
                 raise error
             if isinstance(error, ServerError):
+                job.outcome_unknown()
                 raise CreateOutcomeUnknownError(
                     f"the service answered the create request with HTTP {error.status}: "
                     f"{error.message}",
                     request_id=request_id,
                 ) from error
+            job.refused()  # a documented refusal: 400-class, 401, 403
             raise error
 
     async def get_task(self, task_id: str) -> Task:
