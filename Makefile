@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench fuzz chaos clean
+.PHONY: demo test lint typecheck unit unit-here bench fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,15 +18,20 @@ demo: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check dreamo_async tests benchmarks examples fuzz
+	$(BIN)/ruff check dreamo_async tests benchmarks examples fuzz noxfile.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The suite once per CPython of noxfile.py (3.11, 3.12, 3.13), in turn; ARGS go to pytest.
+# `make unit-here` runs it once, on .venv's interpreter only.
 unit: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || echo "note: redis-server not found, so the Redis tests \
 	(tests/test_redis_limits.py) are skipped; install it with: sudo apt-get install redis-server"
-	$(BIN)/pytest
+	$(BIN)/nox -- $(ARGS)
+
+unit-here: $(STAMP)
+	$(BIN)/pytest $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[cli,dev,bench]'
@@ -57,4 +62,4 @@ chaos: $(STAMP)
 	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus
+	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -35,11 +36,16 @@ def median(values: Sequence[float]) -> float:
 
 
 
+def interpreter() -> str:
+    """The interpreter the figures were measured on (they move between versions)."""
+    return f"{platform.python_implementation()} {platform.python_version()}"
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain-text table (Markdown-compatible, so it can be pasted into the README)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    print(f"\n{title}")
+    print(f"\n{title} [{interpreter()}]")
     for n, row in enumerate(cells):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
         if n == 0:

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import dreamo_async as d  # noqa: E402
-from benchmarks._common import KEY, fake_server_process  # noqa: E402
+from benchmarks._common import KEY, fake_server_process, interpreter  # noqa: E402
 from dreamo_async.batch import _SCHEMA, BatchJob, Journal, run_batch  # noqa: E402
 from dreamo_async.testing import make_png  # noqa: E402
 
@@ -158,7 +158,7 @@ async def main(quick: bool) -> None:
 
         print(
             f"(a) journal alone: 4 writes per job, {CONCURRENCY} jobs at a time, "
-            f"{journal_jobs} jobs, median of {runs}"
+            f"{journal_jobs} jobs, median of {runs} [{interpreter()}]"
         )
         print(f"    {'journal':<40}{'µs/job':>10}{'x baseline':>12}")
         rounds: dict[str, list[float]] = {"memory": [], "none": [], "critical": [], "all": []}

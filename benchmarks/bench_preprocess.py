@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 import pybase64  # noqa: E402
 
+from benchmarks._common import interpreter  # noqa: E402
 from dreamo_async._body import BodyParts  # noqa: E402
 from dreamo_async.images import (  # noqa: E402
     ImageSource,
@@ -375,7 +376,7 @@ def main() -> None:
     sizes = ", ".join(f"{path.stat().st_size:,}" for path in paths)
     heap = "warm heap (glibc never trims)" if args.warm_heap else "default malloc"
     print(
-        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, stage threads "
+        f"{interpreter()}, {os.cpu_count()} CPUs, stage threads "
         f"{_stage_threads()}, {heap}; inputs {sizes} bytes"
     )
     memory = bench_memory(1 if args.quick else 3)  # first: while this process is small

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 import redis.asyncio as aioredis  # noqa: E402
 
 import dreamo_async as d  # noqa: E402
-from benchmarks._common import fake_server_process  # noqa: E402
+from benchmarks._common import fake_server_process, interpreter  # noqa: E402
 from tests.redis_server import RedisServer, redis_server_binary  # noqa: E402
 
 WORKER = ROOT / "tests" / "redis_worker.py"
@@ -172,7 +172,7 @@ async def main(runs: int) -> None:
         server.close()
 
     med = {name: statistics.median(values) for name, values in results.items()}
-    print(f"\nmedians of {runs} runs; redis-server {server.url} on loopback\n")
+    print(f"\nmedians of {runs} runs; redis-server {server.url} on loopback [{interpreter()}]\n")
     print(f"{'':<46}{'local':>10}{'redis':>10}{'ratio':>9}")
     print(row("(a) rate limiter acquire", med["rate_local"], med["rate_redis"], "µs/call"))
     print(row("(b) job slot acquire + release", med["slot_local"], med["slot_redis"], "µs/pair"))

@@ -388,13 +388,18 @@ class Journal:
     # -- the writer thread -------------------------------------------------------------
 
     def _writer(self) -> None:
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # any: open() waits on _ready and must hear of it
+            # Connected but unusable (not a database, read-only...): close it here,
+            # or the file stays open for as long as the failure is kept.
+            if conn is not None:
+                conn.close()
             self._failure = exc
             self._ready.set()
             return

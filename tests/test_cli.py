@@ -10,6 +10,7 @@ apart. Progress bars are checked in a pseudo-terminal, plain logs over a pipe.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import pty
@@ -130,7 +131,7 @@ def batch_args(service: Service, jobs: Path, out: Path, *more: str) -> list[str]
 
 
 def journal_states(path: Path) -> collections.Counter[str]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return collections.Counter(state for (state,) in conn.execute("SELECT state FROM jobs"))
 
 
@@ -392,7 +393,7 @@ def test_sigkill_mid_run_then_restart_creates_each_task_exactly_once(
     assert service.creates_of(names) == [1] * 12
 
     assert journal_states(out / "dreamo-journal.db") == {"completed": 12}
-    with sqlite3.connect(out / "dreamo-journal.db") as conn:
+    with contextlib.closing(sqlite3.connect(out / "dreamo-journal.db")) as conn:
         rows = conn.execute("SELECT idx, task_id, files, creates FROM jobs").fetchall()
     for index, task_id, files, creates in rows:
         assert creates == 1
