@@ -31,7 +31,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import _prepare_slow, live_payload_count, prepare_inline
+from .images import _prepare_slow, live_payload_count, prepare_inline, warm_up_stage
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
@@ -202,6 +202,7 @@ class DreamOClient:
 
     async def __aenter__(self) -> Self:
         self._check_open()
+        await warm_up_stage()  # imports and a thread start here, not in the first job
         return self
 
     async def __aexit__(
