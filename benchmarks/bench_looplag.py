@@ -129,7 +129,7 @@ class Ticker:
 
 
 def summary(samples: Sequence[float]) -> dict[str, float]:
-    ordered = sorted(samples)
+    ordered = sorted(samples) or [0.0]
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
     return {"worst": ordered[-1] * 1e3, "p99": p99 * 1e3, "ticks": len(ordered)}
 

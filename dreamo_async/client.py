@@ -439,6 +439,8 @@ class DreamOClient:
                 request_id,
             )
             raise
+        if isinstance(body, BodyParts):
+            await body.release()  # megabytes freed a part at a time, not in one callback
         logger.info("created task %s (%s; X-Request-Id %s)", task.id, task.raw_status, request_id)
         return task
 

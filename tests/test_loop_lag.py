@@ -146,3 +146,25 @@ def test_first_job_of_a_process_imports_nothing_and_starts_no_thread() -> None:
     assert [m for m in seen["imported"] if m.startswith("anyio")] == []
     assert seen["workers_before"] >= 1
     assert seen["new_workers"] == 0
+
+
+async def test_release_frees_the_parts_one_per_loop_turn() -> None:
+    """After the create, the body's megabytes go a part at a time, other callbacks between."""
+    parts, _ = _full_size_parts()
+    body = BodyParts(parts)
+    del parts
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    count, before = len(body.parts), ticks
+    await body.release()
+    running.cancel()
+    assert body.parts == ()
+    assert ticks - before >= count - 1
