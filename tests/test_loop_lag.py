@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
+import pytest
 
 from dreamo_async._body import WRITE_CHUNK_BYTES, BodyParts
 from dreamo_async.testing import FakeDreamOServer
@@ -168,3 +171,36 @@ async def test_release_frees_the_parts_one_per_loop_turn() -> None:
     running.cancel()
     assert body.parts == ()
     assert ticks - before >= count - 1
+
+
+def test_a_large_result_spills_to_its_file_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the in-memory megabyte, each chunk received writes at most a bounded piece
+    on the loop (not the whole megabyte at once); the file ends whole."""
+    import dreamo_async.download as download
+
+    writes: list[int] = []
+    real_open = download.open_exclusive
+
+    class Recording:
+        def __init__(self, handle: BinaryIO) -> None:
+            self.handle = handle
+
+        def write(self, data: bytes) -> int:
+            writes.append(len(data))
+            return self.handle.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(download, "open_exclusive", lambda path: Recording(real_open(path)))
+    data = os.urandom(3 * download.SPILL_BYTES + 12_345)
+    part = download._PartFile(tmp_path, "00000-t1-0").begin()
+    for start in range(0, len(data), 64 * 1024):
+        part(data[start : start + 64 * 1024])
+    assert max(writes) <= download.SPILL_PIECE_BYTES
+    assert len(part.buffer) <= download.SPILL_BYTES + 64 * 1024
+    final = tmp_path / "00000-t1-0.jpg"
+    part.commit(final)
+    assert final.read_bytes() == data
