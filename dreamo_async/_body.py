@@ -8,17 +8,28 @@ The transport does not need one buffer: :class:`BodyParts` is an aiohttp
 encoding) that writes the head, each image and the separators in turn, draining
 the socket between large parts. It is immutable, so a create that is retried
 (only when no task can exist) sends the same parts again.
+
+Each part goes out in slices of at most :data:`WRITE_CHUNK_BYTES` (memoryviews, no
+copy), awaiting the writer's drain and yielding to the loop after each: a 2.5 MB
+part handed to the transport whole made one callback copy it into the transport's
+buffer, and (CPython 3.11) every later send shift what was left of it, holding the
+event loop for 10-20 ms (``benchmarks/bench_looplag.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-__all__ = ["BodyParts"]
+__all__ = ["WRITE_CHUNK_BYTES", "BodyParts"]
+
+#: The most bytes handed to the transport in one write: small enough that no loop
+#: callback copies or sends more than a fraction of a millisecond's worth.
+WRITE_CHUNK_BYTES: Final = 256 * 1024
 
 
 class BodyParts(Payload):
@@ -30,8 +41,20 @@ class BodyParts(Payload):
 
     def __init__(self, parts: Sequence[bytes], **kwargs: Any) -> None:
         self.parts: tuple[bytes, ...] = tuple(parts)
-        super().__init__(self.parts, content_type="application/json", **kwargs)
+        # The parts are held here only (not as the Payload's value), so release() frees them.
+        super().__init__(None, content_type="application/json", **kwargs)
         self._size = sum(map(len, self.parts))
+
+    async def release(self) -> None:
+        """Free the parts one per loop turn, once the body can no longer be sent.
+
+        Freeing a full-size body's megabytes at once (the pages go back to the
+        system) held the event loop for about a millisecond per job.
+        """
+        parts, self.parts = list(self.parts), ()
+        while parts:
+            parts.pop()
+            await asyncio.sleep(0)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self.parts).decode(encoding, errors)
@@ -46,9 +69,19 @@ class BodyParts(Payload):
         for part in self.parts:
             if remaining <= 0:
                 break
-            chunk = part if len(part) <= remaining else part[:remaining]
-            await writer.write(chunk)
-            remaining -= len(chunk)
+            if len(part) <= WRITE_CHUNK_BYTES:
+                chunk = part if len(part) <= remaining else part[:remaining]
+                await writer.write(chunk)
+                remaining -= len(chunk)
+                continue
+            view = memoryview(part)[:remaining]
+            for start in range(0, len(view), WRITE_CHUNK_BYTES):
+                await writer.write(view[start : start + WRITE_CHUNK_BYTES])
+                # Back-pressure: wait while the transport's buffer is over its high
+                # mark; then let other callbacks run even if the socket took it all.
+                await writer.drain()
+                await asyncio.sleep(0)
+            remaining -= len(view)
 
     def __len__(self) -> int:
         return self._size

@@ -31,7 +31,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import _prepare_slow, live_payload_count, prepare_inline
+from .images import _prepare_slow, live_payload_count, prepare_inline, warm_up_stage
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
@@ -203,6 +203,7 @@ class DreamOClient:
 
     async def __aenter__(self) -> Self:
         self._check_open()
+        await warm_up_stage()  # imports and a thread start here, not in the first job
         return self
 
     async def __aexit__(
@@ -443,6 +444,8 @@ class DreamOClient:
         except BaseException as exc:
             lifecycle.stamp(exc)
             raise
+        if isinstance(body, BodyParts):
+            await body.release()  # megabytes freed a part at a time, not in one callback
         logger.info("created task %s (%s; X-Request-Id %s)", task.id, task.raw_status, request_id)
         return task
 

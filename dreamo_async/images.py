@@ -546,6 +546,21 @@ def stage_limiter() -> anyio.CapacityLimiter:
     return limiter
 
 
+async def warm_up_stage() -> None:
+    """Load anyio's worker-thread machinery and start one stage thread, now.
+
+    Done lazily, the first job of a process would pay it on the event loop: the
+    import of anyio's asyncio backend (tens of milliseconds) and a thread start,
+    a stall in the first request a web app serves. The client calls this when it
+    is entered; later calls cost one thread hop.
+    """
+    await anyio.to_thread.run_sync(_nothing, limiter=stage_limiter())
+
+
+def _nothing() -> None:
+    """The warm-up's work: none (starting the thread is the point)."""
+
+
 def _stage_threads() -> int:
     """Usable cores minus one for the event loop, between 1 and 8."""
     try:

@@ -1,0 +1,206 @@
+"""What keeps the event loop free during full-size jobs (issue 14), pinned as mechanisms.
+
+No timing assertions: ``benchmarks/bench_looplag.py`` measures the lag itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import BinaryIO
+
+import aiohttp
+import pytest
+
+from dreamo_async._body import WRITE_CHUNK_BYTES, BodyParts
+from dreamo_async.testing import FakeDreamOServer
+from dreamo_async.wire import create_body_parts, encode_create_body
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-key"
+
+
+def _full_size_parts() -> tuple[tuple[bytes, ...], bytes]:
+    """A create body with three base64 images of ~2.5 MB (a 1.9 MB JPEG each)."""
+    images = [bytes([65 + i]) * (2_500_000 + i) for i in range(3)]
+    params = {"prompt": "p", "seed": 1}
+    parts = create_body_parts("spark_multi_dreamo", params, images)
+    return parts, encode_create_body("spark_multi_dreamo", params, images)
+
+
+async def test_large_parts_are_written_in_bounded_slices_with_the_loop_running_between() -> None:
+    """No write hands the transport more than WRITE_CHUNK_BYTES, each large slice is
+    followed by a drain, and other callbacks run between slices."""
+    parts, expected = _full_size_parts()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    class Writer:
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.writes: list[int] = []
+            self.ticks_at_write: list[int] = []
+            self.drains = 0
+
+        async def write(self, chunk: bytes | memoryview) -> None:
+            self.data += chunk
+            self.writes.append(len(chunk))
+            self.ticks_at_write.append(ticks)
+
+        async def drain(self) -> None:
+            self.drains += 1
+
+    running = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    writer = Writer()
+    await BodyParts(parts).write(writer)  # type: ignore[arg-type]
+    running.cancel()
+    assert bytes(writer.data) == expected
+    assert max(writer.writes) <= WRITE_CHUNK_BYTES
+    big = [n for n in writer.writes if n == WRITE_CHUNK_BYTES]
+    assert len(big) >= 3 * (2_500_000 // WRITE_CHUNK_BYTES)
+    assert writer.drains >= len(big)
+    # The ticker ran between consecutive large slices: the loop was never held.
+    marks = [t for n, t in zip(writer.writes, writer.ticks_at_write, strict=True) if n > 1024]
+    assert all(later > earlier for earlier, later in itertools.pairwise(marks))
+
+
+async def test_full_size_body_reaches_the_service_in_bounded_writes_with_content_length() -> None:
+    """Over real HTTP (aiohttp's chunk-sent trace sees every writer write): a known
+    length, no chunked encoding, every write bounded, and the service accepts it."""
+    parts, expected = _full_size_parts()
+    sizes: list[int] = []
+
+    async def on_chunk(
+        _session: object, _ctx: object, params: aiohttp.TraceRequestChunkSentParams
+    ) -> None:
+        sizes.append(len(params.chunk))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(on_chunk)
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
+        aiohttp.ClientSession(trace_configs=[trace]) as http,
+        http.post(
+            f"{server.url}/model/v1/generation",
+            data=BodyParts(parts),
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response,
+    ):
+        assert response.request_info.headers["Content-Length"] == str(len(expected))
+        assert "Transfer-Encoding" not in response.request_info.headers
+        assert response.status < 500
+    assert sum(sizes) == len(expected)
+    assert max(sizes) <= WRITE_CHUNK_BYTES
+
+
+_FIRST_JOB = textwrap.dedent(
+    """
+    import asyncio, json, sys, tempfile, threading
+    from pathlib import Path
+
+    import dreamo_async as d
+    from dreamo_async.testing import make_jpeg
+    from tests.helpers import KEY, threaded_fake_server
+
+    async def main():
+        path = Path(tempfile.mkdtemp()) / "ref.jpg"
+        path.write_bytes(make_jpeg(640, 480, padding=300_000))  # a file: the worker thread
+        async with threaded_fake_server(task_duration_ms=0) as server:
+            async with d.DreamOClient(KEY, base_url=server.url) as client:
+                modules = set(sys.modules)
+                workers = {t.ident for t in threading.enumerate() if "AnyIO" in t.name}
+                await client.generate(prompt="a cat", images=[path])
+                after = {t.ident for t in threading.enumerate() if "AnyIO" in t.name}
+                print(json.dumps({
+                    "imported": sorted(set(sys.modules) - modules),
+                    "workers_before": len(workers),
+                    "new_workers": len(after - workers),
+                }))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_first_job_of_a_process_imports_nothing_and_starts_no_thread() -> None:
+    """Entering the client loads anyio's thread machinery and starts the stage thread;
+    the first job (the first request a web app serves) does neither on the loop."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_JOB],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert [m for m in seen["imported"] if m.startswith("anyio")] == []
+    assert seen["workers_before"] >= 1
+    assert seen["new_workers"] == 0
+
+
+async def test_release_frees_the_parts_one_per_loop_turn() -> None:
+    """After the create, the body's megabytes go a part at a time, other callbacks between."""
+    parts, _ = _full_size_parts()
+    body = BodyParts(parts)
+    del parts
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    count, before = len(body.parts), ticks
+    await body.release()
+    running.cancel()
+    assert body.parts == ()
+    assert ticks - before >= count - 1
+
+
+def test_a_large_result_spills_to_its_file_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the in-memory megabyte, each chunk received writes at most a bounded piece
+    on the loop (not the whole megabyte at once); the file ends whole."""
+    import dreamo_async.download as download
+
+    writes: list[int] = []
+    real_open = download.open_exclusive
+
+    class Recording:
+        def __init__(self, handle: BinaryIO) -> None:
+            self.handle = handle
+
+        def write(self, data: bytes) -> int:
+            writes.append(len(data))
+            return self.handle.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(download, "open_exclusive", lambda path: Recording(real_open(path)))
+    data = os.urandom(3 * download.SPILL_BYTES + 12_345)
+    part = download._PartFile(tmp_path, "00000-t1-0").begin()
+    for start in range(0, len(data), 64 * 1024):
+        part(data[start : start + 64 * 1024])
+    assert max(writes) <= download.SPILL_PIECE_BYTES
+    assert len(part.buffer) <= download.SPILL_BYTES + 64 * 1024
+    final = tmp_path / "00000-t1-0.jpg"
+    part.commit(final)
+    assert final.read_bytes() == data
