@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import random
 import secrets
@@ -174,8 +176,14 @@ class DreamOClient:
             **({"task_path": task_path} if task_path else {}),
         )
         self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
+        learn = None
         if limiter is None:
             limiter = _make_limiter(self.limits_backend, requests_per_second, burst)
+            if requests_per_second is None:
+                # No rate given: full speed until the service answers 429, then learned
+                # as "auto" does (a backend that shares a fixed budget has no learning).
+                factory = getattr(self.limits_backend, "make_adaptive_limiter", None)
+                learn = None if factory is None else functools.partial(factory, burst)
         self.max_concurrency = max_concurrency
         self.poll_policy = poll or PollPolicy()
         self.limits = limits
@@ -192,6 +200,7 @@ class DreamOClient:
             rng=self._rng,
             allow_private_urls=allow_private_urls,
             ssl_context=ssl_context,
+            learn_limiter=learn,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
         #: The in-process slots, taken and given back without a coroutine when free.
@@ -465,19 +474,32 @@ class DreamOClient:
         now = loop.time()  # one clock read per answer: the next delay is reckoned from it
         schedule = PollSchedule(self.poll_policy, started_at=now, rng=self._rng)
         schedule.observe(now, task.progress)
-        while task.status not in TERMINAL_STATUSES:
-            delay = 0.0 if is_testing() else schedule.next_delay(now)
-            if deadline is not None:
-                if now >= deadline:
-                    raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
-                delay = min(delay, deadline - now)
-            if delay > 0:  # zero: poll at once, without a trip round the loop
-                await asyncio.sleep(delay)
-            task = await self._transport.get_task(task.id)
-            now = loop.time()
-            schedule.observe(now, task.progress)
-            if on_poll is not None:
-                on_poll(task)
+        # The deadline bounds everything below (a slow answer, retries, backoff, the
+        # limiter's wait): one timer for the whole loop, not one per poll.
+        scope = asyncio.timeout_at(deadline) if deadline is not None else None
+        try:
+            async with scope or contextlib.nullcontext():
+                while task.status not in TERMINAL_STATUSES:
+                    delay = 0.0 if is_testing() else schedule.next_delay(now)
+                    if deadline is not None:
+                        if now >= deadline:
+                            raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
+                        delay = min(delay, deadline - now)
+                    if delay > 0:  # zero: poll at once, without a trip round the loop
+                        await asyncio.sleep(delay)
+                    task = await self._transport.get_task(
+                        task.id, deadline=math.inf if deadline is None else deadline
+                    )
+                    now = loop.time()
+                    schedule.observe(now, task.progress)
+                    if on_poll is not None:
+                        on_poll(task)
+        except TimeoutError as exc:
+            if isinstance(exc, TaskTimeoutError) and exc.timeout:
+                raise
+            if isinstance(exc, TaskTimeoutError) or (scope is not None and scope.expired()):
+                raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status) from None
+            raise
         if task.status is TaskStatus.FAILED:
             error = task.error
             raise TaskFailedError(
