@@ -38,7 +38,7 @@ from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
-from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
+from .ratelimit import AdaptiveLimiter, LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -123,6 +123,15 @@ def _make_limiter(
     return backend.make_limiter(rate, burst)
 
 
+def _learned(factory: Callable[[int], RateLimiter], burst: int, seen: float) -> RateLimiter:
+    """The limiter a client without a rate switches to at its first 429, from the rate
+    the service accepted just before (``"auto"``'s limiter, without its slow start)."""
+    limiter = factory(burst)
+    if isinstance(limiter, AdaptiveLimiter):
+        limiter.settle(seen)
+    return limiter
+
+
 def _mask(key: str | None) -> str:
     if not key:
         return "missing"
@@ -183,7 +192,7 @@ class DreamOClient:
                 # No rate given: full speed until the service answers 429, then learned
                 # as "auto" does (a backend that shares a fixed budget has no learning).
                 factory = getattr(self.limits_backend, "make_adaptive_limiter", None)
-                learn = None if factory is None else functools.partial(factory, burst)
+                learn = None if factory is None else functools.partial(_learned, factory, burst)
         self.max_concurrency = max_concurrency
         self.poll_policy = poll or PollPolicy()
         self.limits = limits

@@ -169,7 +169,7 @@ class Transport:
         rng: random.Random | None = None,
         allow_private_urls: bool = False,
         ssl_context: ssl.SSLContext | None = None,
-        learn_limiter: Callable[[], RateLimiter] | None = None,
+        learn_limiter: Callable[[float], RateLimiter] | None = None,
     ) -> None:
         _check_key(api_key)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
@@ -197,6 +197,11 @@ class Transport:
         #: Makes the limiter that replaces the unlimited one at the first 429 (the
         #: default client learns the service's rate, as ``"auto"``); None: never.
         self._learn = learn_limiter if self._unlimited is not None else None
+        #: Answers other than 429 in the current and the previous 1-s step, while a
+        #: rate may be learned: the service's rate seen just before its first 429.
+        self._step_start = -1e9
+        self._step_answers = 0
+        self._last_step_answers = 0
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -332,6 +337,8 @@ class Transport:
                     status = response.status
                     if unlimited is None:  # UnlimitedLimiter.record does nothing
                         limiter.record(status)
+                    elif self._learn is not None:
+                        self._count_answer(status)
                     if _plain_within(response, self.limits.max_response_bytes):
                         payload = await response.read()
                     else:
@@ -422,6 +429,8 @@ class Transport:
                     status = response.status
                     if unlimited is None:
                         limiter.record(status)
+                    elif self._learn is not None:
+                        self._count_answer(status)
                     if _plain_within(response, cap):
                         payload = await response.read()
                     else:
@@ -561,6 +570,16 @@ class Transport:
             return None
         raise exc
 
+    def _count_answer(self, status: int) -> None:
+        if status == 429:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._step_start >= 1.0:
+            recent = now - self._step_start < 2.0
+            self._last_step_answers = self._step_answers if recent else 0
+            self._step_start, self._step_answers = now, 0
+        self._step_answers += 1
+
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
 
@@ -572,10 +591,16 @@ class Transport:
         """A 429: every request of the client waits (the hint, or the default pause),
         and a client that had no rate starts learning one (``"auto"``)."""
         if self._learn is not None:
-            # Requests already granted record into the old limiter (nothing): only
-            # answers to requests the learned limiter paced teach it.
-            self.limiter, self._unlimited, self._learn = self._learn(), None, None
-            logger.info("HTTP 429 without a configured rate: learning the service's rate")
+            # Start from what the service accepted in the last second. Requests already
+            # granted record into the old limiter (nothing): only answers to requests
+            # the learned limiter paced teach it.
+            seen = max(self._step_answers, self._last_step_answers, 1)
+            self.limiter, self._unlimited = self._learn(float(seen)), None
+            self._learn = None
+            logger.info(
+                "HTTP 429 without a configured rate: learning the service's rate from %d/s",
+                seen,
+            )
         if self._hint_ok(error):
             self.limiter.pause(self._hint(error))
 
