@@ -4,6 +4,7 @@ never saw, deadlines that hold, paid jobs that survive transient faults. Over re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -58,7 +59,8 @@ async def test_an_undocumented_create_answer_leaves_the_outcome_unknown(
             await client.submit(images=[PNG], prompt="a cat")
     error = caught.value
     assert error.money_state is d.MoneyState.OUTCOME_UNKNOWN
-    assert error.unknown_task_possible and not error.nothing_sent
+    assert error.unknown_task_possible
+    assert not error.nothing_sent
     assert error.request_id
     assert server.stats.create_requests == 1  # never re-sent
     assert server.stats.creates == 1  # ...and the service did make a task
@@ -67,15 +69,20 @@ async def test_an_undocumented_create_answer_leaves_the_outcome_unknown(
 async def test_an_unexpected_2xx_with_a_task_in_its_body_is_the_task(
     server: FakeDreamOServer,
 ) -> None:
-    async with FakeDreamOServer(api_key=KEY, task_duration_ms=20, create_status=201) as fake:
-        async with client_for(fake) as client:
-            task = await client.submit(images=[PNG], prompt="a cat")
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=20, create_status=201) as fake,
+        client_for(fake) as client,
+    ):
+        task = await client.submit(images=[PNG], prompt="a cat")
     assert task.id
     # 202 with the task: parsed, not refused
-    async with FakeDreamOServer(api_key=KEY, task_duration_ms=20, create_status=202) as fake:
-        async with client_for(fake) as client:
-            result = await client.generate(images=[PNG], prompt="a cat")
-    assert result.task_id and fake.stats.creates == 1
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=20, create_status=202) as fake,
+        client_for(fake) as client,
+    ):
+        result = await client.generate(images=[PNG], prompt="a cat")
+    assert result.task_id
+    assert fake.stats.creates == 1
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -96,7 +103,8 @@ async def test_a_400_with_the_providers_code_is_a_refusal(server: FakeDreamOServ
         with pytest.raises(d.APIError) as caught:
             await client.submit(images=[PNG], prompt="a cat")
     assert not isinstance(caught.value, d.CreateOutcomeUnknownError)
-    assert caught.value.nothing_sent and caught.value.code == "003013004"
+    assert caught.value.nothing_sent
+    assert caught.value.code == "003013004"
 
 
 # -- case 4: odd but parseable answers -----------------------------------------------------
@@ -145,7 +153,9 @@ async def test_a_dropped_poll_is_retried_through_the_limiter(server: FakeDreamOS
         max_concurrency=4,
         poll=d.PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0, timeout=20),
     ) as client:
-        await asyncio.gather(*(client.generate(images=[PNG], prompt=f"a cat {i} [slow:1500]") for i in range(4)))
+        await asyncio.gather(
+            *(client.generate(images=[PNG], prompt=f"a cat {i} [slow:1500]") for i in range(4))
+        )
     assert server.stats.faults["poll:drop_before"] >= 2
     assert server.stats.max_requests_in_window(1.0) <= 5 + 1
 
@@ -191,7 +201,10 @@ async def test_before_send_hooks_run_before_the_rate_slot(server: FakeDreamOServ
 
     async with client_for(server, requests_per_second=5, burst=1, max_concurrency=5) as client:
         await asyncio.gather(
-            *(client.submit(images=[PNG], prompt=f"a cat {i}", before_send=slow_journal) for i in range(5))
+            *(
+                client.submit(images=[PNG], prompt=f"a cat {i}", before_send=slow_journal)
+                for i in range(5)
+            )
         )
     assert server.stats.max_requests_in_window(0.5) <= 3
 
@@ -212,7 +225,8 @@ async def test_the_deadline_holds_whatever_the_polls_do(
         with pytest.raises(d.TaskTimeoutError) as caught:
             await client.generate(images=[PNG], prompt="a cat [never]", timeout=0.5)
         elapsed = time.monotonic() - started
-    assert caught.value.task_id and caught.value.timeout == 0.5
+    assert caught.value.task_id
+    assert caught.value.timeout == 0.5
     assert elapsed < 0.5 + 0.3  # the deadline, not 3 to 8 s of retries
 
 
@@ -233,8 +247,12 @@ async def test_transient_poll_failures_never_end_a_paid_job(
     server: FakeDreamOServer, fault: Fault
 ) -> None:
     server.inject("poll", fault, times=12)  # more than max_attempts
-    async with client_for(server, retry=d.RetryPolicy(max_attempts=3, initial_delay=0.005,
-                                                      max_delay=0.01, rate_limit_pause=0.01)) as client:
+    async with client_for(
+        server,
+        retry=d.RetryPolicy(
+            max_attempts=3, initial_delay=0.005, max_delay=0.01, rate_limit_pause=0.01
+        ),
+    ) as client:
         result = await client.generate(images=[PNG], prompt="a cat")
     assert result.task_id
     assert server.stats.creates == 1
@@ -244,30 +262,34 @@ async def test_a_429_without_a_hint_pauses_every_request(server: FakeDreamOServe
     server.inject("poll", Fault.status(429))
     retry = d.RetryPolicy(initial_delay=0.01, max_delay=0.02, rate_limit_pause=0.3)
     async with client_for(server, retry=retry, max_concurrency=3) as client:
-        await asyncio.gather(*(client.generate(images=[PNG], prompt=f"a cat {i} [slow:100]") for i in range(3)))
+        await asyncio.gather(
+            *(client.generate(images=[PNG], prompt=f"a cat {i} [slow:100]") for i in range(3))
+        )
     times = [t for t, _, path in server.stats.request_times if path.startswith("/model/")]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) >= 0.25  # nobody polled during the cool-down
 
 
 async def test_the_default_client_learns_the_rate_from_the_first_429() -> None:
-    async with FakeDreamOServer(
-        api_key=KEY,
-        task_duration_ms=50,
-        rate_limit=20,
-        rate_counts_rejected=True,
-        rate_retry_after_ms=200,
-    ) as fake:
-        async with client_for(
+    async with (
+        FakeDreamOServer(
+            api_key=KEY,
+            task_duration_ms=50,
+            rate_limit=20,
+            rate_counts_rejected=True,
+            rate_retry_after_ms=200,
+        ) as fake,
+        client_for(
             fake,
             max_concurrency=30,
             retry=d.RetryPolicy(),
             poll=d.PollPolicy(initial_delay=0.2, max_delay=0.5, timeout=60),
-        ) as client:
-            results = await asyncio.gather(
-                *(client.generate(images=[PNG], prompt=f"a cat {i}") for i in range(60)),
-                return_exceptions=True,
-            )
+        ) as client,
+    ):
+        results = await asyncio.gather(
+            *(client.generate(images=[PNG], prompt=f"a cat {i}") for i in range(60)),
+            return_exceptions=True,
+        )
     errors = [r for r in results if isinstance(r, BaseException)]
     assert errors == []
     assert fake.stats.creates == 60
@@ -287,5 +309,6 @@ async def test_a_key_echoed_in_an_error_code_is_redacted(server: FakeDreamOServe
     async with client_for(server) as client:
         with pytest.raises(d.AuthenticationError) as caught:
             await client.submit(images=[PNG], prompt="a cat")
-    assert KEY not in str(caught.value) and KEY not in repr(caught.value.__dict__)
+    assert KEY not in str(caught.value)
+    assert KEY not in repr(caught.value.__dict__)
     assert "<redacted>" in (caught.value.code or "")

@@ -8,7 +8,6 @@ real answer: the task was created, only the reply is broken.
 from __future__ import annotations
 
 import collections
-
 import datetime as dt
 import email.utils
 import json
@@ -23,9 +22,9 @@ from ._faults import Fault
 
 __all__ = [
     "Answer",
+    "AttemptWindow",
     "Dropped",
     "RetryAfterFormat",
-    "AttemptWindow",
     "TokenBucket",
     "drop",
     "error_answer",
