@@ -97,6 +97,10 @@ _POLL_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=30.0)
 #: Large bodies keep the session's ``sock_read``: a slow uplink may take long to send
 #: 31 MB, and only silence should end it.
 _CREATE_TIMEOUT: Final = aiohttp.ClientTimeout(total=90.0, connect=60.0, sock_connect=30.0)
+#: The lowest rate a client that learns from its first 429 starts from (requests/s): a
+#: client that was nearly idle when a 429 came (a key shared with others) is not
+#: throttled to a crawl; the learned limiter cuts further on the next 429s.
+_MIN_LEARNED_START: Final = 5
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -594,7 +598,7 @@ class Transport:
             # Start from what the service accepted in the last second. Requests already
             # granted record into the old limiter (nothing): only answers to requests
             # the learned limiter paced teach it.
-            seen = max(self._step_answers, self._last_step_answers, 1)
+            seen = max(self._step_answers, self._last_step_answers, _MIN_LEARNED_START)
             self.limiter, self._unlimited = self._learn(float(seen)), None
             self._learn = None
             logger.info(
