@@ -51,6 +51,8 @@ logger = logging.getLogger("dreamo_async")
 #: Create bodies up to this size are joined into one buffer; larger ones are sent as
 #: parts. aiohttp warns about bytes bodies over 1 MiB, and joining costs a copy.
 _JOIN_MAX_BYTES: Final = 256 * 1024
+#: How long past a job's deadline the answer of a poll sent at the deadline is awaited.
+_LAST_POLL_GRACE_S: Final = 0.05
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
 
@@ -484,8 +486,9 @@ class DreamOClient:
         schedule = PollSchedule(self.poll_policy, started_at=now, rng=self._rng)
         schedule.observe(now, task.progress)
         # The deadline bounds everything below (a slow answer, retries, backoff, the
-        # limiter's wait): one timer for the whole loop, not one per poll.
-        scope = asyncio.timeout_at(deadline) if deadline is not None else None
+        # limiter's wait): one timer for the whole loop, not one per poll. The last poll,
+        # sent at the deadline, may still see the task end: its answer gets a short grace.
+        scope = asyncio.timeout_at(deadline + _LAST_POLL_GRACE_S) if deadline is not None else None
         try:
             async with scope or contextlib.nullcontext():
                 while task.status not in TERMINAL_STATUSES:
