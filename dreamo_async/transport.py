@@ -201,11 +201,10 @@ class Transport:
         #: Makes the limiter that replaces the unlimited one at the first 429 (the
         #: default client learns the service's rate, as ``"auto"``); None: never.
         self._learn = learn_limiter if self._unlimited is not None else None
-        #: Answers other than 429 in the current and the previous 1-s step, while a
-        #: rate may be learned: the service's rate seen just before its first 429.
-        self._step_start = -1e9
-        self._step_answers = 0
-        self._last_step_answers = 0
+        #: Answers other than 429 while a rate may be learned, counted from when the
+        #: session was made: the service's rate seen before its first 429.
+        self._answers = 0
+        self._answers_since: float | None = None
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -234,6 +233,7 @@ class Transport:
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = self._new_session(connector)
+            self._answers_since = asyncio.get_running_loop().time()
         return self._session
 
     @property
@@ -341,8 +341,8 @@ class Transport:
                     status = response.status
                     if unlimited is None:  # UnlimitedLimiter.record does nothing
                         limiter.record(status)
-                    elif self._learn is not None:
-                        self._count_answer(status)
+                    elif self._learn is not None and status != 429:
+                        self._answers += 1
                     if _plain_within(response, self.limits.max_response_bytes):
                         payload = await response.read()
                     else:
@@ -428,13 +428,15 @@ class Transport:
                     headers=headers,
                     timeout=timeout,
                     allow_redirects=False,  # a redirect is an answer, never a second request
-                    middlewares=_NO_SILENT_RESEND,
+                    # Paced requests only: without a limiter a re-send costs no slot (and
+                    # the middleware costs every poll a coroutine).
+                    middlewares=None if unlimited is not None else _NO_SILENT_RESEND,
                 ) as response:
                     status = response.status
                     if unlimited is None:
                         limiter.record(status)
-                    elif self._learn is not None:
-                        self._count_answer(status)
+                    elif self._learn is not None and status != 429:
+                        self._answers += 1
                     if _plain_within(response, cap):
                         payload = await response.read()
                     else:
@@ -574,15 +576,12 @@ class Transport:
             return None
         raise exc
 
-    def _count_answer(self, status: int) -> None:
-        if status == 429:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - self._step_start >= 1.0:
-            recent = now - self._step_start < 2.0
-            self._last_step_answers = self._step_answers if recent else 0
-            self._step_start, self._step_answers = now, 0
-        self._step_answers += 1
+    def _accepted_rate(self) -> float:
+        """Answers other than 429 per second so far: the count itself within the first
+        second (a storm at start), the mean rate after it."""
+        since = self._answers_since
+        elapsed = 0.0 if since is None else asyncio.get_running_loop().time() - since
+        return self._answers / elapsed if elapsed > 1.0 else float(self._answers)
 
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
@@ -598,11 +597,11 @@ class Transport:
             # Start from what the service accepted in the last second. Requests already
             # granted record into the old limiter (nothing): only answers to requests
             # the learned limiter paced teach it.
-            seen = max(self._step_answers, self._last_step_answers, _MIN_LEARNED_START)
+            seen = max(self._accepted_rate(), _MIN_LEARNED_START)
             self.limiter, self._unlimited = self._learn(float(seen)), None
             self._learn = None
             logger.info(
-                "HTTP 429 without a configured rate: learning the service's rate from %d/s",
+                "HTTP 429 without a configured rate: learning the service's rate from %.1f/s",
                 seen,
             )
         if self._hint_ok(error):
