@@ -53,6 +53,9 @@ logger = logging.getLogger("dreamo_async")
 _JOIN_MAX_BYTES: Final = 256 * 1024
 #: How long past a job's deadline the answer of a poll sent at the deadline is awaited.
 _LAST_POLL_GRACE_S: Final = 0.05
+#: A job's deadline nearer than this arms the poll loop's timer (see _poll): more than
+#: one poll attempt's timeout can last.
+_ARM_S: Final = 120.0
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
 
@@ -488,7 +491,9 @@ class DreamOClient:
         # The deadline bounds everything below (a slow answer, retries, backoff, the
         # limiter's wait): one timer for the whole loop, not one per poll. The last poll,
         # sent at the deadline, may still see the task end: its answer gets a short grace.
-        scope = asyncio.timeout_at(deadline + _LAST_POLL_GRACE_S) if deadline is not None else None
+        # Its timer is armed only once the deadline is near: a far one cannot be passed by
+        # one poll (get_task bounds its retries by it), and a timer per job costs the loop.
+        scope = asyncio.timeout(None) if deadline is not None else None
         try:
             async with scope or contextlib.nullcontext():
                 while task.status not in TERMINAL_STATUSES:
@@ -497,6 +502,8 @@ class DreamOClient:
                         if now >= deadline:
                             raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
                         delay = min(delay, deadline - now)
+                        if scope is not None and scope.when() is None and deadline - now < _ARM_S:
+                            scope.reschedule(deadline + _LAST_POLL_GRACE_S)
                     if delay > 0:  # zero: poll at once, without a trip round the loop
                         await asyncio.sleep(delay)
                     task = await self._transport.get_task(

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
 import random
 import secrets
 import ssl
@@ -101,6 +102,8 @@ _CREATE_TIMEOUT: Final = aiohttp.ClientTimeout(total=90.0, connect=60.0, sock_co
 #: client that was nearly idle when a 429 came (a key shared with others) is not
 #: throttled to a crawl; the learned limiter cuts further on the next 429s.
 _MIN_LEARNED_START: Final = 5
+#: How long past a job's deadline a retried poll's answer is awaited.
+_DEADLINE_GRACE_S: Final = 0.05
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -418,6 +421,14 @@ class Transport:
         attempt = 0
         while True:
             attempt += 1
+            if attempt > 1 and deadline is not None and deadline != math.inf:
+                # A retry never outlives the job's deadline (the first attempt's caller
+                # arms its own timer when the deadline is near).
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining < (timeout.total or math.inf):
+                    timeout = aiohttp.ClientTimeout(
+                        total=max(remaining, 0.0) + _DEADLINE_GRACE_S, sock_connect=30.0
+                    )
             limiter, unlimited = self.limiter, self._unlimited
             if unlimited is None or not unlimited.never_paused:
                 await limiter.acquire(Priority.POLL)
