@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import random
 import secrets
@@ -36,7 +38,7 @@ from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
-from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
+from .ratelimit import AdaptiveLimiter, LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -49,6 +51,11 @@ logger = logging.getLogger("dreamo_async")
 #: Create bodies up to this size are joined into one buffer; larger ones are sent as
 #: parts. aiohttp warns about bytes bodies over 1 MiB, and joining costs a copy.
 _JOIN_MAX_BYTES: Final = 256 * 1024
+#: How long past a job's deadline the answer of a poll sent at the deadline is awaited.
+_LAST_POLL_GRACE_S: Final = 0.05
+#: A job's deadline nearer than this arms the poll loop's timer (see _poll): more than
+#: one poll attempt's timeout can last.
+_ARM_S: Final = 120.0
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
 
@@ -121,6 +128,15 @@ def _make_limiter(
     return backend.make_limiter(rate, burst)
 
 
+def _learned(factory: Callable[[int], RateLimiter], burst: int, seen: float) -> RateLimiter:
+    """The limiter a client without a rate switches to at its first 429, from the rate
+    the service accepted just before (``"auto"``'s limiter, without its slow start)."""
+    limiter = factory(burst)
+    if isinstance(limiter, AdaptiveLimiter):
+        limiter.settle(seen)
+    return limiter
+
+
 def _mask(key: str | None) -> str:
     if not key:
         return "missing"
@@ -174,8 +190,14 @@ class DreamOClient:
             **({"task_path": task_path} if task_path else {}),
         )
         self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
+        learn = None
         if limiter is None:
             limiter = _make_limiter(self.limits_backend, requests_per_second, burst)
+            if requests_per_second is None:
+                # No rate given: full speed until the service answers 429, then learned
+                # as "auto" does (a backend that shares a fixed budget has no learning).
+                factory = getattr(self.limits_backend, "make_adaptive_limiter", None)
+                learn = None if factory is None else functools.partial(_learned, factory, burst)
         self.max_concurrency = max_concurrency
         self.poll_policy = poll or PollPolicy()
         self.limits = limits
@@ -192,6 +214,7 @@ class DreamOClient:
             rng=self._rng,
             allow_private_urls=allow_private_urls,
             ssl_context=ssl_context,
+            learn_limiter=learn,
         )
         self._slots = self.limits_backend.make_slots(max_concurrency)
         #: The in-process slots, taken and given back without a coroutine when free.
@@ -468,19 +491,37 @@ class DreamOClient:
         now = loop.time()  # one clock read per answer: the next delay is reckoned from it
         schedule = PollSchedule(self.poll_policy, started_at=now, rng=self._rng)
         schedule.observe(now, task.progress)
-        while task.status not in TERMINAL_STATUSES:
-            delay = 0.0 if is_testing() else schedule.next_delay(now)
-            if deadline is not None:
-                if now >= deadline:
-                    raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
-                delay = min(delay, deadline - now)
-            if delay > 0:  # zero: poll at once, without a trip round the loop
-                await asyncio.sleep(delay)
-            task = await self._transport.get_task(task.id)
-            now = loop.time()
-            schedule.observe(now, task.progress)
-            if on_poll is not None:
-                on_poll(task)
+        # The deadline bounds everything below (a slow answer, retries, backoff, the
+        # limiter's wait): one timer for the whole loop, not one per poll. The last poll,
+        # sent at the deadline, may still see the task end: its answer gets a short grace.
+        # Its timer is armed only once the deadline is near: a far one cannot be passed by
+        # one poll (get_task bounds its retries by it), and a timer per job costs the loop.
+        scope = asyncio.timeout(None) if deadline is not None else None
+        try:
+            async with scope or contextlib.nullcontext():
+                while task.status not in TERMINAL_STATUSES:
+                    delay = 0.0 if is_testing() else schedule.next_delay(now)
+                    if deadline is not None:
+                        if now >= deadline:
+                            raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
+                        delay = min(delay, deadline - now)
+                        if scope is not None and scope.when() is None and deadline - now < _ARM_S:
+                            scope.reschedule(deadline + _LAST_POLL_GRACE_S)
+                    if delay > 0:  # zero: poll at once, without a trip round the loop
+                        await asyncio.sleep(delay)
+                    task = await self._transport.get_task(
+                        task.id, deadline=math.inf if deadline is None else deadline
+                    )
+                    now = loop.time()
+                    schedule.observe(now, task.progress)
+                    if on_poll is not None:
+                        on_poll(task)
+        except TimeoutError as exc:
+            if isinstance(exc, TaskTimeoutError) and exc.timeout:
+                raise
+            if isinstance(exc, TaskTimeoutError) or (scope is not None and scope.expired()):
+                raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status) from None
+            raise
         if task.status is TaskStatus.FAILED:
             error = task.error
             raise TaskFailedError(

@@ -353,6 +353,12 @@ class AdaptiveLimiter(TokenBucketLimiter):
         self._clean = True
         self._busy = bool(self._heap)
 
+    def settle(self, rate: float) -> None:
+        """Start from a rate measured elsewhere (what the service accepted in the second
+        before its first 429): no slow start, only the AIMD steps from there."""
+        self._slow_start = False
+        self._set_rate(rate)
+
     def _cut(self, rate: float, now: float) -> None:
         self._set_rate(rate)
         self._last_cut = self._last_step = now  # a fresh step starts at the new rate

@@ -45,6 +45,8 @@ class RetryPolicy:
     multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
     #: A server hint longer than this raises ``RateLimitError`` instead of sleeping.
     max_retry_after: float = attrs.field(default=120.0, validator=attrs.validators.ge(0))
+    #: After a 429 without a hint, every request of the client waits this long.
+    rate_limit_pause: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         """Delay before retry number ``retry`` (1-based): uniform in [0, cap]."""

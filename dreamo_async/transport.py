@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
 import random
 import secrets
 import ssl
@@ -42,6 +43,7 @@ from ._netguard import (
     secret_header,
 )
 from .errors import (
+    PROVIDER_ERROR_CODES,
     APIConnectionError,
     APIError,
     ClientClosedError,
@@ -53,6 +55,7 @@ from .errors import (
     RateLimitError,
     ResponseFormatError,
     ServerError,
+    TaskTimeoutError,
 )
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
@@ -95,6 +98,12 @@ _POLL_TIMEOUT: Final = aiohttp.ClientTimeout(total=60.0, sock_connect=30.0)
 #: Large bodies keep the session's ``sock_read``: a slow uplink may take long to send
 #: 31 MB, and only silence should end it.
 _CREATE_TIMEOUT: Final = aiohttp.ClientTimeout(total=90.0, connect=60.0, sock_connect=30.0)
+#: The lowest rate a client that learns from its first 429 starts from (requests/s): a
+#: client that was nearly idle when a 429 came (a key shared with others) is not
+#: throttled to a crawl; the learned limiter cuts further on the next 429s.
+_MIN_LEARNED_START: Final = 5
+#: How long past a job's deadline a retried poll's answer is awaited.
+_DEADLINE_GRACE_S: Final = 0.05
 #: Getting a connection slower than this means a new TCP connection was made.
 _NEW_CONNECTION_S: Final = 0.002
 
@@ -167,7 +176,9 @@ class Transport:
         rng: random.Random | None = None,
         allow_private_urls: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        learn_limiter: Callable[[float], RateLimiter] | None = None,
     ) -> None:
+        _check_key(api_key)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             # aiohttp takes ``False`` to mean "no certificate checks": never by accident here.
             raise ConfigurationError(
@@ -190,6 +201,13 @@ class Transport:
         #: for any other limiter, and then requests are paced: new connections take a
         #: second rate slot (_PacedConnector) and the limiter records each status.
         self._unlimited = self.limiter if type(self.limiter) is UnlimitedLimiter else None
+        #: Makes the limiter that replaces the unlimited one at the first 429 (the
+        #: default client learns the service's rate, as ``"auto"``); None: never.
+        self._learn = learn_limiter if self._unlimited is not None else None
+        #: Answers other than 429 while a rate may be learned, counted from when the
+        #: session was made: the service's rate seen before its first 429.
+        self._answers = 0
+        self._answers_since: float | None = None
         self.limits = limits
         self._timeout = timeout or aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=30.0, sock_read=60.0
@@ -218,6 +236,7 @@ class Transport:
                 limit=self._max_connections, enable_cleanup_closed=False, ssl=self._ssl
             )
             self._session = self._new_session(connector)
+            self._answers_since = asyncio.get_running_loop().time()
         return self._session
 
     @property
@@ -283,9 +302,12 @@ class Transport:
     ) -> Task:
         """Send a create request; retried only while no task can exist.
 
-        ``before_send(request_id)`` is awaited once, right before the body first
-        leaves (after the rate limiter): a journal records "outcome unknown from
-        here on" durably before any task can exist. ``lifecycle`` is moved along as
+        ``before_send(request_id)`` is awaited once, before the rate slot is taken (a
+        slow hook must not spend a slot granted for now): a journal records "outcome
+        unknown from here on" durably before any task can exist. Only a documented
+        refusal (400-class with a provider code, 401, 403, 429) or a connection never
+        made means no task exists; any other failure after the body may have left
+        raises :class:`CreateOutcomeUnknownError`, never re-sent. ``lifecycle`` is moved along as
         the body leaves, is refused, makes a task or meets an unknown outcome.
         """
         request_id = request_id or secrets.token_hex(16)
@@ -297,38 +319,45 @@ class Transport:
         }
         url = self._create_url
         timeout = self._create_timeout if type(body) is bytes else self._timeout
+        if before_send is not None:
+            # Before the rate slot: a slow hook (a journal's fsync) must not hold a slot
+            # granted for "now", or creates granted apart leave together.
+            await before_send(request_id)
         attempt = 0
         while True:
             attempt += 1
-            if self._unlimited is None or not self._unlimited.never_paused:
-                await self.limiter.acquire(Priority.CREATE)
-            if before_send is not None and attempt == 1:
-                await before_send(request_id)
-            pacing = _PACING.set(self.limiter) if self._unlimited is None else None
+            # The limiter of this attempt: its answer is recorded into the limiter that
+            # granted it (not into one learned meanwhile from other requests' 429s).
+            limiter, unlimited = self.limiter, self._unlimited
+            if unlimited is None or not unlimited.never_paused:
+                await limiter.acquire(Priority.CREATE)
+            pacing = _PACING.set(limiter) if unlimited is None else None
             job.sending(request_id)
             try:
                 async with self.session.post(
-                    url, data=body, headers=headers, timeout=timeout
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,  # a redirect is an answer, never a second request
                 ) as response:
                     status = response.status
-                    if self._unlimited is None:  # UnlimitedLimiter.record does nothing
-                        self.limiter.record(status)
+                    if unlimited is None:  # UnlimitedLimiter.record does nothing
+                        limiter.record(status)
+                    elif self._learn is not None and status != 429:
+                        self._answers += 1
                     if _plain_within(response, self.limits.max_response_bytes):
                         payload = await response.read()
                     else:
                         payload = await self._read_capped(response, request_id=request_id)
-                    if status in (200, 201, 202):
-                        try:
-                            task = parse_task(_json(payload, status, request_id))
-                        except APIError as exc:
-                            job.outcome_unknown()
-                            raise CreateOutcomeUnknownError(
-                                f"the create answer could not be read ({exc})",
-                                request_id=request_id,
-                            ) from exc
-                        job.created(task.id)
-                        return task
-                    error = self._error_from_response(status, payload, response, request_id)
+                    if 200 <= status < 300:
+                        outcome = _created_task(payload, status, request_id)
+                        if isinstance(outcome, Task):
+                            job.created(outcome.id)
+                            return outcome
+                        error = outcome
+                    else:
+                        error = self._error_from_response(status, payload, response, request_id)
             except _NOT_SENT_ERRORS as exc:
                 # The connection was never made: no task can exist, so sending again is safe.
                 job.refused()
@@ -339,9 +368,14 @@ class Transport:
                     f"could not connect to {self.endpoints.base_url}: {exc} "
                     f"(after {attempt} attempts; no task was created)"
                 ) from exc
-            except (CreateOutcomeUnknownError, ConfigurationError):
+            except CreateOutcomeUnknownError:
+                job.outcome_unknown()
                 raise
-            except (*_TRANSPORT_ERRORS, ResponseFormatError) as exc:
+            except (ConfigurationError, ClientClosedError):
+                raise
+            except Exception as exc:
+                # A cut answer, a read timeout, an answer over the cap...: the body may
+                # have reached the service, so whatever went wrong, the outcome is unknown.
                 job.outcome_unknown()
                 raise CreateOutcomeUnknownError(
                     f"the create request failed after it was sent ({type(exc).__name__}: {exc})",
@@ -353,55 +387,78 @@ class Transport:
             if isinstance(error, RateLimitError):
                 # 429: the service refused, so no task exists; safe to send again.
                 job.refused()
-                self._pause_for(error)
+                self._on_rate_limited(error)
                 if attempt < self.retry.max_attempts and self._hint_ok(error):
-                    await self._backoff(attempt, error.retry_after, "create", error)
+                    await self._backoff(attempt, self._hint(error), "create", error)
                     continue
                 raise error
-            if isinstance(error, ServerError):
-                job.outcome_unknown()
-                raise CreateOutcomeUnknownError(
-                    f"the service answered the create request with HTTP {error.status}: "
-                    f"{error.message}",
-                    request_id=request_id,
-                ) from error
-            job.refused()  # a documented refusal: 400-class, 401, 403
-            raise error
+            if _documented_refusal(error):
+                job.refused()  # 400-class with the provider's code, 401, 403
+                raise error
+            # Anything else (5xx, 3xx, 404, 405, 413, an unexpected 2xx without a task...)
+            # is not documented as "nothing was created": never re-sent.
+            job.outcome_unknown()
+            raise CreateOutcomeUnknownError(
+                f"the service answered the create request with HTTP {error.status}: "
+                f"{error.message}",
+                request_id=request_id,
+            ) from error
 
-    async def get_task(self, task_id: str) -> Task:
+    async def get_task(self, task_id: str, *, deadline: float | None = None) -> Task:
         """One poll of a task (retried on transient failures); errors name the task.
 
-        The loop of :meth:`_retried` written out (same rules, same helper):
-        every poll runs it, and a closure plus a coroutine layer per poll is CPU
-        the hot path does not need.
+        Without ``deadline`` (a one-off poll) failures are retried up to
+        ``RetryPolicy.max_attempts``. With one (the loop-clock time a job's deadline
+        falls, ``math.inf`` for none) the task exists and is paid: connection errors,
+        5xx and 429 are retried for as long as the deadline allows, and no backoff
+        sleeps past it (:class:`TaskTimeoutError` then). Unreadable answers are
+        retried up to ``max_attempts`` either way, then raise ResponseFormatError.
         """
         url = self._task_url(task_id)
         headers = self._auth_headers()
         timeout = self._poll_timeout
-        limiter = self.limiter
         cap = self.limits.max_response_bytes
         attempt = 0
         while True:
             attempt += 1
-            if self._unlimited is None or not self._unlimited.never_paused:
+            if attempt > 1 and deadline is not None and deadline != math.inf:
+                # A retry never outlives the job's deadline (the first attempt's caller
+                # arms its own timer when the deadline is near).
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining < (timeout.total or math.inf):
+                    timeout = aiohttp.ClientTimeout(
+                        total=max(remaining, 0.0) + _DEADLINE_GRACE_S, sock_connect=30.0
+                    )
+            limiter, unlimited = self.limiter, self._unlimited
+            if unlimited is None or not unlimited.never_paused:
                 await limiter.acquire(Priority.POLL)
-            pacing = _PACING.set(limiter) if self._unlimited is None else None
+            pacing = _PACING.set(limiter) if unlimited is None else None
             try:
-                async with self.session.get(url, headers=headers, timeout=timeout) as response:
+                async with self.session.get(
+                    url,
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,  # a redirect is an answer, never a second request
+                    # Paced requests only: without a limiter a re-send costs no slot (and
+                    # the middleware costs every poll a coroutine).
+                    middlewares=None if unlimited is not None else _NO_SILENT_RESEND,
+                ) as response:
                     status = response.status
-                    if self._unlimited is None:
+                    if unlimited is None:
                         limiter.record(status)
+                    elif self._learn is not None and status != 429:
+                        self._answers += 1
                     if _plain_within(response, cap):
                         payload = await response.read()
                     else:
                         payload = await self._read_capped(response)
                     if status == 200:
-                        return parse_task(_json(payload, status, None))
+                        return _polled_task(payload, status)
                     raise self._error_from_response(status, payload, response, None)
             except Exception as exc:
                 error: Exception = exc
                 try:
-                    hint = self._retry_hint(exc, attempt, f"poll {task_id}")
+                    hint = self._retry_hint(exc, attempt, f"poll {task_id}", deadline is not None)
                 except DreamOError as final:
                     if final.task_id is None:  # the caller can resume or report it
                         final.task_id = task_id
@@ -409,7 +466,9 @@ class Transport:
             finally:
                 if pacing is not None:
                     _PACING.reset(pacing)
-            await self._backoff(attempt, hint, f"poll {task_id}", error)
+            await self._backoff(attempt, hint, f"poll {task_id}", error, deadline=deadline)
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                raise TaskTimeoutError(task_id, 0.0)
 
     async def download(self, url: str, max_bytes: int, *, untrusted: bool = False) -> bytes:
         """GET ``url`` into memory, streamed and capped at ``max_bytes``; retried.
@@ -495,22 +554,32 @@ class Transport:
                 hint = self._retry_hint(exc, attempt, what)
             await self._backoff(attempt, hint, what, error)
 
-    def _retry_hint(self, exc: Exception, attempt: int, what: str) -> float | None:
+    def _retry_hint(
+        self, exc: Exception, attempt: int, what: str, task_exists: bool = False
+    ) -> float | None:
         """After a failed idempotent attempt: the delay hint to retry with, or raise.
 
         429 (the cool-down is set), 5xx, unreadable answers and network errors are
-        retried until ``max_attempts``; anything else is raised as it is.
+        retried until ``max_attempts``; anything else is raised as it is. For the poll
+        of a task that exists (``task_exists``), 429, 5xx and network errors are
+        transient whatever their number: the caller's deadline bounds them.
         """
         if isinstance(exc, RateLimitError):
-            self._pause_for(exc)
+            self._on_rate_limited(exc)
+            if task_exists:
+                return min(self._hint(exc), self.retry.max_retry_after)
             if attempt >= self.retry.max_attempts or not self._hint_ok(exc):
                 raise exc
-            return exc.retry_after
+            return self._hint(exc)
+        if isinstance(exc, ServerError) and task_exists:
+            return None
         if isinstance(exc, _RETRIED_API_ERRORS):
             if attempt >= self.retry.max_attempts:
                 raise exc
             return None
         if isinstance(exc, _TRANSPORT_ERRORS):
+            if task_exists:
+                return None
             if attempt >= self.retry.max_attempts:
                 raise APIConnectionError(
                     f"{what}: {type(exc).__name__}: {exc} (after {attempt} attempts)"
@@ -518,18 +587,50 @@ class Transport:
             return None
         raise exc
 
+    def _accepted_rate(self) -> float:
+        """Answers other than 429 per second so far: the count itself within the first
+        second (a storm at start), the mean rate after it."""
+        since = self._answers_since
+        elapsed = 0.0 if since is None else asyncio.get_running_loop().time() - since
+        return self._answers / elapsed if elapsed > 1.0 else float(self._answers)
+
     def _hint_ok(self, error: RateLimitError) -> bool:
         return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
 
-    def _pause_for(self, error: RateLimitError) -> None:
-        if error.retry_after is not None and self._hint_ok(error):
-            self.limiter.pause(error.retry_after)
+    def _hint(self, error: RateLimitError) -> float:
+        """How long to hold requests after this 429: its hint, else the default pause."""
+        return error.retry_after if error.retry_after is not None else self.retry.rate_limit_pause
+
+    def _on_rate_limited(self, error: RateLimitError) -> None:
+        """A 429: every request of the client waits (the hint, or the default pause),
+        and a client that had no rate starts learning one (``"auto"``)."""
+        if self._learn is not None:
+            # Start from what the service accepted in the last second. Requests already
+            # granted record into the old limiter (nothing): only answers to requests
+            # the learned limiter paced teach it.
+            seen = max(self._accepted_rate(), _MIN_LEARNED_START)
+            self.limiter, self._unlimited = self._learn(float(seen)), None
+            self._learn = None
+            logger.info(
+                "HTTP 429 without a configured rate: learning the service's rate from %.1f/s",
+                seen,
+            )
+        if self._hint_ok(error):
+            self.limiter.pause(self._hint(error))
 
     async def _backoff(
-        self, attempt: int, hint: float | None, what: str, error: BaseException
+        self,
+        attempt: int,
+        hint: float | None,
+        what: str,
+        error: BaseException,
+        *,
+        deadline: float | None = None,
     ) -> None:
         delay = self.retry.delay(attempt, hint, self._rng)
         logger.debug("%s: retry %d in %.3f s after %s", what, attempt, delay, type(error).__name__)
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - asyncio.get_running_loop().time()))
         if delay > 0:
             await asyncio.sleep(delay)
 
@@ -576,8 +677,6 @@ class Transport:
         request_id: str | None,
     ) -> APIError:
         message, code, body_hint = parse_error_body(payload, response.content_type)
-        if message is not None and self._api_key and self._api_key in message:
-            message = message.replace(self._api_key, "<redacted>")  # a server echoing the key
         if message is None:
             kind = response.content_type or "no content type"
             message = f"HTTP {status} {response.reason or ''}".strip() + (
@@ -585,6 +684,17 @@ class Transport:
                 if payload
                 else " (empty body)"
             )
+        if 300 <= status < 400:
+            location = response.headers.get("Location")
+            message += (
+                f"; redirected to {location!r}, which API calls never follow "
+                "(set base_url to the final address)"
+                if location
+                else "; a redirect without a Location"
+            )
+        # A server echoing the key (in the message, the code, a Location...) never prints it.
+        message = self._redact(message)
+        code = self._redact(code) if code is not None else None
         cls = error_class_for_status(status)
         if cls is RateLimitError:
             hint = parse_retry_after(response.headers.get("Retry-After"))
@@ -597,9 +707,93 @@ class Transport:
             )
         return cls(message, status=status, code=code, request_id=request_id)
 
+    def _redact(self, text: str) -> str:
+        key = self._api_key
+        if not key or key not in text:
+            return text
+        return text.replace(key, "<redacted>")
+
     def __repr__(self) -> str:
         key = "set" if self._api_key else "missing"
         return f"<Transport {self.endpoints.base_url} key={key}>"
+
+
+def _check_key(api_key: str | None) -> None:
+    """A key that cannot travel in a header is refused when the client is made, not at
+    the first request (with aiohttp's raw ValueError)."""
+    if api_key is not None and any(c in api_key for c in "\r\n\0"):
+        raise ConfigurationError(
+            "the API key contains a line break or NUL (a copy-paste error?): "
+            "it cannot be sent in a header"
+        )
+
+
+async def _no_silent_resend(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Turn a dropped pooled connection into an error of our own (a client middleware).
+
+    aiohttp re-sends an idempotent request once on a new connection when the server
+    drops a pooled one, a request no rate slot paid for. Raised as
+    :class:`_ConnectionLost` it reaches our retry loop instead, which takes a slot.
+    """
+    try:
+        return await handler(request)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+        raise
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        raise _ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _ConnectionLost(aiohttp.ClientConnectionError):
+    """The connection was lost mid-request (see :func:`_no_silent_resend`)."""
+
+
+_NO_SILENT_RESEND: Final = (_no_silent_resend,)
+
+#: Statuses after which the service surely made no task (API.md): with the provider's
+#: error code for 400 and 422 (a proxy's 400 page proves nothing), always for these.
+_REFUSAL_STATUSES: Final = frozenset({401, 403, 429})
+
+
+def _documented_refusal(error: APIError) -> bool:
+    """Whether a create's error answer documents that no task was made."""
+    if error.status in _REFUSAL_STATUSES:
+        return True
+    return error.status in (400, 422) and error.code in PROVIDER_ERROR_CODES
+
+
+def _created_task(payload: bytes, status: int, request_id: str) -> Task | APIError:
+    """A 2xx create answer: the task, or the service's error (an envelope's), else
+    :class:`CreateOutcomeUnknownError` (an empty 204, an odd field: a task may exist)."""
+    try:
+        return parse_task(_json(payload, status, request_id))
+    except APIError as exc:
+        if isinstance(exc, ResponseFormatError) or exc.status is None:
+            reason: Exception = exc
+        else:  # an envelope's status code: judged as an HTTP status would be
+            exc.request_id = request_id
+            return exc
+    except Exception as exc:  # a field no converter expected (created_at: "²")
+        reason = exc
+    kind = "an empty" if not payload else "an unreadable"
+    raise CreateOutcomeUnknownError(
+        f"the service answered the create request with HTTP {status} and {kind} body "
+        f"({type(reason).__name__}: {reason})",
+        request_id=request_id,
+    ) from reason
+
+
+def _polled_task(payload: bytes, status: int) -> Task:
+    """A 200 poll answer as a task; anything unreadable is a ResponseFormatError (retried)."""
+    try:
+        return parse_task(_json(payload, status, None))
+    except DreamOError:
+        raise
+    except Exception as exc:  # a field no converter expected (created_at: "²")
+        raise ResponseFormatError(
+            f"the poll answer could not be read ({type(exc).__name__}: {exc})", status=status
+        ) from exc
 
 
 #: The decoder ``json.loads`` uses, called directly (see _json).

@@ -113,7 +113,9 @@ async def test_generate_after_a_429_waits_for_the_cool_down(server: FakeDreamOSe
         assert client._transport._unlimited is not None
         assert client._transport._unlimited.never_paused
         result = await client.generate(prompt="p", images=[PNG])
-        assert not client._transport._unlimited.never_paused
+        # The 429 also ended the unlimited fast path: the client now learns its rate.
+        assert client._transport._unlimited is None
+        assert isinstance(client._transport.limiter, d.AdaptiveLimiter)
     assert result.image_urls
     assert server.stats.creates == 1  # the 429 made no task; the retry made one
 

@@ -465,12 +465,16 @@ def _chaos_client(
 
     from ..client import DreamOClient
     from ..polling import PollPolicy
+    from ..ratelimit import UnlimitedLimiter
     from ..retry import RetryPolicy
 
     return DreamOClient(
         api_key=_KEY,
         base_url=url,
         max_concurrency=concurrency,
+        # No learned rate: the storms here are random, not a limit to learn, and the
+        # jobs' 1-s deadlines leave no room for a client that slows down.
+        limiter=UnlimitedLimiter(),
         poll=PollPolicy(initial_delay=0.002, max_delay=0.01, timeout=job_timeout),
         retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01, max_retry_after=1.0),
         request_timeout=aiohttp.ClientTimeout(sock_connect=1.0, sock_read=read_timeout),

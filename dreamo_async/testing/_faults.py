@@ -30,9 +30,11 @@ kind                   when    what the client sees
 
 Any fault can also be delayed: ``Fault.status(502).after(300)`` waits 300 ms first.
 
-Beware: aiohttp's client silently re-sends an idempotent request (GET: polls,
-downloads) once after a disconnect, so one ``drop_*`` fault on ``"poll"`` or
-``"download"`` is invisible to an aiohttp client; inject it with ``times=2``.
+Beware: a bare aiohttp client silently re-sends an idempotent request (GET) once
+after the server drops a pooled connection, so one ``drop_*`` fault on ``"poll"`` is
+invisible to it. ``dreamo_async`` turns that re-send off for its API calls (each
+retry goes through its own loop and rate limiter), so with it one fault is one
+failed attempt, seen and retried; result downloads still get aiohttp's re-send.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ real answer: the task was created, only the reply is broken.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import email.utils
 import json
@@ -21,6 +22,7 @@ from ._faults import Fault
 
 __all__ = [
     "Answer",
+    "AttemptWindow",
     "Dropped",
     "RetryAfterFormat",
     "TokenBucket",
@@ -185,3 +187,21 @@ class TokenBucket:
             self.tokens -= 1.0
             return None
         return (1.0 - self.tokens) / self.rate
+
+
+@attrs.define
+class AttemptWindow:
+    """A harsher rate limit: at most ``rate`` attempts in any 1-s window, refused ones
+    counted too, so a client that keeps hammering stays refused until it backs off."""
+
+    rate: float
+    attempts: collections.deque[float] = attrs.field(factory=collections.deque)
+
+    def take(self, now: float) -> float | None:
+        """Count one attempt; ``None`` if allowed, else the seconds until the window frees."""
+        attempts = self.attempts
+        while attempts and attempts[0] <= now - 1.0:
+            attempts.popleft()
+        allowed = len(attempts) < self.rate
+        attempts.append(now)
+        return None if allowed else max(0.001, attempts[0] + 1.0 - now)

@@ -48,6 +48,7 @@ from ._chaos import ChaosConfig, ChaosState
 from ._faults import CHAOS_FAULTS, ENDPOINTS, Endpoint, Fault
 from ._http import (
     Answer,
+    AttemptWindow,
     Dropped,
     RetryAfterFormat,
     TokenBucket,
@@ -104,6 +105,9 @@ class FakeDreamOServer:
       size, default ``max(1, rate_limit)``); above it: 429 with ``Retry-After`` spelled
       per ``retry_after_format`` (``"seconds"`` = fractional, fast tests; ``"int"``;
       ``"date"`` = HTTP-date; ``"none"``).
+    - ``rate_counts_rejected``: instead of the bucket, at most ``rate_limit`` attempts in
+      any 1-s window, refused ones counted too (a storm stays refused);
+      ``rate_retry_after_ms``: the ``Retry-After`` sent then (default: until the window frees).
     - ``max_open_tasks``: refuse creates with 429 while that many tasks are running.
     - ``result_ttl_ms``: result files answer 404 that long after completion.
     - ``extra_fields``: add undocumented fields everywhere (tolerance tests).
@@ -134,6 +138,8 @@ class FakeDreamOServer:
         rate_limit: float | None = None,
         rate_burst: float | None = None,
         retry_after_format: RetryAfterFormat = "seconds",
+        rate_counts_rejected: bool = False,
+        rate_retry_after_ms: float | None = None,
         max_open_tasks: int | None = None,
         result_ttl_ms: float | None = None,
         extra_fields: bool = False,
@@ -194,11 +200,14 @@ class FakeDreamOServer:
         self._last: dict[str, RecordedRequest] = {}
         self._ids = itertools.count(1)
         self._tag = secrets.token_hex(3)
-        self._bucket = (
-            TokenBucket(rate_limit, self.rate_burst, self.rate_burst, clock())
-            if rate_limit is not None
-            else None
-        )
+        self.rate_retry_after_ms = rate_retry_after_ms
+        self._bucket: TokenBucket | AttemptWindow | None = None
+        if rate_limit is not None:
+            self._bucket = (
+                AttemptWindow(rate_limit)
+                if rate_counts_rejected
+                else TokenBucket(rate_limit, self.rate_burst, self.rate_burst, clock())
+            )
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
 
@@ -488,6 +497,8 @@ class FakeDreamOServer:
             return
         wait = self._bucket.take(self._clock())
         if wait is not None:
+            if self.rate_retry_after_ms is not None:
+                wait = self.rate_retry_after_ms / 1000.0
             raise Refusal(
                 429,
                 "429",
