@@ -202,6 +202,9 @@ class DreamOClient:
             **({"create_path": create_path} if create_path else {}),
             **({"task_path": task_path} if task_path else {}),
         )
+        #: Only what the client made itself is remade for a new loop; a given limiter or
+        #: backend may hold loop-bound state, so a second loop is refused with it.
+        self._own_limits = limiter is None and limits_backend is None
         self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
         if limiter is None:
             limiter = _make_limiter(self.limits_backend, requests_per_second, burst)
@@ -222,9 +225,6 @@ class DreamOClient:
             "allow_private_urls": allow_private_urls,
             "ssl_context": ssl_context,
         }
-        #: Only what the client made itself is remade for a new loop; a given limiter or
-        #: backend may hold loop-bound state, so a second loop is refused with it.
-        self._own_limits = limiter is None and limits_backend is None
         self._rate = (requests_per_second, burst)
         self._transport = Transport(limiter=limiter, **self._transport_options)
         self._slots = self.limits_backend.make_slots(max_concurrency)
@@ -283,6 +283,7 @@ class DreamOClient:
             task.cancel()
         if running or watchers:
             await asyncio.wait([*running, *watchers], timeout=5.0)
+        self._watches.clear()  # a watcher cancelled before its first step never ran
         await self._transport.aclose()
         await self.limits_backend.aclose()
 
@@ -342,15 +343,19 @@ class DreamOClient:
                     "inside the coroutine that asyncio.run runs"
                 )
             logger.info("the client's event loop was closed: starting afresh in a new one")
+            self._jobs.clear()
+            self._background.clear()
+            self._watches.clear()
+            # The old sessions are marked closed (their loop already dropped what they held).
+            closing = loop.create_task(self._transport.aclose())
+            self._background.add(closing)
+            closing.add_done_callback(self._background.discard)
             self._transport = Transport(
                 limiter=_make_limiter(self.limits_backend, *self._rate),
                 **self._transport_options,
             )
             self._slots = self.limits_backend.make_slots(self.max_concurrency)
             self._local_slots = self._slots if type(self._slots) is LocalSlots else None
-            self._jobs.clear()
-            self._background.clear()
-            self._watches.clear()
         self._loop = loop
 
     def _deadline(self, timeout: float | _Unset | None) -> float | None:
@@ -533,9 +538,9 @@ class DreamOClient:
         Requests are read lazily from ``requests`` (any iterable, a generator of
         millions included): only about ``2 * max_concurrency`` are in hand at once.
         With ``return_exceptions=False`` the first error is raised (the rest are
-        cancelled), after every item that finished before it was yielded; items that
-        finished with it ride on the error as ``error.completed``. ``ordered=True``
-        yields in input order.
+        cancelled), once every job that already finished well was yielded (a paid
+        result is never dropped). ``ordered=True`` yields in input order (after an
+        error, the finished items in increasing index, with gaps).
         """
         from .bulk import run_many  # local: bulk imports this module
 
