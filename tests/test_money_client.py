@@ -45,6 +45,12 @@ def ours() -> list[asyncio.Task[Any]]:
     ]
 
 
+async def drain(stream: AsyncIterator[d.BatchItem], into: list[d.BatchItem] | None = None) -> None:
+    async for item in stream:
+        if into is not None:
+            into.append(item)
+
+
 # -- case 1: closed or cancelled while a create is in flight ---------------------------
 
 
@@ -61,7 +67,8 @@ async def test_closing_during_a_create_in_flight_is_an_unknown_outcome(
         await job
     error = info.value
     assert error.money_state is MoneyState.OUTCOME_UNKNOWN
-    assert error.unknown_task_possible and not error.nothing_sent
+    assert error.unknown_task_possible
+    assert not error.nothing_sent
     assert error.request_id == server.last_create_headers["X-Request-Id"]  # type: ignore[index]
     assert "nothing was sent" not in str(error)
     assert ours() == []
@@ -76,9 +83,12 @@ async def test_closing_a_queued_job_says_nothing_was_sent(server: FakeDreamOServ
     outcomes = await asyncio.gather(holder, queued, return_exceptions=True)
     assert all(isinstance(o, d.ClientClosedError) for o in outcomes), outcomes
     held, waiting = outcomes
-    assert isinstance(held, d.DreamOError) and isinstance(waiting, d.DreamOError)
-    assert held.money_state is MoneyState.CREATED and held.task_id in server.tasks
-    assert waiting.nothing_sent and "nothing was sent" in str(waiting)
+    assert isinstance(held, d.DreamOError)
+    assert isinstance(waiting, d.DreamOError)
+    assert held.money_state is MoneyState.CREATED
+    assert held.task_id in server.tasks
+    assert waiting.nothing_sent
+    assert "nothing was sent" in str(waiting)
 
 
 async def test_a_job_cancelled_during_its_create_keeps_the_task_it_made(
@@ -143,7 +153,8 @@ async def test_asyncio_timeout_around_generate_leaves_the_task_watched(
         (task_id,) = server.tasks
         assert client.statistics().tasks_watched == 1
         cause = info.value.__cause__
-        assert cause is not None and any(task_id in note for note in cause.__notes__)
+        assert cause is not None
+        assert any(task_id in note for note in cause.__notes__)
         server.finish_task(task_id)
         assert (await client.wait(task_id, timeout=5)).task_id == task_id
 
@@ -178,11 +189,9 @@ async def test_generate_many_yields_finished_results_before_raising(
     ]
     got: list[d.BatchItem] = []
     async with client_for(server, max_concurrency=4) as client:
+        stream = client.generate_many(requests, ordered=True, return_exceptions=False)
         with pytest.raises(d.TaskFailedError):
-            async for item in client.generate_many(
-                requests, ordered=True, return_exceptions=False
-            ):
-                got.append(item)
+            await drain(stream, got)
     assert [item.index for item in got] == [1, 2]  # paid, finished: yielded, not dropped
     assert all(item.ok for item in got)
 
@@ -199,8 +208,7 @@ async def test_a_bad_timeout_is_refused_before_anything_is_sent(
             await client.generate(prompt="p", images=[PNG], timeout=timeout)
         assert info.value.parameter == "timeout"
         with pytest.raises(d.InvalidRequestError):
-            async for _ in client.generate_many([{"prompt": "p", "images": [PNG]}], timeout=timeout):
-                pass
+            await drain(client.generate_many([{"prompt": "p", "images": [PNG]}], timeout=timeout))
     assert server.stats.create_requests == 0
 
 
