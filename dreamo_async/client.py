@@ -611,7 +611,7 @@ class DreamOClient:
         try:
             await asyncio.wait([create])
         except asyncio.CancelledError:
-            if job.closed_by_client or lifecycle.state is MoneyState.NOT_SENT:
+            if job.closed_by_client or self._closed or lifecycle.state is MoneyState.NOT_SENT:
                 # Closing, or nothing left yet: abort (the job's error says which).
                 create.cancel()
                 await asyncio.wait([create])
@@ -634,7 +634,9 @@ class DreamOClient:
         self, job: _Job, task: Task | None, create: asyncio.Task[Task] | None, why: str
     ) -> None:
         """Hand an abandoned task (or its create still in flight) and the job's slot to a
-        background watcher."""
+        background watcher (none once the client is closing: ``aclose`` ends everything)."""
+        if self._closed:
+            return
         job.handed_over = True
         job.lifecycle.abandoned = True  # from now on a refused create is not sent again
         watcher = asyncio.ensure_future(self._watch_until_end(job, task, create, why))

@@ -345,3 +345,34 @@ def test_a_bare_file_object_is_one_image(tmp_path: Path) -> None:
     text.write_text("a\nb\n")
     with text.open() as handle, pytest.raises(d.ImageError, match="'rb'"):
         d.GenerationRequest(prompt="p", images=handle)
+
+
+async def test_a_cancelled_job_whose_create_is_refused_sends_it_no_more(
+    server: FakeDreamOServer,
+) -> None:
+    server.inject("create", Fault.status(429, retry_after="0.01").after(300))
+    async with client_for(server) as client:
+        job = asyncio.create_task(client.generate(prompt="p", images=[PNG]))
+        await eventually(lambda: server.stats.create_requests == 1)
+        await asyncio.sleep(0.1)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        await eventually(lambda: client.statistics().jobs_running == 0)  # the slot came back
+        await asyncio.sleep(0.1)
+    assert server.stats.create_requests == 1  # the refusal was not followed by a re-send
+    assert server.stats.creates == 0
+
+
+async def test_a_callers_own_cancel_during_close_stays_a_cancellation(
+    server: FakeDreamOServer,
+) -> None:
+    """aclose knows the jobs it ends by state, not by a message: the caller's cancel wins."""
+    client = client_for(server)
+    job = asyncio.create_task(client.generate(prompt="p [never]", images=[PNG]))
+    await eventually(lambda: server.stats.polls >= 1)
+    job.cancel("the caller's")
+    await client.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert ours() == []
