@@ -609,7 +609,7 @@ class DreamOClient:
         )
         del body
         try:
-            await asyncio.wait([create])
+            task = await asyncio.shield(create)
         except asyncio.CancelledError:
             if job.closed_by_client or self._closed or lifecycle.state is MoneyState.NOT_SENT:
                 # Closing, or nothing left yet: abort (the job's error says which).
@@ -626,7 +626,6 @@ class DreamOClient:
             else:
                 self._watch(job, None, create, "was cancelled while its create was in flight")
             raise
-        task = create.result()
         logger.info("created task %s (%s; X-Request-Id %s)", task.id, task.raw_status, request_id)
         return task
 
