@@ -5,7 +5,8 @@
 ``run_many`` keeps about ``2 * max_concurrency`` jobs in hand: enough that a
 free job slot never waits for the input iterable, few enough that a generator
 of a million requests is never materialised. Every job ends as a result or an
-error in a :class:`BatchItem`; nothing is dropped.
+error in a :class:`BatchItem`; nothing is dropped. With ``return_exceptions=False``
+every result already in hand is yielded before the first error is raised.
 """
 
 from __future__ import annotations
@@ -93,11 +94,15 @@ async def run_many(
                 pending_items.extend(refill())
             pending_items.sort(key=lambda item: item.index)
             outgoing, pending_items = pending_items, []
-            for item in outgoing:
+            for position, item in enumerate(outgoing):
                 done += 1
                 if item.error is not None:
                     failed += 1
                     if not return_exceptions:
+                        # Paid results are never dropped: every job that finished well is
+                        # yielded (by index) before the error is raised.
+                        for extra in _finished_well(outgoing[position + 1 :], held, running):
+                            yield extra
                         raise item.error
                 elif item.result is not None and item.result.cost is not None:
                     cost += item.result.cost
@@ -119,3 +124,21 @@ async def run_many(
             job.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+
+
+def _finished_well(
+    rest: list[BatchItem],
+    held: dict[int, BatchItem],
+    running: dict[asyncio.Task[Any], tuple[int, GenerationRequest]],
+) -> list[BatchItem]:
+    """The successful items not yielded yet: the rest of this round, those held for
+    order, and jobs that finished but were not collected. By index."""
+    from .client import BatchItem
+
+    items = [item for item in (*rest, *held.values()) if item.ok]
+    held.clear()
+    for job, (index, request) in list(running.items()):
+        if job.done() and not job.cancelled() and job.exception() is None:
+            items.append(BatchItem(index=index, request=request, result=job.result()))
+            del running[job]
+    return sorted(items, key=lambda item: item.index)

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import errno
 import inspect
 import io
 import os
+import stat
 import sys
 import threading
 import warnings
@@ -59,6 +61,7 @@ __all__ = [
     "ImageSource",
     "PreparedImages",
     "check_local_image",
+    "check_paths_readable",
     "classify_images",
     "inspect_image",
     "live_payload_count",
@@ -229,10 +232,12 @@ def _classify_str(index: int, item: str) -> ImageSource:
     lowered = item[:16].lower()
     if lowered.startswith(("http://", "https://")):
         label = _url_label(item)
+        _check_sendable(index, label, item)
         if not urlsplit(item).hostname:
             raise _error(index, label, "is a URL without a host")
         return ImageSource(index, "url", item, label)
     if lowered.startswith("data:"):
+        _check_sendable(index, "<data URI>", item)
         _check_data_uri(index, item)
         return ImageSource(index, "data_uri", item, "<data URI>")
     scheme, sep, rest = item.partition(":")
@@ -258,6 +263,20 @@ def _classify_str(index: int, item: str) -> ImageSource:
             "(data:image/jpeg;base64,...)",
         )
     return ImageSource(index, "path", item, os.path.basename(item) or item)
+
+
+def _check_sendable(index: int, label: str, text: str) -> None:
+    """Refuse text that cannot be sent as UTF-8 (a lone surrogate): the create would crash.
+
+    Paths are not checked: a file name may hold surrogate escapes and still open.
+    """
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise _error(
+                index, label, f"holds a character that cannot be sent ({exc.reason} at {exc.start})"
+            ) from None
 
 
 def _file_label(item: object) -> str:
@@ -652,6 +671,36 @@ def _encode_all(
     return tuple(encoded), tuple(infos), notes
 
 
+def check_paths_readable(sources: Sequence[ImageSource]) -> None:
+    """Refuse a path input that does not exist, is a directory or cannot be read.
+
+    A stat and an access check, no read (blocking: call it in a worker thread). The
+    client runs it before a job queues, so a typo is reported at once, not when the
+    job gets its slot; the full check of the bytes comes when the job runs.
+    """
+    for source in sources:
+        if source.kind != "path":
+            continue
+        path = source.value
+        try:
+            if stat.S_ISDIR(os.stat(path).st_mode):  # type: ignore[arg-type]  # str/PathLike
+                raise IsADirectoryError(path)
+            if not os.access(path, os.R_OK):  # type: ignore[arg-type]
+                raise PermissionError(errno.EACCES, "permission denied")
+        except OSError as exc:
+            raise _os_error(source, exc) from None
+
+
+def _os_error(source: ImageSource, exc: OSError) -> ImageError:
+    """An ImageError for a file that could not be opened or read."""
+    if isinstance(exc, FileNotFoundError):
+        return _error(source.index, source.label, "does not exist (no such file)")
+    if isinstance(exc, IsADirectoryError):
+        return _error(source.index, source.label, "is a directory, not a file")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return _error(source.index, source.label, f"could not be read: {reason}")
+
+
 def check_local_image(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
     """Read and check one local image as a job will (blocking I/O: not on the loop).
 
@@ -693,13 +742,10 @@ def _load(source: ImageSource, cap: int, limits: Limits, fit: bool) -> bytes | m
         return _read_file_object(source.value, source, cap)
     except _Oversized as exc:
         raise _error(source.index, source.label, _too_large(exc.size, cap, limits, fit)) from None
-    except FileNotFoundError:
-        raise _error(source.index, source.label, "does not exist (no such file)") from None
-    except IsADirectoryError:
-        raise _error(source.index, source.label, "is a directory, not a file") from None
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise _os_error(source, exc) from None
     except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise _error(source.index, source.label, f"could not be read: {reason}") from exc
+        raise _os_error(source, exc) from exc
 
 
 def _as_view(value: object) -> bytes | memoryview:
@@ -752,19 +798,42 @@ def _thread_buffer(size: int) -> memoryview:
 
 
 def _read_file_object(handle: object, source: ImageSource, cap: int) -> bytes:
-    """Read from the current position, then restore it, so a request can be prepared again."""
-    start: int | None = None
-    seekable = getattr(handle, "seekable", None)
-    if callable(seekable) and seekable():
-        start = handle.tell()  # type: ignore[attr-defined]
-    try:
-        data = _read_capped(handle, cap)
-    except TypeError as exc:  # read() returned text
-        raise _error(source.index, source.label, str(exc)) from None
-    finally:
-        if start is not None:
-            handle.seek(start)  # type: ignore[attr-defined]
+    """Read from the current position, then restore it, so a request can be prepared again.
+
+    Under the object's lock: jobs sharing one file object read it in turn from worker
+    threads, each from the same position, instead of interleaving their reads and seeks.
+    """
+    with _file_lock(handle):
+        start: int | None = None
+        seekable = getattr(handle, "seekable", None)
+        if callable(seekable) and seekable():
+            start = handle.tell()  # type: ignore[attr-defined]
+        try:
+            data = _read_capped(handle, cap)
+        except TypeError as exc:  # read() returned text
+            raise _error(source.index, source.label, str(exc)) from None
+        finally:
+            if start is not None:
+                handle.seek(start)  # type: ignore[attr-defined]
     return data
+
+
+#: One lock per file object being read (weakly held); objects that cannot be weakly
+#: referenced share _ANY_FILE_LOCK.
+_FILE_LOCKS: Final[weakref.WeakKeyDictionary[object, threading.Lock]] = weakref.WeakKeyDictionary()
+_FILE_LOCKS_GUARD: Final = threading.Lock()
+_ANY_FILE_LOCK: Final = threading.Lock()
+
+
+def _file_lock(handle: object) -> threading.Lock:
+    with _FILE_LOCKS_GUARD:
+        try:
+            lock = _FILE_LOCKS.get(handle)
+            if lock is None:
+                lock = _FILE_LOCKS[handle] = threading.Lock()
+        except TypeError:  # not weakly referenceable, or unhashable
+            return _ANY_FILE_LOCK
+        return lock
 
 
 def _read_capped(handle: object, cap: int) -> bytes:

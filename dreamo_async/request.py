@@ -103,7 +103,11 @@ def _to_rephraser(value: RephraserLevel | str | None) -> RephraserLevel | None:
 def _to_sources(value: Sequence[object] | ImageSource | object) -> tuple[ImageSource, ...]:
     if type(value) is list and value and type(value[0]) is not ImageSource:
         return classify_images(value)  # the common case: a list of the user's images
-    if isinstance(value, _BARE_IMAGE_TYPES) or not isinstance(value, Iterable):
+    if (
+        isinstance(value, _BARE_IMAGE_TYPES)
+        or not isinstance(value, Iterable)
+        or callable(getattr(value, "read", None))  # a file object is one image, not lines
+    ):
         # A single image passed bare: accept it as a list of one.
         value = [value]
     items = list(value)
@@ -234,6 +238,7 @@ def _check_prompt(prompt: object, limits: Limits) -> None:
         )
     if not prompt.strip():
         raise InvalidRequestError("prompt must not be empty", parameter="prompt")
+    _check_sendable("prompt", prompt)
     length = len(prompt)
     if limits.max_prompt_chars is not None and length > limits.max_prompt_chars:
         raise InvalidRequestError(
@@ -252,7 +257,26 @@ def _check_prompt(prompt: object, limits: Limits) -> None:
             warnings.warn(text, DreamOWarning, stacklevel=5)
 
 
+def _check_sendable(name: str, text: str) -> None:
+    """Refuse text that cannot be encoded as UTF-8 (a lone surrogate, say ``"\\ud800"``),
+    which would otherwise crash the create after the job took its slot."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(
+                f"{name} holds a character that cannot be sent "
+                f"({text[exc.start]!r} at position {exc.start}: {exc.reason})",
+                parameter=name,
+            ) from None
+
+
 def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
+    if not isinstance(request.model, str):
+        raise InvalidRequestError(
+            f"model must be a string; got {type(request.model).__name__}", parameter="model"
+        )
+    _check_sendable("model", request.model)
     if request.model not in _MODELS:
         raise InvalidRequestError(
             f"model must be one of {', '.join(_MODELS)}; got {request.model!r}",

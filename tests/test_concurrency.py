@@ -19,7 +19,7 @@ import pytest
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 
-from .conftest import assert_no_more_requests, eventually
+from .conftest import assert_no_more_requests, eventually, landed
 from .helpers import KEY, client_for
 
 PNG = make_png(32, 32)
@@ -54,12 +54,27 @@ def leftovers(client: d.DreamOClient) -> dict[str, int]:
 async def cancel_and_check_silence(
     job: asyncio.Task[Any], server: FakeDreamOServer, client: d.DreamOClient
 ) -> None:
-    """Cancel ``job``; then no request may reach the server, and nothing is left over."""
+    """Cancel ``job``; it sends no new create, its task is watched until it ends, and
+    then no request reaches the server and nothing is left over."""
+    creates = server.stats.create_requests
     job.cancel()
     with pytest.raises(asyncio.CancelledError):
         await job
-    await assert_no_more_requests(server, quiet=0.15)  # several poll intervals
+    await finish_watched(server, client)
+    assert server.stats.create_requests == creates
     assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
+
+
+async def finish_watched(server: FakeDreamOServer, client: d.DreamOClient) -> None:
+    """End every task at the service; the client's watchers then stop, and so do requests."""
+
+    def ended() -> bool:
+        for task_id in list(server.tasks):  # creates of cancelled jobs may still land
+            server.finish_task(task_id)
+        return client.statistics().tasks_watched == 0 and not client._background
+
+    await eventually(ended)
+    await assert_no_more_requests(server, quiet=0.1)
 
 
 async def test_gather_holds_slots_rate_and_creates_once(server: FakeDreamOServer) -> None:
@@ -124,7 +139,8 @@ async def test_asyncio_timeout_and_anyio_fail_after_behave(server: FakeDreamOSer
         with pytest.raises(TimeoutError):
             with anyio.fail_after(0.1):
                 await client.generate(prompt="p [never]", images=[PNG])
-        await assert_no_more_requests(server)
+        assert client.statistics().tasks_watched == 2  # both paid tasks left a trace
+        await finish_watched(server, client)
         assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
         # the task is not cancelled for good: the client keeps working
         assert (await client.generate(prompt="after", images=[PNG])).task_id
@@ -172,9 +188,9 @@ async def test_generate_many_pulls_lazily_from_an_endless_generator(
             if len(got) == 10:
                 break
         await stream.aclose()
+        await finish_watched(server, client)  # the cancelled jobs' tasks were watched
         assert leftovers(client)["tasks"] == 0
     assert pulled <= 10 + 4 * 3  # what was yielded plus a window of about 2 x slots
-    await assert_no_more_requests(server, quiet=0.05)
 
 
 async def test_generate_many_ordered_with_progress_and_failures(server: FakeDreamOServer) -> None:
@@ -214,7 +230,10 @@ async def test_generate_many_without_return_exceptions_raises_and_stops(
         with pytest.raises(d.TaskFailedError):
             async for _ in client.generate_many(requests, return_exceptions=False):
                 pass
-        await assert_no_more_requests(server)  # the other jobs were cancelled
+        await landed()  # a create in flight at the raise goes on (and is watched)
+        creates = server.stats.create_requests
+        await finish_watched(server, client)  # the other jobs were cancelled, tasks watched
+        assert server.stats.create_requests == creates
         assert leftovers(client) == dict.fromkeys(leftovers(client), 0)
 
 

@@ -110,16 +110,18 @@ async def test_a_caller_that_disconnects_cancels_its_job(framework: str) -> None
     async with threaded_fake_server(task_duration_ms=60) as fake:
         client = make_client(fake)
         async with SERVE[framework](client) as url, aiohttp.ClientSession() as http:
-            body = {"prompt": "p [never]", "images": [image_url(fake)]}
+            body = {"prompt": "p [slow:600]", "images": [image_url(fake)]}
             caller = asyncio.create_task(http.post(url, json=body))
             await eventually(lambda: fake.stats.polls >= 2)
             assert client.statistics().jobs_running == 1
             caller.cancel()  # the caller hangs up
             with pytest.raises(asyncio.CancelledError):
                 await caller
+            # the paid task keeps its slot and is watched until it ends, then nothing polls
+            await eventually(lambda: client.statistics().tasks_watched == 1)
             await eventually(lambda: client.statistics().jobs_running == 0)
-            # several poll intervals: nobody polls the abandoned task
             await assert_no_more_requests(fake, quiet=0.2)
+            assert fake.stats.create_requests == 1
             # and the app still serves the next caller
             ok = {"prompt": "p", "images": [image_url(fake)]}
             async with http.post(url, json=ok) as response:
