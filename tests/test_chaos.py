@@ -6,12 +6,19 @@ it at length (``fuzz/chaos.py``). ``pytest -s`` prints the table.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import aiohttp
 import attrs
 import pytest
 
 import dreamo_async as d
 from dreamo_async.testing import ChaosConfig, FakeDreamOServer, Fault, make_png, run_chaos
+from dreamo_async.testing._chaos import ChaosReport
+
+from .conftest import eventually
 
 #: Every way a job may end. Anything else (a bare aiohttp or asyncio exception, a
 #: KeyError from a parser...) escapes run_chaos and fails the test.
@@ -200,3 +207,59 @@ async def test_an_html_502_on_a_poll_is_retried_and_a_create_5xx_is_never_resent
             await client.submit(prompt="q", images=[PNG])
     assert server.stats.creates_by_prompt["q"] == 1
     assert server.stats.create_requests == 2
+
+
+# --------------------------------------------------------------------- the money faults
+
+
+async def test_429_storms_without_hints_lose_no_job_and_pay_nothing_twice() -> None:
+    config = ChaosConfig(seed=5, hintless_storm=0.02, storm_length=10)
+    report = await run_chaos(150, config=config, trace_memory=False)
+    print("\n" + report.table())
+    assert {"create:hintless_storm", "poll:hintless_storm"} <= set(report.faults)
+    assert report.problems() == []
+
+
+async def test_a_slow_answer_is_sent_after_the_task_is_made(
+    dreamo_server: FakeDreamOServer,
+) -> None:
+    dreamo_server.inject("create", Fault.slow_answer(300))
+    async with await _client(dreamo_server) as client:
+        submit = asyncio.create_task(client.submit(prompt="p", images=[PNG]))
+        await eventually(lambda: dreamo_server.stats.creates == 1)
+        assert not submit.done()  # the task exists; its answer is still 300 ms away
+        task = await submit
+    assert task.id in dreamo_server.tasks
+
+
+async def test_an_unexpected_2xx_fault_makes_the_task_then_answers_empty(
+    dreamo_server_factory: object,
+) -> None:
+    server = await dreamo_server_factory(  # type: ignore[operator]
+        chaos_config=ChaosConfig(unexpected_2xx=1.0, endpoints=("create",), seed=1)
+    )
+    async with await _client(server) as client:
+        for _ in range(12):
+            with contextlib.suppress(d.DreamOError):  # how the client reads it is not tested here
+                await client.submit(prompt="p", images=[PNG])
+    assert server.stats.creates == server.stats.create_requests  # each one made its task
+    assert set(server.stats.status_codes) == {202, 203, 204}
+    assert set(server.stats.faults) == {
+        "create:unexpected_202",
+        "create:unexpected_203",
+        "create:unexpected_204",
+    }
+
+
+def test_a_request_the_limiter_never_saw_is_a_problem_of_the_run() -> None:
+    base: dict[str, Any] = {
+        "jobs": 1, "outcomes": {"GenerationResult": 1}, "errors_with_task_id": {},
+        "faults": {}, "tasks_created": 1, "unaccounted_tasks": 0,
+        "max_creates_per_request_id": 1, "max_creates_per_prompt": 1, "create_requests": 1,
+        "polls": 1, "seconds": 1.0, "memory_growth": 0, "tasks_before": 1, "tasks_after": 1,
+        "fds_before": 3, "fds_after": 3,
+    }  # fmt: skip
+    assert ChaosReport(**base, max_requests_per_second=9, rate_budget=None).problems() == []
+    assert ChaosReport(**base, max_requests_per_second=9, rate_budget=9).problems() == []
+    (problem,) = ChaosReport(**base, max_requests_per_second=10, rate_budget=9).problems()
+    assert "10 requests in one second" in problem
