@@ -5,8 +5,14 @@ Every job's state is written to the journal the moment it changes::
     queued ──► sending ──► created ──► completed   (result JSON, downloaded files)
                   │           │
                   │           └──────► failed      (the task failed at the service)
-                  └──► unknown                     (the create answer was lost)
+                  └──► unknown                     (the create may have made a task)
     queued ──► failed                              (refused before any task existed)
+
+How a job that ended by an error is journalled is decided in one place, from its money
+state (:func:`job_outcome`, :func:`journal_state`), never from the error's class: any
+exception, of any type, ends its job alone; once the create left and nothing proves the
+service refused it, the job is ``unknown`` (a client closed mid-create, a bug reading
+the answer); once a task exists, it stays ``created`` unless the service said it failed.
 
 * ``sending`` is written, durably, *before* the create request leaves (the
   client's ``before_send`` hook), with the ``X-Request-Id`` it carries. A crash
@@ -84,11 +90,14 @@ __all__ = [
     "BatchJob",
     "BatchReport",
     "BatchState",
+    "JobOutcome",
     "JobRow",
     "JobState",
     "JobsFileError",
     "Journal",
     "JournalError",
+    "job_outcome",
+    "journal_state",
     "load_jobs",
     "run_batch",
     "write_results",
