@@ -42,7 +42,11 @@ EVERY_FAULT = {
     "create:invalid_json",
     "create:wrong_shape",
     "create:slow",
+    "create:slow_answer",
     "create:create_then_5xx",
+    "create:unexpected_202",
+    "create:unexpected_203",
+    "create:unexpected_204",
     "create:rate_limit_storm",
     "poll:drop_before_body",
     "poll:drop_after_body",
@@ -52,6 +56,7 @@ EVERY_FAULT = {
     "poll:invalid_json",
     "poll:wrong_shape",
     "poll:slow",
+    "poll:slow_answer",
     "poll:rate_limit_storm",
     "task:never_finish",
     "task:vanish",
@@ -64,12 +69,18 @@ async def test_500_jobs_under_every_fault_at_once_end_typed_and_nothing_is_lost(
     report = await run_chaos(500, config=ChaosConfig.everything(0.03, seed=7, slow_ms=200))
     print("\n" + report.table())
 
-    assert set(report.faults) == EVERY_FAULT  # every fault of the issue struck
+    # every fault of the issue struck; the few storms without hints fall on creates or on
+    # polls as the timing goes (test_429_storms_without_hints... has both)
+    hintless = {"create:hintless_storm", "poll:hintless_storm"}
+    assert EVERY_FAULT <= set(report.faults) <= EVERY_FAULT | hintless
+    assert set(report.faults) & hintless
     assert report.faults_injected > 300
     assert sum(report.outcomes.values()) == 500
     assert report.lost == 0
     assert set(report.outcomes) <= ALLOWED_OUTCOMES
-    assert report.outcomes["GenerationResult"] > 250
+    # More faults strike than before issue 13 (unexpected 2xx, slow answers, storms without
+    # hints, each pausing the client): fewer clean results; the money invariants below hold.
+    assert report.outcomes["GenerationResult"] > 150
     # each error kind the faults must produce did occur
     assert {"CreateOutcomeUnknownError", "TaskTimeoutError", "NotFoundError"} <= set(
         report.outcomes
@@ -263,3 +274,49 @@ def test_a_request_the_limiter_never_saw_is_a_problem_of_the_run() -> None:
     assert ChaosReport(**base, max_requests_per_second=9, rate_budget=9).problems() == []
     (problem,) = ChaosReport(**base, max_requests_per_second=10, rate_budget=9).problems()
     assert "10 requests in one second" in problem
+
+
+# ------------------------------------------- waiting on the transport and client fixes
+
+
+@pytest.mark.slow
+async def test_a_client_closed_while_slow_creates_are_in_flight_leaves_no_task_unaccounted() -> (
+    None
+):
+    """aclose() while 50 creates wait for their answers: each task the service made is
+    named by its job's error (the request id of an unknown outcome). Needs the client to
+    raise CreateOutcomeUnknownError, with the request id, for a create closed mid-flight."""
+    config = ChaosConfig(seed=5, slow_answer=0.5, slow_ms=1000, endpoints=("create",))
+    report = await run_chaos(
+        150, config=config, close_after=0.3, read_timeout=3.0, job_timeout=5.0,
+        trace_memory=False,
+    )  # fmt: skip
+    print("\n" + report.table())
+    assert report.faults["create:slow_answer"] > 20
+    assert report.lost == 0
+    assert report.problems() == []
+
+
+async def test_unexpected_2xx_create_answers_leave_no_task_unaccounted() -> None:
+    """202/203/204 with an empty body after the task was made: outcome unknown, never a
+    refusal. Needs the transport's status handling (issue 13, case 2)."""
+    config = ChaosConfig(seed=5, unexpected_2xx=0.2, endpoints=("create",))
+    report = await run_chaos(150, config=config, trace_memory=False)
+    print("\n" + report.table())
+    assert {"create:unexpected_202", "create:unexpected_203", "create:unexpected_204"} <= set(
+        report.faults
+    )
+    assert report.problems() == []
+
+
+@pytest.mark.slow
+async def test_dropped_polls_are_never_re_sent_behind_the_limiters_back() -> None:
+    """Every request that reaches the service took a rate slot, dropped polls included.
+    Needs the transport to stop aiohttp's silent re-send of a GET (issue 13, case 6)."""
+    config = ChaosConfig(seed=5, drop_before_body=0.3, endpoints=("poll",))
+    report = await run_chaos(
+        100, config=config, requests_per_second=100, job_timeout=10.0, trace_memory=False
+    )
+    print("\n" + report.table())
+    assert report.faults["poll:drop_before_body"] > 20
+    assert report.problems() == []

@@ -143,7 +143,8 @@ class ChaosConfig:
     ) -> ChaosConfig:
         """Every fault at once, each per-request fault with probability ``rate``.
 
-        Storms start ten times less often (each lasts ``storm_length`` requests).
+        Storms (with and without ``Retry-After``) start ten times less often (each lasts
+        ``storm_length`` requests).
         """
         return cls(
             seed=seed,
@@ -155,8 +156,11 @@ class ChaosConfig:
             wrong_shape=rate,
             slow=rate / 2,
             slow_ms=slow_ms,
+            slow_answer=rate / 2,
             create_then_5xx=rate,
+            unexpected_2xx=rate,
             rate_limit_storm=rate / 10,
+            hintless_storm=rate / 10,
             never_finish=rate,
             vanish=rate,
         )
@@ -532,6 +536,7 @@ def _chaos_client(
 ) -> DreamOClient:
     """A client with short timeouts and millisecond retry and poll delays."""
     import aiohttp
+    from attrs import fields_dict as _fields
 
     from ..client import DreamOClient
     from ..polling import PollPolicy
@@ -542,7 +547,15 @@ def _chaos_client(
         base_url=url,
         max_concurrency=concurrency,
         poll=PollPolicy(initial_delay=0.002, max_delay=0.01, timeout=job_timeout),
-        retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01, max_retry_after=1.0),
+        retry=RetryPolicy(
+            max_attempts=4,
+            initial_delay=0.001,
+            max_delay=0.01,
+            max_retry_after=1.0,
+            # The pause after a 429 without a hint, in the same millisecond scale as the
+            # other delays (a policy without that knob has no such pause).
+            **({"rate_limit_pause": 0.01} if "rate_limit_pause" in _fields(RetryPolicy) else {}),
+        ),
         request_timeout=aiohttp.ClientTimeout(sock_connect=1.0, sock_read=read_timeout),
         requests_per_second=requests_per_second,
         burst=1,
