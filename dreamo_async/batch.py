@@ -5,8 +5,14 @@ Every job's state is written to the journal the moment it changes::
     queued ──► sending ──► created ──► completed   (result JSON, downloaded files)
                   │           │
                   │           └──────► failed      (the task failed at the service)
-                  └──► unknown                     (the create answer was lost)
+                  └──► unknown                     (the create may have made a task)
     queued ──► failed                              (refused before any task existed)
+
+How a job that ended by an error is journalled is decided in one place, from its money
+state (:func:`job_outcome`, :func:`journal_state`), never from the error's class: any
+exception, of any type, ends its job alone; once the create left and nothing proves the
+service refused it, the job is ``unknown`` (a client closed mid-create, a bug reading
+the answer); once a task exists, it stays ``created`` unless the service said it failed.
 
 * ``sending`` is written, durably, *before* the create request leaves (the
   client's ``before_send`` hook), with the ``X-Request-Id`` it carries. A crash
@@ -37,6 +43,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -58,16 +65,17 @@ from .errors import (
     SERVICE_ERRORS,
     APIConnectionError,
     AuthenticationError,
-    CreateOutcomeUnknownError,
     DreamOError,
     InvalidRequestError,
     JobsFileError,
     JournalError,
+    MoneyState,
     NotFoundError,
     TaskFailedError,
     TaskTimeoutError,
 )
 from .images import ImageSource, check_local_image, classify_images
+from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
 from .request import GenerationRequest
@@ -82,17 +90,21 @@ __all__ = [
     "BatchJob",
     "BatchReport",
     "BatchState",
+    "JobOutcome",
     "JobRow",
     "JobState",
     "JobsFileError",
     "Journal",
     "JournalError",
+    "job_outcome",
+    "journal_state",
     "load_jobs",
     "run_batch",
     "write_results",
 ]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("dreamo_async")
 
 JobState = Literal["queued", "sending", "created", "completed", "failed", "unknown"]
 #: The keys a job line may have: the keywords of ``generate`` (``GenerationRequest``'s
@@ -201,6 +213,9 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     for key in ("prompt", "images"):
         if key not in data:
             raise ValueError(f"missing {key!r}")
+    for key, value in data.items():
+        if key != "images":  # local paths are never sent; URLs are checked below
+            _check_sendable(key, value)
     images = data["images"]
     if isinstance(images, str):
         images = [images]
@@ -210,6 +225,9 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
         sources = classify_images(images)  # refuses ftp://, file://, empty paths, ...
     except InvalidRequestError as exc:
         raise ValueError(str(exc)) from None
+    for n, source in enumerate(sources):
+        if source.kind != "path":
+            _check_sendable(f"images[{n}]", source.value)
     sources = tuple(_resolve(source, base) for source in sources)
     params = {**data, "images": [str(source.value) for source in sources]}
     try:
@@ -225,6 +243,26 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
             _check_image_file(source, limits)
             checked.add(path)
     return params
+
+
+def _check_sendable(key: str, value: object) -> None:
+    """Refuse text that cannot be encoded for the wire (a lone surrogate such as
+    ``"\\ud800"`` is valid JSON but not UTF-8), before anything is sent."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            raise ValueError(
+                f"{key!r} cannot be sent: it holds a lone surrogate {char!r} at position "
+                f"{exc.start} (not valid Unicode text)"
+            ) from None
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            _check_sendable(f"{key}[{n}]", item)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_sendable(f"{key}.{name}", item)
 
 
 def _resolve(source: ImageSource, base: Path) -> ImageSource:
@@ -768,8 +806,13 @@ class _Engine:
         self.download_slots = asyncio.Semaphore(2 * self.concurrency)
 
     def emit(self, kind: str, index: int, **details: Any) -> None:
+        """Tell ``on_event``; a failing callback is logged, it never ends a job or the run
+        (a broken progress display must not cost a paid result)."""
         if self.on_event is not None:
-            self.on_event(BatchEvent(kind, index, self.state, **details))
+            try:
+                self.on_event(BatchEvent(kind, index, self.state, **details))
+            except Exception:
+                logger.exception("the batch on_event callback failed on a %r event", kind)
 
     async def run(
         self, jobs: Sequence[BatchJob], *, retry_unknown: bool, retry_failed: bool
@@ -842,13 +885,6 @@ class _Engine:
         self.failed[code or "failed"] += 1
         self.emit("failed", index, task_id=task_id, code=code, message=message)
 
-    async def _record_failure(
-        self, index: int, state: JobState, code: str, message: str, task_id: str | None = None
-    ) -> None:
-        """Journal the job as ``state`` with its error, then count it and emit ``failed``."""
-        await self.journal.aupdate(index, state, error_code=code, error_message=message)
-        self._fail(index, code, message, task_id)
-
     def _count_unknown(self, index: int, request_id: str | None, message: str | None) -> None:
         """Count a job whose create outcome is unknown and emit ``unknown``."""
         self.unknown[index] = request_id
@@ -856,86 +892,114 @@ class _Engine:
         self.failed["unknown"] += 1
         self.emit("unknown", index, code="unknown", message=message)
 
-    def _stop_if_fatal(self, exc: DreamOError) -> None:
+    def _stop_if_fatal(self, exc: BaseException) -> None:
         """Stop the run (raise :class:`_Stop`) if ``exc`` means the service cannot be used."""
         if isinstance(exc, SERVICE_ERRORS):
             self.fatal = self.fatal or exc
             raise _Stop from None
 
+    async def _write(self, index: int, state: JobState, **fields: Any) -> None:
+        """Journal a change; a failed write ends the run (the journal is what keeps the
+        money safe), never just its job."""
+        try:
+            await self.journal.aupdate(index, state, **fields)
+        except Exception as exc:
+            raise _RunJournalError(str(exc)) from exc
+
+    async def _end(
+        self, index: int, exc: BaseException, job: JobLifecycle, *, phase: str | None = None
+    ) -> None:
+        """Journal, count and report a job ended by ``exc``, from its money state.
+
+        Every way a job can end goes through here (a refusal, a lost answer, a timeout,
+        a failed task, a download error, a bug), so the next run does with it what its
+        money state allows: poll a known task, report a create that may have made one,
+        run again a job that sent nothing. ``phase`` labels errors of one step
+        (``"invalid"``, ``"download"``) whatever their kind.
+        """
+        outcome = job_outcome(exc, job)
+        state = journal_state(outcome.money_state, task_id=outcome.task_id)
+        message = _message_of(exc, outcome.money_state)
+        if state == "unknown":
+            await self._write(
+                index,
+                "unknown",
+                request_id=outcome.request_id,
+                error_code="unknown",
+                error_message=message,
+            )
+            self._count_unknown(index, outcome.request_id, message)
+        else:
+            code = phase or _code_of(exc)
+            ids = {"task_id": outcome.task_id} if outcome.task_id is not None else {}
+            await self._write(index, state, error_code=code, error_message=message, **ids)
+            self._fail(index, code, message, outcome.task_id)
+        if not isinstance(exc, DreamOError):  # a bug (ours or a dependency's): keep its trace
+            logger.error("batch job %d ended by an unexpected error", index, exc_info=exc)
+        self._stop_if_fatal(exc)
+
     async def _job(self, job: BatchJob, row: JobRow) -> None:
-        client, journal, index = self.client, self.journal, job.index
-        task_id = row.task_id if row.state in ("created", "completed") else None
+        """One job from its journal row to a result handed to the downloads; any error
+        (of any type) ends this job alone, journalled by :meth:`_end`."""
+        life = _BatchLifecycle()
+        if row.state in ("created", "completed") and row.task_id is not None:
+            life.created(row.task_id)
+        try:
+            await self._create_and_poll(job, life)
+        except (_Stop, _RunJournalError):
+            raise
+        except Exception as exc:
+            await self._end(job.index, exc, life, phase="invalid" if life.invalid else None)
+
+    async def _create_and_poll(self, job: BatchJob, life: _BatchLifecycle) -> None:
+        client, index = self.client, job.index
         created: Task | None = None
-        if task_id is None:
+        if life.task_id is None:
             try:
                 request = client.build_request(**job.params)
-            except (InvalidRequestError, TypeError) as exc:  # TypeError: an unknown key
-                await self._record_failure(index, "failed", "invalid", str(exc))
-                return
+            except Exception:  # an unknown key (TypeError), a value out of range...
+                life.invalid = True
+                raise
 
             async def before_send(request_id: str) -> None:
-                await journal.aupdate(index, "sending", request_id=request_id, count_create=True)
+                await self._write(index, "sending", request_id=request_id, count_create=True)
+                life.sending(request_id)  # journalled first: only then may the body leave
 
-            try:
-                task = await client.submit(request, before_send=before_send)
-            except CreateOutcomeUnknownError as exc:
-                await journal.aupdate(
-                    index,
-                    "unknown",
-                    request_id=exc.request_id,
-                    error_code="unknown",
-                    error_message=str(exc),
-                )
-                self._count_unknown(index, exc.request_id, str(exc))
-                return
-            except DreamOError as exc:
-                # Refused before any task existed (the client raises these only then).
-                await self._record_failure(index, "failed", _code_of(exc), str(exc))
-                self._stop_if_fatal(exc)
-                return
-            task_id, created = task.id, task
-            await journal.aupdate(
-                index, "created", task_id=task_id, error_code=None, error_message=None
+            created = await client.submit(request, before_send=before_send)
+            life.created(created.id)
+            await self._write(
+                index, "created", task_id=created.id, error_code=None, error_message=None
             )
-            self.emit("created", index, task_id=task_id)
+            self.emit("created", index, task_id=created.id)
         if self.fatal is not None:
             raise _Stop
-        try:
-            result = await client.wait(
-                created or task_id,
-                timeout=self.timeout if self.timeout is not None else client.poll_policy.timeout,
-                on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
-            )
-        except TaskFailedError as exc:
-            code, text = exc.code or "failed", exc.message or str(exc)
-            await self._record_failure(index, "failed", code, text, task_id)
-            return
-        except NotFoundError as exc:
-            await self._record_failure(index, "failed", "not_found", str(exc), task_id)
-            return
-        except TaskTimeoutError as exc:
-            # The task may still finish: it stays "created", the next run polls it again.
-            await self._record_failure(index, "created", "timeout", str(exc), task_id)
-            return
-        except DreamOError as exc:
-            await self._record_failure(index, "created", _code_of(exc), str(exc), task_id)
-            self._stop_if_fatal(exc)
-            return
+        task_id = life.task_id
+        assert task_id is not None
+        result = await client.wait(
+            created or task_id,
+            timeout=self.timeout if self.timeout is not None else client.poll_policy.timeout,
+            on_poll=lambda t: self.emit("polled", index, task_id=t.id, task=t),
+        )
+        life.ended(failed=False)
         await self.download_slots.acquire()
-        download = asyncio.create_task(self._download(index, result))
+        download = asyncio.create_task(self._download(index, result, life))
         self.downloads.add(download)
         download.add_done_callback(self.downloads.discard)
 
-    async def _download(self, index: int, result: GenerationResult) -> None:
+    async def _download(
+        self, index: int, result: GenerationResult, life: JobLifecycle
+    ) -> None:
         try:
             try:
                 saved = await download_result(self.client, result, self.out, index)
-            except (DreamOError, OSError) as exc:  # OSError: disk full, read-only, permission
-                # The task is done and paid: keep it "created" so a re-run fetches it again.
-                await self._record_failure(index, "created", "download", str(exc), result.task_id)
+            except _RunJournalError:
+                raise
+            except Exception as exc:  # OSError: disk full, read-only, permission; or a bug
+                # The task is done and paid: it stays "created" so a re-run fetches it again.
+                await self._end(index, exc, life, phase="download")
                 return
             files = [path.name for path in saved]
-            await self.journal.aupdate(
+            await self._write(
                 index,
                 "completed",
                 result=json.dumps(_result_json(result), sort_keys=True),
@@ -952,6 +1016,67 @@ class _Engine:
             self.download_slots.release()
 
 
+class _BatchLifecycle(JobLifecycle):
+    """A job's lifecycle as the engine sees it, and whether its parameters were refused."""
+
+    __slots__ = ("invalid",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.invalid = False
+
+
+@attrs.frozen
+class JobOutcome:
+    """Where a job's money stood when an error ended it: what :func:`journal_state` reads."""
+
+    money_state: MoneyState
+    task_id: str | None
+    request_id: str | None
+
+
+def job_outcome(error: BaseException, job: JobLifecycle) -> JobOutcome:
+    """The money state of a job ended by ``error``: the error's own, completed by ``job``.
+
+    ``job`` is what the engine itself saw (the ``X-Request-Id`` it journalled as
+    ``sending``, the task id it holds). An error of any type may end a job; one that
+    carries no money state, or says "not sent" about another request than the one
+    that left, cannot prove that a create which left made nothing: its outcome is
+    unknown. A task id, from either side, means a task exists.
+    """
+    state: MoneyState = getattr(error, "money_state", MoneyState.NOT_SENT)
+    task_id: str | None = getattr(error, "task_id", None) or job.task_id
+    request_id: str | None = getattr(error, "request_id", None)
+    if (
+        job.state is MoneyState.SENDING
+        and state is MoneyState.NOT_SENT
+        and request_id != job.request_id
+    ):
+        state = MoneyState.OUTCOME_UNKNOWN
+    if getattr(error, "status", None) == 404 and task_id is not None:
+        # A poll answered that the task does not exist: its end, as far as anyone can tell.
+        state = MoneyState.FAILED
+    return JobOutcome(state, task_id, request_id or job.request_id)
+
+
+def journal_state(state: MoneyState, *, task_id: str | None) -> JobState:
+    """The journal state of a job that ended in money ``state``: what the next run does.
+
+    ``failed`` with a task: the task failed at the service, it stays failed (unless
+    ``retry_failed``). Any other known task: ``created``, polled (and fetched) again,
+    never created again. No task id but a create that may have made one: ``unknown``,
+    reported and never re-sent (unless ``retry_unknown``). Nothing sent: ``failed``,
+    run again (nothing was paid).
+    """
+    if state is MoneyState.FAILED:
+        return "failed"
+    if task_id is not None:
+        return "created"
+    if state is MoneyState.NOT_SENT:
+        return "failed"
+    return "unknown"
+
+
 def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
     """Indexes of completed jobs whose every image is still on disk (and still an image)."""
     return {
@@ -961,13 +1086,33 @@ def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
     }
 
 
+#: Labels of errors in reports and the journal's ``error_code``: what kind of error, for
+#: people. What the next run does with the job is read from its money state instead.
+_LABELS: Final = (
+    (TaskTimeoutError, "timeout"),
+    (NotFoundError, "not_found"),
+    (AuthenticationError, "auth"),
+    (APIConnectionError, "unreachable"),
+)
+
+
 def _code_of(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if isinstance(exc, AuthenticationError):
-        return "auth"
-    if isinstance(exc, APIConnectionError):
-        return "unreachable"
-    return str(code) if code else type(exc).__name__
+    for kind, label in _LABELS:
+        if isinstance(exc, kind):
+            return label
+    if code := getattr(exc, "code", None):
+        return str(code)
+    return "failed" if isinstance(exc, TaskFailedError) else type(exc).__name__
+
+
+def _message_of(exc: BaseException, state: MoneyState) -> str:
+    """The text journalled and reported for a job ended by ``exc``."""
+    if isinstance(exc, TaskFailedError) and exc.message:
+        return exc.message
+    text = str(exc) if isinstance(exc, DreamOError) else f"{type(exc).__name__}: {exc}"
+    if state in (MoneyState.SENDING, MoneyState.OUTCOME_UNKNOWN) and "a task may" not in text:
+        text += "; the create request had left, a task may have been created: not re-sent"
+    return text
 
 
 def _result_json(result: GenerationResult) -> dict[str, Any]:
@@ -987,7 +1132,9 @@ def write_results(rows: Iterable[JobRow], path: Path) -> None:
     folder), so the folder can be moved or shared as a whole.
     """
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
+    # backslashreplace: a lone surrogate (in a prompt no check refused) is written as
+    # its JSON escape, which reads back as the same text.
+    with open(temp, "w", encoding="utf-8", errors="backslashreplace") as handle:
         for row in rows:
             record = {
                 "index": row.index,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from .batch import BatchReport
@@ -47,6 +48,8 @@ EXIT_SERVICE: Final = 3
 EXIT_INTERRUPTED: Final = 130
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+#: ``--rps``: a number of requests per second, or ``"auto"``.
+_RateValue = float | Literal["auto"]
 
 try:
     import click
@@ -135,7 +138,70 @@ def _service_error(exc: BaseException) -> int | None:
     return EXIT_SERVICE if isinstance(exc, SERVICE_ERRORS) else None
 
 
+def _ended_text(error: BaseException, job: Any) -> str:
+    """What a user must know of a ``generate`` whose create ended by ``error`` (an error
+    or Ctrl-C): read from the job's money state, as the batch journal reads it."""
+    from .batch import job_outcome, journal_state
+
+    outcome = job_outcome(error, job)
+    state = journal_state(outcome.money_state, task_id=outcome.task_id)
+    if state == "created":
+        return f"task {outcome.task_id} exists: resume with: dreamo wait {outcome.task_id}"
+    if state == "unknown":
+        return (
+            f"a task may have been created (X-Request-Id {outcome.request_id}), and its id was "
+            "never received; it was not sent again. Check with the provider, quoting the "
+            "X-Request-Id, before running the same command again: that may pay twice"
+        )
+    if outcome.task_id is not None:  # the task ended failed at the service
+        return f"task {outcome.task_id} failed"
+    if outcome.request_id is None:
+        return "nothing was sent, no task was created"
+    return "the service created no task"
+
+
+def _writable_folder(option: str, folder: Path) -> None:
+    """Create ``folder`` if missing and prove it writable, before anything is sent:
+    a result paid for must have somewhere to go. A usage error (exit 2) otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe, name = tempfile.mkstemp(dir=folder, prefix=".dreamo-probe-")
+        os.close(probe)
+        os.unlink(name)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise click.BadParameter(
+            f"cannot write into {folder}: {reason} (nothing was sent)", param_hint=f"'{option}'"
+        ) from None
+
+
 if click is not None:
+
+    def _out_folder(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+        """Click callback of ``--out``: the folder exists (created) and is writable."""
+        if value is not None:
+            _writable_folder("--out", value)
+        return value
+
+    class _Rate(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.5 on
+        """``--rps``: requests per second (> 0), or ``auto`` (learned from the service's 429s)."""
+
+        name = "rate"
+
+        def convert(
+            self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+        ) -> _RateValue:
+            if isinstance(value, str) and value.strip().lower() == "auto":
+                return "auto"
+            try:
+                rate = float(value)
+            except (TypeError, ValueError):
+                rate = math.nan
+            if not 0 < rate < math.inf:
+                self.fail(f"{value!r} is not a rate: give a number > 0 or 'auto'", param, ctx)
+            return rate
+
+    _RATE = _Rate()
 
     def _common(fn: _F) -> _F:
         """Options every command that talks to the service takes."""
@@ -188,7 +254,7 @@ if click is not None:
         api_key: str,
         base_url: str | None,
         concurrency: int = 4,
-        rps: float | None = None,
+        rps: _RateValue | None = None,
         poll_interval: float = 1.0,
         timeout: float = 600.0,
         retries: int = 4,
@@ -201,7 +267,7 @@ if click is not None:
                 base_url=base_url,
                 max_concurrency=concurrency,
                 requests_per_second=rps,
-                burst=max(1, int(rps or 1)),
+                burst=max(1, int(rps)) if isinstance(rps, float) else 1,
                 poll=d.PollPolicy(
                     initial_delay=poll_interval,
                     max_delay=max(10.0, poll_interval),
@@ -268,7 +334,7 @@ if click is not None:
         type=click.Path(file_okay=False, path_type=Path),
         default=Path("."),
         show_default=True,
-        help="Folder for the result images.",
+        help="Folder for the result images (created if missing).",
     )
     @_polling
     @_common
@@ -291,7 +357,9 @@ if click is not None:
         params["images"] = list(images)
         if ref_types:
             params["ref_types"] = [r.upper() for r in ref_types]
-        created: list[str] = []
+        from .lifecycle import JobLifecycle
+
+        job = JobLifecycle()  # what the interrupt hint reads: sent? created?
         _run(
             lambda: _generate(
                 params,
@@ -302,9 +370,9 @@ if click is not None:
                 timeout,
                 poll_interval,
                 retries,
-                created,
+                job,
             ),
-            lambda: f"resume with: dreamo wait {created[0]}" if created else "no task was created",
+            lambda: _ended_text(KeyboardInterrupt(), job),
         )
 
     async def _generate(
@@ -316,7 +384,7 @@ if click is not None:
         timeout: float,
         poll_interval: float,
         retries: int,
-        created: list[str],
+        job: Any,
     ) -> int:
         import dreamo_async as d
         from dreamo_async.download import download_result
@@ -335,11 +403,18 @@ if click is not None:
                 request = client.build_request(**params)
             except d.InvalidRequestError as exc:
                 raise _Exit(EXIT_USAGE, str(exc)) from None
+            # A paid result must have somewhere to go: checked before the create is sent.
+            await asyncio.to_thread(_writable_folder, "--out", out)
+
+            async def before_send(request_id: str) -> None:
+                job.sending(request_id)  # from here on, Ctrl-C says a task may exist
+
             try:
-                task = await client.submit(request)
+                task = await client.submit(request, before_send=before_send)
             except d.DreamOError as exc:
-                raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
-            created.append(task.id)
+                code = _service_error(exc) or EXIT_FAILED
+                raise _Exit(code, f"{exc}\n{_ended_text(exc, job)}") from None
+            job.created(task.id)
             err.print(f"task {task.id} created")
             try:
                 with _StatusLine(err, task) as line:
@@ -347,7 +422,7 @@ if click is not None:
                 files = await download_result(client, result, out)
             except d.TaskFailedError as exc:
                 raise _Exit(EXIT_FAILED, str(exc)) from None
-            except d.DreamOError as exc:
+            except (d.DreamOError, OSError) as exc:  # OSError: the disk filled up meanwhile
                 hint = f" (resume with: dreamo wait {task.id})"
                 raise _Exit(_service_error(exc) or EXIT_FAILED, f"{exc}{hint}") from None
         if as_json:
@@ -432,7 +507,8 @@ if click is not None:
         "--out",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Also download the result images into this folder.",
+        callback=_out_folder,
+        help="Also download the result images into this folder (created if missing).",
     )
     @_polling
     @_common
@@ -465,7 +541,7 @@ if click is not None:
                     with _StatusLine(err, None) as line:
                         result = await client.wait(task_id, on_poll=line.update)
                     files = [] if out is None else await download_result(client, result, out)
-                except d.DreamOError as exc:
+                except (d.DreamOError, OSError) as exc:
                     raise _Exit(_service_error(exc) or EXIT_FAILED, str(exc)) from None
             if as_json:
                 _print_json(
@@ -502,9 +578,10 @@ if click is not None:
     )
     @click.option(
         "--rps",
-        type=click.FloatRange(0, min_open=True),
+        type=_RATE,
         default=None,
-        help="Most API requests per second (creates and polls together).",
+        help="Most API requests per second (creates and polls together), or 'auto': "
+        "learned from the service's 429 answers.",
     )
     @click.option(
         "--journal",
@@ -528,7 +605,7 @@ if click is not None:
         jobs_file: Path,
         out: Path,
         concurrency: int,
-        rps: float | None,
+        rps: _RateValue | None,
         journal: Path | None,
         retry_unknown: bool,
         retry_failed: bool,
@@ -558,6 +635,9 @@ if click is not None:
                 err.print(f"... and {len(exc.problems) - 50} more")
             err.print("nothing was sent")
             raise SystemExit(EXIT_USAGE) from None
+        _writable_folder("--out", out)  # the jobs are fine: now their results need a home
+        if journal is not None:
+            _writable_folder("--journal", journal.parent)
 
         async def go() -> int:
             key = _read_key(api_key_file)
@@ -759,7 +839,7 @@ if click is not None:
     @cli.command()
     @click.option("--jobs", type=click.IntRange(1, 10_000), default=24, show_default=True)
     @click.option("--concurrency", type=click.IntRange(1, 512), default=6, show_default=True)
-    @click.option("--rps", type=click.FloatRange(0, min_open=True), default=20.0, show_default=True)
+    @click.option("--rps", type=_RATE, default=20.0, show_default=True)
     @click.option(
         "--task-ms",
         type=click.FloatRange(0),
@@ -771,11 +851,17 @@ if click is not None:
         "--out",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
+        callback=_out_folder,
         help="Keep the images here (default: a temporary folder, removed at the end).",
     )
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
     def demo(
-        jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
+        jobs: int,
+        concurrency: int,
+        rps: _RateValue,
+        task_ms: float,
+        out: Path | None,
+        as_json: bool,
     ) -> None:
         """The batch engine against the built-in fake service (no key, no network)."""
         _run(
@@ -784,7 +870,12 @@ if click is not None:
         )
 
     async def _demo(
-        jobs: int, concurrency: int, rps: float, task_ms: float, out: Path | None, as_json: bool
+        jobs: int,
+        concurrency: int,
+        rps: _RateValue,
+        task_ms: float,
+        out: Path | None,
+        as_json: bool,
     ) -> int:
         # Imported here: the library never imports its test seam; only this command does.
         from dreamo_async.batch import BatchJob
@@ -808,7 +899,7 @@ if click is not None:
         err = Console(stderr=True, highlight=False)
         err.print(
             f"[bold]dreamo demo[/bold]: {jobs} jobs against the built-in fake service "
-            f"(concurrency {concurrency}, {rps:g} requests/s, ~{task_ms:g} ms per task; "
+            f"(concurrency {concurrency}, {_rate_text(rps)} requests/s, ~{task_ms:g} ms per task; "
             f"{2 if jobs > 2 else 0} jobs are scripted to fail)"
         )
         with tempfile.TemporaryDirectory(prefix="dreamo-demo-") as scratch:
@@ -853,6 +944,10 @@ if click is not None:
         if code == EXIT_FAILED and report.failed == scripted:
             return EXIT_OK
         return code
+
+
+def _rate_text(rps: _RateValue) -> str:
+    return f"{rps:g}" if isinstance(rps, float) else str(rps)
 
 
 def _money(value: Decimal | None) -> str | None:

@@ -247,6 +247,7 @@ class TaskFailedError(DreamOError):
     """The task ended in a failure status. ``code`` is the provider's error code."""
 
     task_id: str
+    money_state = MoneyState.FAILED
 
     def __init__(self, task_id: str, code: str | None, message: str | None) -> None:
         self.task_id = task_id
@@ -273,6 +274,7 @@ class TaskTimeoutError(DreamOError, TimeoutError):
     """
 
     task_id: str
+    money_state = MoneyState.CREATED
 
     def __init__(self, task_id: str, timeout: float, last_status: str | None = None) -> None:
         self.task_id = task_id

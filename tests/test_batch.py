@@ -29,11 +29,17 @@ from dreamo_async.batch import (
     Journal,
     JournalError,
     _RunJournalError,
+    job_outcome,
+    journal_state,
     load_jobs,
     run_batch,
 )
 from dreamo_async.download import _PartFile, remove_stale_parts, result_stem, safe_component
+from dreamo_async.errors import MoneyState
+from dreamo_async.lifecycle import JobLifecycle
 from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
+
+from .conftest import eventually
 
 KEY = "sk-test-0123456789abcdef"
 FAST_POLL = d.PollPolicy(initial_delay=0.01, max_delay=0.05, jitter=0.0, timeout=10)
@@ -739,3 +745,176 @@ async def test_a_large_image_spills_to_disk_and_a_capped_one_leaves_nothing(
 def _journal_bytes(journal: Path) -> bytes:
     """Everything a journal wrote: the database, its WAL, shared memory and lock files."""
     return b"".join(path.read_bytes() for path in sorted(journal.parent.glob(journal.name + "*")))
+
+
+# --------------------------------------------------------------- the money state decides
+
+
+def rows_of(journal_path: Path) -> list[Any]:
+    with Journal(journal_path) as journal:
+        return journal.rows()
+
+
+async def test_a_client_closed_while_a_create_is_in_flight_journals_unknown_never_resent(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    """aclose() 0.1 s into a create whose answer takes 0.5 s: the task exists at the service;
+    the job is ``unknown`` with its request id, and the next run does not create it again."""
+    server.inject("create", Fault.slow_answer(500))
+    jobs = jobs_for(image, "a", "b")
+    client = client_for(server, max_concurrency=1)
+    async with client:
+        run = asyncio.create_task(run_batch(client, jobs, tmp_path / "j.db", tmp_path))
+        await eventually(lambda: server.stats.create_requests == 1)
+        await asyncio.sleep(0.1)
+        await client.aclose()
+        first = await run
+    await eventually(lambda: server.stats.creates == 1)  # the service made the task anyway
+    (task,) = server.tasks.values()
+    assert first.unknown == {0: task.request_id}
+    job0, job1 = rows_of(tmp_path / "j.db")
+    assert (job0.state, job0.request_id) == ("unknown", task.request_id)
+    assert job1.state == "failed"  # never sent: it runs on the next run
+    assert job1.creates == 0
+    async with client_for(server) as again:
+        second = await run_batch(again, jobs, tmp_path / "j.db", tmp_path)
+    assert second.unknown == {0: task.request_id}
+    assert second.completed == 1
+    assert server.stats.creates_by_prompt == {"a": 1, "b": 1}  # never paid twice
+
+
+async def test_a_run_cancelled_while_a_create_is_in_flight_is_not_resent(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    server.inject("create", Fault.slow_answer(500))
+    jobs = jobs_for(image, "a")
+    async with client_for(server) as client:
+        run = asyncio.create_task(run_batch(client, jobs, tmp_path / "j.db", tmp_path))
+        await eventually(lambda: server.stats.create_requests == 1)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await eventually(lambda: server.stats.creates == 1)
+        (task,) = server.tasks.values()
+        (row,) = rows_of(tmp_path / "j.db")
+        assert row.state in ("sending", "unknown")
+        assert row.request_id == task.request_id
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert again.unknown == {0: task.request_id}
+    assert server.stats.creates == 1
+
+
+ODD_TASK = {"id": "t-odd", "status": "pending", "created_at": "\u00b2"}  # a parser's ValueError
+
+
+async def test_an_unexpected_error_after_a_create_left_ends_its_job_alone_as_unknown(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    """A create answer whose reading raises a bare ValueError (any bug would do): the run
+    goes on, the job is ``unknown`` with its request id, no other job is left ``sending``."""
+    server.inject("create", Fault.wrong_shape(ODD_TASK))
+    jobs = jobs_for(image, "a", "b", "c", "d")
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        assert report.completed == 3
+        assert len(report.unknown) == 1
+        assert server.stats.creates == 4
+        rows = rows_of(tmp_path / "j.db")
+        assert sorted(r.state for r in rows) == ["completed"] * 3 + ["unknown"]
+        (odd,) = (r for r in rows if r.state == "unknown")
+        assert odd.request_id in {t.request_id for t in server.tasks.values()}
+        assert "ValueError" in (odd.error_message or "")
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert again.unknown == report.unknown
+    assert server.stats.creates == 4  # never re-sent
+
+
+async def test_an_unexpected_error_while_polling_keeps_the_task_for_the_next_run(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    server.inject("poll", Fault.wrong_shape(ODD_TASK))
+    jobs = jobs_for(image, "a", "b")
+    once = d.RetryPolicy(max_attempts=1)  # the odd answer is not read again
+    async with client_for(server, max_concurrency=1, retry=once) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+        assert report.completed == 1
+        job0 = rows_of(tmp_path / "j.db")[0]
+        assert job0.state == "created"
+        assert job0.task_id in server.tasks
+        again = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert again.ok
+    assert server.stats.creates_by_prompt == {"a": 1, "b": 1}
+
+
+async def test_text_that_cannot_be_sent_fails_its_job_alone_and_nothing_is_paid(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    jobs = jobs_for(image, "a", "a cat \ud800", "c")
+    async with client_for(server, max_concurrency=3) as client:
+        report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
+    assert report.completed == 2
+    assert report.unknown == {}
+    assert server.stats.creates_by_prompt == {"a": 1, "c": 1}
+    row = rows_of(tmp_path / "j.db")[1]
+    assert (row.state, row.creates, row.task_id) == ("failed", 0, None)
+
+
+async def test_a_failing_on_event_callback_costs_no_job(
+    server: FakeDreamOServer, image: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: BatchEvent) -> None:
+        raise RuntimeError("display crashed")
+
+    async with client_for(server) as client:
+        report = await run_batch(
+            client, jobs_for(image, "a", "b"), tmp_path / "j.db", tmp_path, on_event=broken
+        )
+    assert report.ok
+    assert "on_event callback failed" in caplog.text
+
+
+def test_load_jobs_refuses_text_that_cannot_be_sent_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "ref.png").write_bytes(PNG)
+    good = json.dumps({"prompt": "fine", "images": ["ref.png"]})
+    bad = json.dumps({"prompt": "a cat \ud800", "images": ["ref.png"]})  # "\\ud800" in JSON
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(f"{good}\n{bad}\n")
+    with pytest.raises(JobsFileError) as info:
+        load_jobs(jobs)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{jobs}:2: ")
+    assert "prompt" in problem
+    assert "surrogate" in problem
+
+
+@pytest.mark.parametrize(
+    ("state", "task_id", "expected"),
+    [
+        (MoneyState.NOT_SENT, None, "failed"),
+        (MoneyState.SENDING, None, "unknown"),
+        (MoneyState.OUTCOME_UNKNOWN, None, "unknown"),
+        (MoneyState.OUTCOME_UNKNOWN, "t1", "created"),
+        (MoneyState.CREATED, "t1", "created"),
+        (MoneyState.CREATED, None, "unknown"),
+        (MoneyState.COMPLETED, "t1", "created"),
+        (MoneyState.FAILED, "t1", "failed"),
+        (MoneyState.NOT_SENT, "t1", "created"),
+    ],
+)
+def test_the_journal_state_follows_the_money_state(
+    state: MoneyState, task_id: str | None, expected: str
+) -> None:
+    assert journal_state(state, task_id=task_id) == expected
+
+
+def test_an_error_that_cannot_prove_nothing_was_sent_is_unknown() -> None:
+    job = JobLifecycle()
+    job.sending("r1")
+    closed = d.ClientClosedError("closed")  # says nothing about request r1
+    assert job_outcome(closed, job).money_state is MoneyState.OUTCOME_UNKNOWN
+    assert job_outcome(KeyError("x"), job).request_id == "r1"
+    refused = d.RateLimitError("slow down", request_id="r1")  # the service refused r1
+    assert job_outcome(refused, job).money_state is MoneyState.NOT_SENT
+    job.created("t1")
+    assert job_outcome(closed, job).task_id == "t1"
+    assert journal_state(job_outcome(KeyError("x"), job).money_state, task_id="t1") == "created"

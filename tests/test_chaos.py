@@ -6,12 +6,19 @@ it at length (``fuzz/chaos.py``). ``pytest -s`` prints the table.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import aiohttp
 import attrs
 import pytest
 
 import dreamo_async as d
 from dreamo_async.testing import ChaosConfig, FakeDreamOServer, Fault, make_png, run_chaos
+from dreamo_async.testing._chaos import ChaosReport
+
+from .conftest import eventually
 
 #: Every way a job may end. Anything else (a bare aiohttp or asyncio exception, a
 #: KeyError from a parser...) escapes run_chaos and fails the test.
@@ -35,7 +42,11 @@ EVERY_FAULT = {
     "create:invalid_json",
     "create:wrong_shape",
     "create:slow",
+    "create:slow_answer",
     "create:create_then_5xx",
+    "create:unexpected_202",
+    "create:unexpected_203",
+    "create:unexpected_204",
     "create:rate_limit_storm",
     "poll:drop_before_body",
     "poll:drop_after_body",
@@ -45,6 +56,7 @@ EVERY_FAULT = {
     "poll:invalid_json",
     "poll:wrong_shape",
     "poll:slow",
+    "poll:slow_answer",
     "poll:rate_limit_storm",
     "task:never_finish",
     "task:vanish",
@@ -57,12 +69,18 @@ async def test_500_jobs_under_every_fault_at_once_end_typed_and_nothing_is_lost(
     report = await run_chaos(500, config=ChaosConfig.everything(0.03, seed=7, slow_ms=200))
     print("\n" + report.table())
 
-    assert set(report.faults) == EVERY_FAULT  # every fault of the issue struck
+    # every fault of the issue struck; the few storms without hints fall on creates or on
+    # polls as the timing goes (test_429_storms_without_hints... has both)
+    hintless = {"create:hintless_storm", "poll:hintless_storm"}
+    assert EVERY_FAULT <= set(report.faults) <= EVERY_FAULT | hintless
+    assert set(report.faults) & hintless
     assert report.faults_injected > 300
     assert sum(report.outcomes.values()) == 500
     assert report.lost == 0
     assert set(report.outcomes) <= ALLOWED_OUTCOMES
-    assert report.outcomes["GenerationResult"] > 250
+    # More faults strike than before issue 13 (unexpected 2xx, slow answers, storms without
+    # hints, each pausing the client): fewer clean results; the money invariants below hold.
+    assert report.outcomes["GenerationResult"] > 150
     # each error kind the faults must produce did occur
     assert {"CreateOutcomeUnknownError", "TaskTimeoutError", "NotFoundError"} <= set(
         report.outcomes
@@ -200,3 +218,105 @@ async def test_an_html_502_on_a_poll_is_retried_and_a_create_5xx_is_never_resent
             await client.submit(prompt="q", images=[PNG])
     assert server.stats.creates_by_prompt["q"] == 1
     assert server.stats.create_requests == 2
+
+
+# --------------------------------------------------------------------- the money faults
+
+
+async def test_429_storms_without_hints_lose_no_job_and_pay_nothing_twice() -> None:
+    config = ChaosConfig(seed=5, hintless_storm=0.02, storm_length=10)
+    report = await run_chaos(150, config=config, trace_memory=False)
+    print("\n" + report.table())
+    assert {"create:hintless_storm", "poll:hintless_storm"} <= set(report.faults)
+    assert report.problems() == []
+
+
+async def test_a_slow_answer_is_sent_after_the_task_is_made(
+    dreamo_server: FakeDreamOServer,
+) -> None:
+    dreamo_server.inject("create", Fault.slow_answer(300))
+    async with await _client(dreamo_server) as client:
+        submit = asyncio.create_task(client.submit(prompt="p", images=[PNG]))
+        await eventually(lambda: dreamo_server.stats.creates == 1)
+        assert not submit.done()  # the task exists; its answer is still 300 ms away
+        task = await submit
+    assert task.id in dreamo_server.tasks
+
+
+async def test_an_unexpected_2xx_fault_makes_the_task_then_answers_empty(
+    dreamo_server_factory: object,
+) -> None:
+    server = await dreamo_server_factory(  # type: ignore[operator]
+        chaos_config=ChaosConfig(unexpected_2xx=1.0, endpoints=("create",), seed=1)
+    )
+    async with await _client(server) as client:
+        for _ in range(12):
+            with contextlib.suppress(d.DreamOError):  # how the client reads it is not tested here
+                await client.submit(prompt="p", images=[PNG])
+    assert server.stats.creates == server.stats.create_requests  # each one made its task
+    assert set(server.stats.status_codes) == {202, 203, 204}
+    assert set(server.stats.faults) == {
+        "create:unexpected_202",
+        "create:unexpected_203",
+        "create:unexpected_204",
+    }
+
+
+def test_a_request_the_limiter_never_saw_is_a_problem_of_the_run() -> None:
+    base: dict[str, Any] = {
+        "jobs": 1, "outcomes": {"GenerationResult": 1}, "errors_with_task_id": {},
+        "faults": {}, "tasks_created": 1, "unaccounted_tasks": 0,
+        "max_creates_per_request_id": 1, "max_creates_per_prompt": 1, "create_requests": 1,
+        "polls": 1, "seconds": 1.0, "memory_growth": 0, "tasks_before": 1, "tasks_after": 1,
+        "fds_before": 3, "fds_after": 3,
+    }  # fmt: skip
+    assert ChaosReport(**base, max_requests_per_second=9, rate_budget=None).problems() == []
+    assert ChaosReport(**base, max_requests_per_second=9, rate_budget=9).problems() == []
+    (problem,) = ChaosReport(**base, max_requests_per_second=10, rate_budget=9).problems()
+    assert "10 requests in one second" in problem
+
+
+# ------------------------------------------- waiting on the transport and client fixes
+
+
+@pytest.mark.slow
+async def test_a_client_closed_while_slow_creates_are_in_flight_leaves_no_task_unaccounted() -> (
+    None
+):
+    """aclose() while 50 creates wait for their answers: each task the service made is
+    named by its job's error (the request id of an unknown outcome). Needs the client to
+    raise CreateOutcomeUnknownError, with the request id, for a create closed mid-flight."""
+    config = ChaosConfig(seed=5, slow_answer=0.5, slow_ms=1000, endpoints=("create",))
+    report = await run_chaos(
+        150, config=config, close_after=0.3, read_timeout=3.0, job_timeout=5.0,
+        trace_memory=False,
+    )  # fmt: skip
+    print("\n" + report.table())
+    assert report.faults["create:slow_answer"] > 20
+    assert report.lost == 0
+    assert report.problems() == []
+
+
+async def test_unexpected_2xx_create_answers_leave_no_task_unaccounted() -> None:
+    """202/203/204 with an empty body after the task was made: outcome unknown, never a
+    refusal. Needs the transport's status handling (issue 13, case 2)."""
+    config = ChaosConfig(seed=5, unexpected_2xx=0.2, endpoints=("create",))
+    report = await run_chaos(150, config=config, trace_memory=False)
+    print("\n" + report.table())
+    assert {"create:unexpected_202", "create:unexpected_203", "create:unexpected_204"} <= set(
+        report.faults
+    )
+    assert report.problems() == []
+
+
+@pytest.mark.slow
+async def test_dropped_polls_are_never_re_sent_behind_the_limiters_back() -> None:
+    """Every request that reaches the service took a rate slot, dropped polls included.
+    Needs the transport to stop aiohttp's silent re-send of a GET (issue 13, case 6)."""
+    config = ChaosConfig(seed=5, drop_before_body=0.3, endpoints=("poll",))
+    report = await run_chaos(
+        100, config=config, requests_per_second=100, job_timeout=10.0, trace_memory=False
+    )
+    print("\n" + report.table())
+    assert report.faults["poll:drop_before_body"] > 20
+    assert report.problems() == []

@@ -483,3 +483,107 @@ def test_ctrl_c_during_status_points_at_the_task_not_at_a_journal(
     assert run.exit_code == 130, run.output
     assert "dreamo status t123" in run.output
     assert "journal" not in run.output
+
+
+# --------------------------------------------------------------------------- money first
+
+
+def wait_for_create(service: Service, before: int) -> None:
+    deadline = time.monotonic() + 20
+    while service.stats()["create_requests"] == before:
+        assert time.monotonic() < deadline, "the create never reached the service"
+        time.sleep(0.01)
+
+
+def test_ctrl_c_during_the_create_of_generate_says_a_task_may_exist_and_names_its_request(
+    service: Service, tmp_path: Path
+) -> None:
+    from dreamo_async.testing import Fault
+
+    prompt = prompts(1)[0]
+    inject(service, "create", Fault.slow_answer(3000).to_dict())  # the task exists at once
+    before = service.stats()["create_requests"]
+    argv = [DREAMO, "generate", "-p", prompt, "-i", str(sample_images()[0])]
+    argv += ["--out", str(tmp_path), "--base-url", service.url]
+    process = subprocess.Popen(argv, env=env(), stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    wait_for_create(service, before)
+    time.sleep(0.2)  # the body is at the service; its answer is 3 s away
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=20) == 130, rest
+    process.stderr.close()
+    assert "no task was created" not in rest
+    assert "a task may have been created" in rest
+    assert service.creates_of([prompt]) == [1]
+    request_ids = service.stats()["creates_by_request_id"]
+    (named,) = set(re.findall(r"X-Request-Id ([0-9a-f]{32})", rest))
+    assert request_ids.get(named) == 1
+    assert "Check with the provider" in rest
+
+
+def test_ctrl_c_before_the_create_left_says_nothing_was_sent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    import dreamo_async as d
+    from dreamo_async.cli import cli
+
+    async def interrupted(self: d.DreamOClient, *args: Any, **kwargs: Any) -> d.Task:
+        raise KeyboardInterrupt  # before before_send: nothing left this machine
+
+    monkeypatch.setattr(d.DreamOClient, "submit", interrupted)
+    image = str(sample_images()[0])
+    argv = ["generate", "-p", "x", "-i", image, "--out", str(tmp_path)]
+    run = CliRunner().invoke(cli, argv, env=env())
+    assert run.exit_code == 130, run.output
+    assert "nothing was sent" in run.output
+
+
+def test_an_unusable_out_folder_is_a_usage_error_before_anything_is_sent(
+    service: Service, tmp_path: Path
+) -> None:
+    image = str(sample_images()[0])
+    names = prompts(1)
+    stats = service.stats()
+    generate = dreamo(
+        "generate", "-p", names[0], "-i", image, "--out", "/proc/nonexistent",
+        "--base-url", service.url,
+    )  # fmt: skip
+    assert generate.returncode == 2, generate.stderr
+    assert "cannot write into /proc/nonexistent" in generate.stderr
+    assert "Traceback" not in generate.stderr
+    wait = dreamo("wait", "t-123", "--out", "/proc/nonexistent", "--base-url", service.url)
+    assert wait.returncode == 2, wait.stderr
+    assert "cannot write into /proc/nonexistent" in wait.stderr
+    jobs = make_jobs(tmp_path, names)
+    batch = dreamo(*batch_args(service, jobs, Path("/proc/nonexistent")))
+    assert batch.returncode == 2, batch.stderr
+    assert "Traceback" not in batch.stderr
+    journal = dreamo(
+        *batch_args(service, jobs, tmp_path / "out", "--journal", "/proc/nonexistent/j.db")
+    )
+    assert journal.returncode == 2, journal.stderr
+    assert "--journal" in journal.stderr
+    after = service.stats()
+    assert after["create_requests"] == stats["create_requests"]  # nothing was sent
+    assert after["polls"] == stats["polls"]
+    created = dreamo(
+        "generate", "-p", names[0], "-i", image, "--out", str(tmp_path / "new" / "folder"),
+        "--base-url", service.url, "--poll-interval", "0.05",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr  # a missing folder is made, as before
+    assert len(list((tmp_path / "new" / "folder").glob("*.png"))) == 1
+
+
+def test_rps_auto_is_a_rate(service: Service, tmp_path: Path) -> None:
+    names = prompts(2)
+    jobs = make_jobs(tmp_path, names)
+    run = dreamo(*batch_args(service, jobs, tmp_path / "out", "--rps", "auto"))
+    assert run.returncode == 0, run.stderr
+    assert service.creates_of(names) == [1, 1]
+    for wrong in ("0", "-3", "fast", "inf"):
+        refused = dreamo(*batch_args(service, jobs, tmp_path / "out", "--rps", wrong))
+        assert refused.returncode == 2, (wrong, refused.stderr)
+        assert "give a number > 0 or 'auto'" in refused.stderr

@@ -22,9 +22,15 @@ one, from the seeded RNG, in arrival order):
 ``wrong_shape``         the work is done, then a 200 with JSON of no known shape
 ``slow``                the normal answer, ``slow_ms`` late (set it above the
                         client's read timeout)
+``slow_answer``         the work is done (a create makes its task), then the
+                        normal answer, ``slow_ms`` late: a client closed (or
+                        timed out) meanwhile never hears of the task
 ``create_then_5xx``     creates only: the task is made, then a 500 (or 503)
+``unexpected_2xx``      creates only: the task is made, then a 202, 203 or 204
+                        with an empty body (no documented answer)
 ``rate_limit_storm``    starts a storm: this and the next ``storm_length``
                         requests all get 429 with ``Retry-After``
+``hintless_storm``      the same storm, its 429s without ``Retry-After``
 ======================  ========================================================
 
 Per-task faults (drawn once when a task is created):
@@ -38,7 +44,10 @@ Per-task faults (drawn once when a task is created):
 Every fault used is counted in ``server.stats.faults`` under
 ``"<endpoint>:<name>"`` (``"task:never_finish"`` for per-task ones), so a run can
 report what it survived. :func:`run_chaos` drives a client through such a server
-and returns a :class:`ChaosReport`.
+and returns a :class:`ChaosReport`; it can also close the client while creates are in
+flight (``close_after``) and give the client a strict rate (``requests_per_second``),
+which every request reaching the service must keep to (no silent re-send of a dropped
+poll).
 """
 
 from __future__ import annotations
@@ -74,6 +83,9 @@ _HTML_503: Final = Fault.status(
     body="<!DOCTYPE html><html><body>Service Temporarily Unavailable</body></html>",
     content_type="text/html; charset=utf-8",
 ).named("html_503")
+_HINTLESS_429: Final = Fault.status(429, message="rate limit exceeded (storm, no hint)").named(
+    "hintless_storm"
+)
 #: JSON answers of no known shape (the task ``id`` is missing or of the wrong type).
 _WRONG_SHAPES: Final[tuple[object, ...]] = (
     {"result": ["not", "a task"]},
@@ -100,8 +112,11 @@ class ChaosConfig:
     slow: float = 0.0
     #: Delay of a ``slow`` answer; make it longer than the client's read timeout.
     slow_ms: float = 200.0
+    slow_answer: float = 0.0
     create_then_5xx: float = 0.0
+    unexpected_2xx: float = 0.0
     rate_limit_storm: float = 0.0
+    hintless_storm: float = 0.0
     #: Requests answered 429 after the one that started a storm.
     storm_length: int = 20
     #: ``Retry-After`` of a storm's answers, in seconds (fractional keeps tests fast).
@@ -128,7 +143,8 @@ class ChaosConfig:
     ) -> ChaosConfig:
         """Every fault at once, each per-request fault with probability ``rate``.
 
-        Storms start ten times less often (each lasts ``storm_length`` requests).
+        Storms (with and without ``Retry-After``) start ten times less often (each lasts
+        ``storm_length`` requests).
         """
         return cls(
             seed=seed,
@@ -140,8 +156,11 @@ class ChaosConfig:
             wrong_shape=rate,
             slow=rate / 2,
             slow_ms=slow_ms,
+            slow_answer=rate / 2,
             create_then_5xx=rate,
+            unexpected_2xx=rate,
             rate_limit_storm=rate / 10,
+            hintless_storm=rate / 10,
             never_finish=rate,
             vanish=rate,
         )
@@ -155,8 +174,11 @@ class ChaosConfig:
             "invalid_json": self.invalid_json,
             "wrong_shape": self.wrong_shape,
             "slow": self.slow,
+            "slow_answer": self.slow_answer,
             "create_then_5xx": self.create_then_5xx,
+            "unexpected_2xx": self.unexpected_2xx,
             "rate_limit_storm": self.rate_limit_storm,
+            "hintless_storm": self.hintless_storm,
         }
 
     def probabilities(self) -> dict[str, float]:
@@ -175,6 +197,7 @@ class ChaosState:
         self._rng = random.Random(config.seed)
         self._task_rng = random.Random(config.seed + 1)
         self._storm_left = 0
+        self._storm_hint = True
         self._names = list(config.request_probabilities())
         self._weights = list(config.request_probabilities().values())
 
@@ -194,6 +217,8 @@ class ChaosState:
         return None
 
     def _storm_fault(self) -> Fault:
+        if not self._storm_hint:
+            return _HINTLESS_429
         return Fault.status(
             429, retry_after=self.config.retry_after_s, message="rate limit exceeded (storm)"
         ).named("rate_limit_storm")
@@ -214,12 +239,20 @@ class ChaosState:
             return Fault.wrong_shape(self._rng.choice(_WRONG_SHAPES)).named(name)
         if name == "slow":
             return Fault.slow(config.slow_ms).named(name)
+        if name == "slow_answer":
+            return Fault.slow_answer(config.slow_ms).named(name)
         if name == "create_then_5xx":
             if endpoint != "create":
                 return None
             return Fault.create_then_500(self._rng.choice((500, 503))).named(name)
-        # rate_limit_storm
+        if name == "unexpected_2xx":
+            if endpoint != "create":
+                return None
+            status = self._rng.choice((202, 203, 204))
+            return Fault.create_then_500(status, body="").named(f"unexpected_{status}")
+        # rate_limit_storm, hintless_storm
         self._storm_left = config.storm_length
+        self._storm_hint = name == "rate_limit_storm"
         return self._storm_fault()
 
     def shape_task(self, task: FakeTask) -> str | None:
@@ -266,6 +299,10 @@ class ChaosReport:
     tasks_after: int
     fds_before: int
     fds_after: int
+    #: Most requests the service saw in any one second, and what the client's strict rate
+    #: allowed (``requests_per_second + burst``; ``None``: the client had no strict rate).
+    max_requests_per_second: int = 0
+    rate_budget: int | None = None
 
     @property
     def lost(self) -> int:
@@ -279,13 +316,19 @@ class ChaosReport:
         """The invariants this run broke, one sentence each (empty: none).
 
         A job lost, a task created twice (per request id or per job), a task the
-        client knows nothing of, asyncio tasks or file descriptors left behind.
+        client knows nothing of, more requests at the service than the client's strict
+        rate allows, asyncio tasks or file descriptors left behind.
         """
         checks = [
             (self.lost != 0, f"{self.lost} jobs lost"),
             (self.max_creates_per_request_id > 1, "a request id created two tasks"),
             (self.max_creates_per_prompt > 1, "a job created two tasks"),
             (self.unaccounted_tasks != 0, f"{self.unaccounted_tasks} tasks unaccounted for"),
+            (
+                self.rate_budget is not None and self.max_requests_per_second > self.rate_budget,
+                f"the service saw {self.max_requests_per_second} requests in one second, over "
+                f"the client's rate of {self.rate_budget} (a request the limiter never saw)",
+            ),
             (self.tasks_after != self.tasks_before, "asyncio tasks left behind"),
             (self.fds_after != self.fds_before, "file descriptors left open"),
         ]
@@ -313,6 +356,14 @@ class ChaosReport:
             f"({self.unaccounted_tasks} unaccounted for); most creates per "
             f"request id: {self.max_creates_per_request_id}, per job: "
             f"{self.max_creates_per_prompt}",
+            *(
+                []
+                if self.rate_budget is None
+                else [
+                    f"most requests in one second at the service: "
+                    f"{self.max_requests_per_second} (client's rate: {self.rate_budget})"
+                ]
+            ),
             f"client memory growth: {self.memory_growth / 1024:.0f} KiB; asyncio tasks "
             f"{self.tasks_before} -> {self.tasks_after}; open fds {self.fds_before} -> "
             f"{self.fds_after}",
@@ -341,6 +392,8 @@ async def run_chaos(
     read_timeout: float = 0.1,
     task_duration_ms: float = 5.0,
     trace_memory: bool = True,
+    close_after: float | None = None,
+    requests_per_second: float | None = None,
 ) -> ChaosReport:
     """Run ``jobs`` generations through a :class:`FakeDreamOServer` under ``config``.
 
@@ -349,8 +402,16 @@ async def run_chaos(
     retry delays so thousands of jobs take seconds. A run of as many jobs without
     faults comes first, so that lazy imports, bounded caches and containers sized
     for the number of live jobs are not counted as memory growth.
+
+    ``close_after``: the client is closed that many seconds into the run (with slow
+    create answers, while creates are in flight). ``requests_per_second``: the client
+    gets that strict rate (burst 1), and the service must see no more.
+
+    A task is accounted for when a result or an error names it, or when an error
+    says a task may exist and names the create's ``X-Request-Id``: read from the
+    error's money state, never from its class.
     """
-    from ..errors import CreateOutcomeUnknownError, DreamOError
+    from ..errors import DreamOError
     from ._images import make_png
     from .server import FakeDreamOServer
 
@@ -361,27 +422,34 @@ async def run_chaos(
     known_tasks: set[str] = set()
     maybe_created: set[str] = set()
 
-    async def run(server: FakeDreamOServer, count: int) -> None:
-        async with _chaos_client(server.url, concurrency, job_timeout, read_timeout) as client:
+    async def run(server: FakeDreamOServer, count: int, close_after: float | None) -> None:
+        async with _chaos_client(
+            server.url, concurrency, job_timeout, read_timeout, requests_per_second
+        ) as client:
 
             async def one(index: int) -> None:
                 try:
                     result = await client.generate(prompt=f"chaos job {index}", images=[png])
-                except CreateOutcomeUnknownError as exc:
-                    name = type(exc).__name__
-                    if exc.request_id is not None:
-                        maybe_created.add(exc.request_id)
                 except DreamOError as exc:
                     name = type(exc).__name__
                     if exc.task_id is not None:
                         with_task_id[name] += 1
                         known_tasks.add(exc.task_id)
+                    elif exc.unknown_task_possible and exc.request_id is not None:
+                        maybe_created.add(exc.request_id)
                 else:
                     name = "GenerationResult"
                     known_tasks.add(result.task_id)
                 outcomes[name] += 1
 
+            async def close_later(delay: float) -> None:
+                await asyncio.sleep(delay)
+                await client.aclose()
+
+            closer = None if close_after is None else asyncio.create_task(close_later(close_after))
             await asyncio.gather(*(one(i) for i in range(count)))
+            if closer is not None:
+                await closer
 
     started_tracing = trace_memory and not tracemalloc.is_tracing()
     if started_tracing:
@@ -390,7 +458,7 @@ async def run_chaos(
         async with FakeDreamOServer(api_key=_KEY, task_duration_ms=task_duration_ms) as server:
             # Warm-up without faults, as many jobs: lazy imports, bounded caches and the
             # hash tables sized for `jobs` live asyncio tasks are then not counted as growth.
-            await run(server, jobs)
+            await run(server, jobs, None)
             outcomes.clear()
             with_task_id.clear()
             server.forget_tasks()
@@ -401,7 +469,7 @@ async def run_chaos(
             fds_before = _open_fds()
             memory_before = _traced_memory() if trace_memory else 0
             began = time.perf_counter()
-            await run(server, jobs)
+            await run(server, jobs, close_after)
             seconds = time.perf_counter() - began
             # The server closes its side of the connections, and its handlers of "slow"
             # answers finish sleeping: wait for both (bounded), then measure.
@@ -432,6 +500,8 @@ async def run_chaos(
                 tasks_after=len(asyncio.all_tasks()),
                 fds_before=fds_before,
                 fds_after=_open_fds(),
+                max_requests_per_second=stats.max_requests_in_window(1.0),
+                rate_budget=None if requests_per_second is None else int(requests_per_second) + 1,
             )
             known_tasks.clear()  # the run's own bookkeeping, not the client's memory
             maybe_created.clear()
@@ -458,10 +528,15 @@ async def _settle(busy: Callable[[], bool], timeout: float) -> None:
 
 
 def _chaos_client(
-    url: str, concurrency: int, job_timeout: float, read_timeout: float
+    url: str,
+    concurrency: int,
+    job_timeout: float,
+    read_timeout: float,
+    requests_per_second: float | None = None,
 ) -> DreamOClient:
     """A client with short timeouts and millisecond retry and poll delays."""
     import aiohttp
+    from attrs import fields_dict as _fields
 
     from ..client import DreamOClient
     from ..polling import PollPolicy
@@ -476,7 +551,17 @@ def _chaos_client(
         # jobs' 1-s deadlines leave no room for a client that slows down.
         limiter=UnlimitedLimiter(),
         poll=PollPolicy(initial_delay=0.002, max_delay=0.01, timeout=job_timeout),
-        retry=RetryPolicy(max_attempts=4, initial_delay=0.001, max_delay=0.01, max_retry_after=1.0),
+        retry=RetryPolicy(
+            max_attempts=4,
+            initial_delay=0.001,
+            max_delay=0.01,
+            max_retry_after=1.0,
+            # The pause after a 429 without a hint, in the same millisecond scale as the
+            # other delays (a policy without that knob has no such pause).
+            **({"rate_limit_pause": 0.01} if "rate_limit_pause" in _fields(RetryPolicy) else {}),
+        ),
         request_timeout=aiohttp.ClientTimeout(sock_connect=1.0, sock_read=read_timeout),
+        requests_per_second=requests_per_second,
+        burst=1,
         seed=0,
     )

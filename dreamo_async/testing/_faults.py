@@ -19,6 +19,9 @@ kind                   when    what the client sees
 ``slow``               before  the normal answer, ``delay_ms`` later
 ``drop_after``         after   the work is done (a create DID make a task), then the
                                connection closes without an answer
+``slow_answer``        after   the work is done (a create made its task), then the normal
+                               answer, ``delay_ms`` later (a client closed meanwhile never
+                               hears of the task)
 ``create_then_500``    after   the work is done (a task exists), then HTTP 500 (or ``status``)
 ``invalid_json``       after   HTTP 200, body cut in half (not parseable)
 ``wrong_shape``        after   HTTP 200, JSON of no known shape
@@ -56,6 +59,7 @@ FaultKind = Literal[
     "envelope_error",
     "drop_before",
     "slow",
+    "slow_answer",
     "drop_after",
     "create_then_500",
     "invalid_json",
@@ -65,7 +69,15 @@ FaultKind = Literal[
 ]
 #: Kinds that replace the answer after the service did the work (a create made a task).
 AFTER_KINDS: Final[frozenset[str]] = frozenset(
-    {"drop_after", "create_then_500", "invalid_json", "wrong_shape", "huge", "reset_mid"}
+    {
+        "slow_answer",
+        "drop_after",
+        "create_then_500",
+        "invalid_json",
+        "wrong_shape",
+        "huge",
+        "reset_mid",
+    }
 )
 
 
@@ -182,6 +194,11 @@ class Fault:
     def slow(cls, delay_ms: float) -> Self:
         """Answer normally, ``delay_ms`` later."""
         return cls(kind="slow", delay_ms=delay_ms)
+
+    @classmethod
+    def slow_answer(cls, delay_ms: float) -> Self:
+        """Do the work (a create makes its task), then answer normally ``delay_ms`` later."""
+        return cls(kind="slow_answer", delay_ms=delay_ms)
 
     @classmethod
     def huge(cls, size: int, *, chunked: bool = False) -> Self:

@@ -434,7 +434,7 @@ class FakeDreamOServer:
         fault = self._next_fault(endpoint)
         if fault is not None:
             self.stats.faults[f"{endpoint}:{fault.label or fault.kind}"] += 1
-            if fault.delay_ms > 0:
+            if fault.delay_ms > 0 and fault.kind != "slow_answer":
                 await asyncio.sleep(fault.delay_ms / 1000.0)
             if fault.kind == "drop_before":
                 return drop(request, reset=fault.reset)
@@ -450,6 +450,9 @@ class FakeDreamOServer:
         except ConnectionResetError:  # the client gave up (its timeout) before we read the body
             return Dropped()
         if fault is None or not fault.after_work:
+            return render(answer)
+        if fault.kind == "slow_answer":
+            await asyncio.sleep(fault.delay_ms / 1000.0)
             return render(answer)
         if fault.kind == "drop_after":
             return drop(request, reset=fault.reset)
