@@ -17,6 +17,7 @@ import secrets
 import ssl
 import warnings
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, cast
@@ -25,6 +26,7 @@ import aiohttp
 import attrs
 
 from ._body import BodyParts
+from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
 from .errors import (
     ClientClosedError,
     ConfigurationError,
@@ -71,6 +73,8 @@ class ClientStatistics:
     jobs_waiting: int
     max_concurrency: int
     live_payloads: int
+    #: What the jobs spent and hold (``client.spending()``).
+    spending: Spending | None = None
 
 
 @attrs.frozen
@@ -139,6 +143,12 @@ class DreamOClient:
     (mixed with local images) from private, loopback and link-local addresses,
     refused by default; ``ssl_context`` replaces the system's trusted certificates
     (certificate verification itself cannot be turned off).
+
+    Money: ``max_spend`` (USD; ``None`` = no cap) sends a create only while spent +
+    reserved + this task's estimate stays within it, else the job raises
+    :class:`BudgetExceededError` with nothing sent; ``expected_cost`` (per task, or a
+    callable of the request) is the estimate (see :mod:`dreamo_async.budget`).
+    With :class:`RedisLimits` the cap is shared by every process using the key.
     """
 
     def __init__(
@@ -162,6 +172,8 @@ class DreamOClient:
         seed: int | None = None,
         allow_private_urls: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        max_spend: Decimal | str | float | None = None,
+        expected_cost: ExpectedCost = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -198,6 +210,14 @@ class DreamOClient:
         self._local_slots = self._slots if type(self._slots) is LocalSlots else None
         self._jobs: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._budget = Budget(self._make_ledger(to_money(max_spend, "max_spend")), expected_cost)
+
+    def _make_ledger(self, cap: Decimal | None) -> BudgetLedger:
+        """A capped budget lives where the limits do (Redis is shared); no cap: this process."""
+        make_budget = getattr(self.limits_backend, "make_budget", None)
+        if cap is None or make_budget is None:
+            return LocalLedger(cap)
+        return cast(BudgetLedger, make_budget(cap))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -225,6 +245,7 @@ class DreamOClient:
             for job in running:
                 job.cancel("DreamOClient closed")
             await asyncio.wait(running, timeout=5.0)
+        await self._budget.aclose()
         await self._transport.aclose()
         await self.limits_backend.aclose()
 
@@ -251,7 +272,12 @@ class DreamOClient:
             jobs_waiting=self._slots.waiting,
             max_concurrency=self.max_concurrency,
             live_payloads=live_payload_count(),
+            spending=self._budget.snapshot(),
         )
+
+    def spending(self) -> Spending:
+        """Spent, reserved and the cap (``max_spend``), with task counts (immutable snapshot)."""
+        return self._budget.snapshot()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -291,11 +317,18 @@ class DreamOClient:
         built = self.build_request(request, **params)
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         async with self._job() as job:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            task = await self._create(built)
-            job.task_id = task.id  # a ClientClosedError from here on names the task
-            return await self._poll(task, started=started, timeout=deadline_s)
+            lifecycle = JobLifecycle()
+            reservation = await self._budget.reserve(built)  # may wait; raises over the cap
+            try:
+                started = asyncio.get_running_loop().time()
+                task = await self._create(built, lifecycle=lifecycle)
+                job.task_id = task.id  # a ClientClosedError from here on names the task
+                result = await self._poll(task, started=started, timeout=deadline_s)
+            except BaseException as exc:
+                self._budget.finish(reservation, lifecycle, error=exc)
+                raise
+            self._budget.finish(reservation, lifecycle, result=result)
+            return result
 
     async def submit(
         self,
@@ -313,7 +346,15 @@ class DreamOClient:
         """
         built = self.build_request(request, **params)
         async with self._job():
-            return await self._create(built, before_send=before_send)
+            lifecycle = JobLifecycle()
+            reservation = await self._budget.reserve(built)
+            try:
+                task = await self._create(built, before_send=before_send, lifecycle=lifecycle)
+            except BaseException as exc:
+                self._budget.finish(reservation, lifecycle, error=exc)
+                raise
+            self._budget.keep(reservation, task.id)  # settled when wait() sees its end
+            return task
 
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
@@ -338,11 +379,20 @@ class DreamOClient:
         deadline_s = self.poll_policy.timeout if isinstance(timeout, _Unset) else timeout
         loop = asyncio.get_running_loop()
         with self._tracked():
-            if isinstance(task_id, Task):
-                first = task_id
-            else:
-                first = await self._transport.get_task(task_id)
-            return await self._poll(first, started=loop.time(), timeout=deadline_s, on_poll=on_poll)
+            tid = task_id.id if isinstance(task_id, Task) else task_id
+            try:
+                if isinstance(task_id, Task):
+                    first = task_id
+                else:
+                    first = await self._transport.get_task(task_id)
+                result = await self._poll(
+                    first, started=loop.time(), timeout=deadline_s, on_poll=on_poll
+                )
+            except BaseException as exc:
+                self._budget.task_ended(tid, error=exc)
+                raise
+            self._budget.task_ended(tid, result=result)
+            return result
 
     async def download(
         self,
@@ -410,6 +460,7 @@ class DreamOClient:
         request: GenerationRequest,
         *,
         before_send: Callable[[str], Awaitable[None]] | None = None,
+        lifecycle: JobLifecycle | None = None,
     ) -> Task:
         prepared = None if self.fit_images else prepare_inline(request.images, self.limits)
         if prepared is None:
@@ -429,7 +480,8 @@ class DreamOClient:
         )
         del parts
         request_id = secrets.token_hex(16)  # 32 hex digits, as uuid4().hex, 5x cheaper
-        lifecycle = JobLifecycle()
+        if lifecycle is None:
+            lifecycle = JobLifecycle()
         try:
             task = await self._transport.create(
                 body, request_id=request_id, before_send=before_send, lifecycle=lifecycle

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -77,6 +78,8 @@ class ServerStats:
     faults: collections.Counter[str] = attrs.field(factory=collections.Counter)
     #: Tasks created per ``X-Request-Id`` header (``""`` when absent).
     creates_by_request_id: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    #: Sum of the costs of the tasks created (billed whether they complete or fail).
+    cost_created: Decimal = Decimal(0)
     #: Tasks created per prompt.
     creates_by_prompt: collections.Counter[str] = attrs.field(factory=collections.Counter)
     #: Most tasks running at the service at once (created, completion time not reached).
