@@ -119,6 +119,7 @@ class ServerStats:
         return {
             "create_requests": self.create_requests,
             "creates": self.creates,
+            "cost_created": str(self.cost_created),
             "creates_refused": dict(self.creates_refused),
             "refused": dict(self.refused),
             "refused_total": self.refused_total,
