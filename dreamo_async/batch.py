@@ -58,6 +58,7 @@ from .errors import (
     SERVICE_ERRORS,
     APIConnectionError,
     AuthenticationError,
+    BudgetExceededError,
     CreateOutcomeUnknownError,
     DreamOError,
     InvalidRequestError,
@@ -728,6 +729,29 @@ async def run_batch(
             await anyio.to_thread.run_sync(opened.close)
 
 
+def journal_spending(path: str | os.PathLike[str]) -> tuple[Decimal, Decimal | None]:
+    """(cost of the jobs a journal holds as completed, the highest of them or ``None``).
+
+    Read-only and without the run lock: for ``--max-spend`` (what earlier runs spent)
+    and ``--dry-run`` (an estimate per job); ``(0, None)`` when there is no journal.
+    """
+    if not Path(path).exists():
+        return Decimal(0), None
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        costs = [
+            Decimal(c)
+            for (c,) in conn.execute("SELECT cost FROM jobs WHERE state = 'completed'")
+            if c
+        ]
+    except sqlite3.Error:
+        return Decimal(0), None
+    finally:
+        conn.close()
+    return sum(costs, Decimal(0)), max(costs, default=None)
+
+
 def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:
     if isinstance(job, BatchJob):
         return job
@@ -882,6 +906,10 @@ class _Engine:
                     error_message=str(exc),
                 )
                 self._count_unknown(index, exc.request_id, str(exc))
+                return
+            except BudgetExceededError as exc:
+                # Nothing was sent: the job stays not started, and a re-run with room sends it.
+                await self._record_failure(index, "queued", "budget", str(exc))
                 return
             except DreamOError as exc:
                 # Refused before any task existed (the client raises these only then).
