@@ -57,9 +57,9 @@ for _, id in ipairs(expired) do
       redis.call('HINCRBY', KEYS[1], 'probes', -1)
       redis.call('HINCRBY', KEYS[1], 'unpriced', 1)
     else
-      redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held))
-      redis.call('HINCRBY', KEYS[1], 'spent', tonumber(held))
-      redis.call('HINCRBY', KEYS[1], 'estimated', tonumber(held))
+      redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held)
+      redis.call('HINCRBY', KEYS[1], 'spent', held)
+      redis.call('HINCRBY', KEYS[1], 'estimated', held)
     end
   end
   redis.call('HDEL', KEYS[3], id)
@@ -100,13 +100,13 @@ if cap >= 0 then
   end
 end
 if status == 1 then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[5])), ARGV[4])
   redis.call('HSET', KEYS[3], ARGV[4], string.format('%.0f', amount))
   redis.call('HINCRBY', KEYS[1], 'in_flight', 1)
   if amount < 0 then
     redis.call('HINCRBY', KEYS[1], 'probes', 1)
   else
-    redis.call('HINCRBY', KEYS[1], 'reserved', amount)
+    redis.call('HINCRBY', KEYS[1], 'reserved', string.format('%.0f', amount))
   end
 end
 local wait = 1000
@@ -134,21 +134,21 @@ if held ~= 's' then
     if held == '-1' then
       redis.call('HINCRBY', KEYS[1], 'probes', -1)
     else
-      redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held))
+      redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held)
     end
   end
   if ARGV[3] ~= 'release' then
     local cost = tonumber(ARGV[2])
     local estimate = tonumber(ARGV[5])
     if cost >= 0 then
-      redis.call('HINCRBY', KEYS[1], 'spent', cost)
+      redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
       local highest = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '-1')
       if cost > highest then
-        redis.call('HSET', KEYS[4], ARGV[4], cost)
+        redis.call('HSET', KEYS[4], ARGV[4], ARGV[2])
       end
     elseif estimate >= 0 then
-      redis.call('HINCRBY', KEYS[1], 'spent', estimate)
-      redis.call('HINCRBY', KEYS[1], 'estimated', estimate)
+      redis.call('HINCRBY', KEYS[1], 'spent', ARGV[5])
+      redis.call('HINCRBY', KEYS[1], 'estimated', ARGV[5])
     else
       redis.call('HINCRBY', KEYS[1], 'unpriced', 1)
     end
@@ -156,7 +156,7 @@ if held ~= 's' then
   end
   -- A settled mark, so that a retried call counts nothing twice; purged after the TTL.
   redis.call('HSET', KEYS[3], ARGV[1], 's')
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[1])
+  redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[6])), ARGV[1])
   redis.call('LPUSH', KEYS[5], '1')
   redis.call('LTRIM', KEYS[5], 0, 63)
   redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[6]))
@@ -165,17 +165,18 @@ return state()
 """
 )
 
-#: KEYS holds, amounts; ARGV ttl ms, hold ids... -> holds lost (expired and purged).
+#: KEYS holds, amounts; ARGV ttl ms, hold ids... -> holds lost (expired and purged);
+#: one settled meanwhile (a race with its settle) is neither renewed nor lost.
 RENEW_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lost = 0
 for i = 2, #ARGV do
   local held = redis.call('HGET', KEYS[2], ARGV[i])
-  if held and held ~= 's' then
-    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
-  else
+  if not held then
     lost = lost + 1
+  elseif held ~= 's' then
+    redis.call('ZADD', KEYS[1], 'XX', string.format('%.0f', now + tonumber(ARGV[1])), ARGV[i])
   end
 end
 return lost
