@@ -9,8 +9,9 @@ after the job holds its slot and before the create takes its rate turn.
 - *reserved*: the estimate of every task created (or being created) and not ended yet.
 - *estimate*: ``expected_cost`` (a number per task, or a callable of the request), else
   the highest cost seen so far for a request with as many images, else none: the task
-  is a *probe*, sent only while nothing else is reserved, and nothing else is sent
-  until it ends (one task at a time until a cost is known).
+  is a *probe*: sent only while no other probe runs and there is room left, and no
+  other create is sent until it ends (one task at a time until a cost is known; a
+  probe whose job timed out or was cancelled stops holding the others back).
 
 A job that does not fit waits while other tasks are in flight (they may end cheaper
 than reserved) and raises :class:`~dreamo_async.errors.BudgetExceededError` (nothing
@@ -99,13 +100,15 @@ class Spending:
 class Reservation:
     """One job's hold on the budget: its estimate (``None`` for a probe) and image count."""
 
-    __slots__ = ("amount", "id", "images", "task_id")
+    __slots__ = ("amount", "blocking", "id", "images", "task_id")
 
     def __init__(self, id: str, amount: Decimal | None, images: int) -> None:
         self.id = id
         self.amount = amount
         self.images = images
         self.task_id: str | None = None
+        #: A probe holds back every other create until it ends (or :meth:`unblock`).
+        self.blocking = amount is None
 
     def __repr__(self) -> str:
         amount = "probe" if self.amount is None else f"${self.amount}"
@@ -126,6 +129,9 @@ class BudgetLedger(Protocol):
 
     def release(self, reservation: Reservation) -> None:
         """Nothing was created: give the reservation back."""
+
+    def unblock(self, reservation: Reservation) -> None:
+        """A probe whose job gave up (timeout, cancel) stops holding back other creates."""
 
     def snapshot(self) -> Spending: ...
 
@@ -178,7 +184,7 @@ class LocalLedger:
         if amount is None:  # a probe: alone, while there is room at all
             if self._spent >= cap:
                 raise _exceeded(cap, self._spent, self._reserved, None)
-            return self._probes == 0 and self._in_flight == 0
+            return self._probes == 0 and self._spent + self._reserved < cap
         if self._spent + amount > cap:
             raise _exceeded(cap, self._spent, self._reserved, amount)
         return self._probes == 0 and self._spent + self._reserved + amount <= cap
@@ -206,12 +212,21 @@ class LocalLedger:
     def release(self, reservation: Reservation) -> None:
         self._drop(reservation)
 
+    def unblock(self, reservation: Reservation) -> None:
+        if reservation.blocking:
+            reservation.blocking = False
+            self._probes -= 1
+            self._wake()
+
     def _drop(self, reservation: Reservation) -> None:
         self._in_flight -= 1
-        if reservation.amount is None:
-            self._probes -= 1
-        else:
+        if reservation.amount is not None:
             self._reserved -= reservation.amount
+        elif reservation.blocking:
+            self._probes -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -277,6 +292,8 @@ class Budget:
         elif lifecycle.state is MoneyState.NOT_SENT and lifecycle.task_id is None:
             self.ledger.release(reservation)
         elif lifecycle.task_id is not None:
+            # The job gave up on a task that runs on: a probe must not hold back the rest.
+            self.ledger.unblock(reservation)
             self.keep(reservation, lifecycle.task_id)
         else:
             # The create's outcome is unknown: it may be billed and never be known.

@@ -53,8 +53,10 @@ for _, id in ipairs(expired) do
     -- at its estimate (a probe, which has none, as unpriced).
     redis.call('HINCRBY', KEYS[1], 'in_flight', -1)
     redis.call('HINCRBY', KEYS[1], 'failed', 1)
-    if held == '-1' then
-      redis.call('HINCRBY', KEYS[1], 'probes', -1)
+    if held == '-1' or held == '-2' then
+      if held == '-1' then
+        redis.call('HINCRBY', KEYS[1], 'probes', -1)
+      end
       redis.call('HINCRBY', KEYS[1], 'unpriced', 1)
     else
       redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held)
@@ -92,7 +94,11 @@ local probes, in_flight = field('probes'), field('in_flight')
 local status = 1
 if cap >= 0 then
   if amount < 0 then
-    if spent >= cap then status = -1 elseif probes > 0 or in_flight > 0 then status = 0 end
+    if spent >= cap then
+      status = -1
+    elseif probes > 0 or spent + reserved >= cap then
+      status = 0
+    end
   elseif spent + amount > cap then
     status = -1
   elseif probes > 0 or spent + reserved + amount > cap then
@@ -133,7 +139,7 @@ if held ~= 's' then
     redis.call('HINCRBY', KEYS[1], 'in_flight', -1)
     if held == '-1' then
       redis.call('HINCRBY', KEYS[1], 'probes', -1)
-    else
+    elseif held ~= '-2' then
       redis.call('HINCRBY', KEYS[1], 'reserved', '-' .. held)
     end
   end
@@ -164,6 +170,19 @@ end
 return state()
 """
 )
+
+#: KEYS spend, amounts, wake; ARGV hold id. A probe ("-1") becomes one that holds no
+#: one back ("-2"). -> 1 if it was a probe.
+UNBLOCK_LUA: Final = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= '-1' then
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], '-2')
+redis.call('HINCRBY', KEYS[1], 'probes', -1)
+redis.call('LPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], 0, 63)
+return 1
+"""
 
 #: KEYS holds, amounts; ARGV ttl ms, hold ids... -> holds lost (expired and purged);
 #: one settled meanwhile (a race with its settle) is neither renewed nor lost.
@@ -312,6 +331,24 @@ class RedisBudget:
     def release(self, reservation: Reservation) -> None:
         self._held.pop(reservation.id, None)
         self._backend._spawn(self._settle(reservation.id, -1, "release", reservation.images, -1))
+
+    def unblock(self, reservation: Reservation) -> None:
+        if not reservation.blocking:
+            return
+        reservation.blocking = False
+        link, keys = self._backend._link, self._keys
+
+        async def unblock(client: Redis) -> Any:
+            script = link.script("budget-unblock", UNBLOCK_LUA)
+            return await script(keys=[keys.spend, keys.amounts, keys.wake], args=[reservation.id])
+
+        async def run() -> None:
+            try:
+                await link.call("budget", unblock)
+            except (_Unavailable, LimitsBackendError) as exc:
+                logger.warning("probe %s still holds back creates (%s)", reservation.id, exc)
+
+        self._backend._spawn(run())
 
     async def _settle(self, hold: str, cost: int, outcome: str, images: int, estimate: int) -> None:
         link, keys = self._backend._link, self._keys

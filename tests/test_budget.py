@@ -158,3 +158,13 @@ def test_the_error_pickles_with_its_figures() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert (back.cap, back.estimate, str(back)) == (err.cap, err.estimate, str(err))
     assert back.money_state is d.MoneyState.NOT_SENT
+
+
+async def test_a_probe_whose_job_gave_up_holds_back_nothing(server: FakeDreamOServer) -> None:
+    async with client_for(server, max_concurrency=2, max_spend="1") as client:
+        with pytest.raises(d.TaskTimeoutError):
+            await client.generate(prompt="slow [never]", images=[PNG], timeout=0.05)
+        # The probe runs on (reserved until wait() sees its end) but blocks no one.
+        result = await asyncio.wait_for(client.generate(prompt="next", images=[PNG]), 5)
+        assert result.cost == Decimal("0.01")
+        assert client.spending().in_flight == 1
