@@ -729,27 +729,31 @@ async def run_batch(
             await anyio.to_thread.run_sync(opened.close)
 
 
-def journal_spending(path: str | os.PathLike[str]) -> tuple[Decimal, Decimal | None]:
-    """(cost of the jobs a journal holds as completed, the highest of them or ``None``).
+def journal_spending(path: str | os.PathLike[str]) -> tuple[Decimal, Decimal | None, int]:
+    """What earlier runs of a journal spent: (reported costs of completed jobs, the highest
+    of them or ``None``, jobs that may be billed without a reported cost).
 
-    Read-only and without the run lock: for ``--max-spend`` (what earlier runs spent)
-    and ``--dry-run`` (an estimate per job); ``(0, None)`` when there is no journal.
+    The last are tasks created and not completed (failed ones included) and creates whose
+    outcome is unknown: ``--max-spend`` counts them at the estimate, as the client does.
+    Read-only and without the run lock; ``(0, None, 0)`` when there is no journal.
     """
     if not Path(path).exists():
-        return Decimal(0), None
+        return Decimal(0), None, 0
     uri = Path(path).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     try:
-        costs = [
-            Decimal(c)
-            for (c,) in conn.execute("SELECT cost FROM jobs WHERE state = 'completed'")
-            if c
-        ]
+        rows = conn.execute("SELECT state, task_id, cost FROM jobs").fetchall()
     except sqlite3.Error:
-        return Decimal(0), None
+        return Decimal(0), None, 0
     finally:
         conn.close()
-    return sum(costs, Decimal(0)), max(costs, default=None)
+    costs = [Decimal(c) for state, _, c in rows if state == "completed" and c]
+    unpriced = sum(
+        1
+        for state, task_id, _ in rows
+        if state in ("created", "sending", "unknown") or (state == "failed" and task_id)
+    )
+    return sum(costs, Decimal(0)), max(costs, default=None), unpriced
 
 
 def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:

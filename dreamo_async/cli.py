@@ -619,11 +619,14 @@ if click is not None:
             err.print("nothing was sent")
             raise SystemExit(EXIT_USAGE) from None
         journal_path = journal or out / "dreamo-journal.db"
-        spent_before, highest = journal_spending(journal_path)
+        spent_before, highest, unpriced = journal_spending(journal_path)
+        per_job = expected_cost or highest
+        # The cap is the batch's: what earlier runs of this journal spent counts against
+        # it, tasks that may be billed without a reported cost at the estimate per job.
+        spent_before += unpriced * (per_job or 0)
         if dry_run:
-            _dry_run(len(jobs), expected_cost or highest, spent_before, max_spend, as_json)
+            _dry_run(len(jobs), per_job, spent_before, max_spend, as_json)
             raise SystemExit(EXIT_OK)
-        # The cap is the batch's: what earlier runs of this journal spent counts against it.
         room = None if max_spend is None else max(Decimal(0), max_spend - spent_before)
 
         async def go() -> int:
