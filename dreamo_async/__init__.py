@@ -5,12 +5,14 @@ implementation (see DESIGN.md).
 """
 
 from .__about__ import __version__
+from .budget import Spending
 from .client import BatchItem, BatchProgress, ClientStatistics, DreamOClient
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIConnectionError,
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     ClientClosedError,
     ConfigurationError,
     CreateOutcomeUnknownError,
@@ -68,6 +70,7 @@ __all__ = [
     "AuthenticationError",
     "BatchItem",
     "BatchProgress",
+    "BudgetExceededError",
     "CheckPolicy",
     "ClientClosedError",
     "ClientStatistics",
@@ -104,6 +107,7 @@ __all__ = [
     "ResponseFormatError",
     "RetryPolicy",
     "ServerError",
+    "Spending",
     "Task",
     "TaskError",
     "TaskFailedError",

@@ -65,6 +65,7 @@ from .errors import (
     SERVICE_ERRORS,
     APIConnectionError,
     AuthenticationError,
+    BudgetExceededError,
     DreamOError,
     InvalidRequestError,
     JobsFileError,
@@ -771,6 +772,33 @@ async def run_batch(
             await anyio.to_thread.run_sync(opened.close)
 
 
+def journal_spending(path: str | os.PathLike[str]) -> tuple[Decimal, Decimal | None, int]:
+    """What earlier runs of a journal spent: (reported costs of completed jobs, the highest
+    of them or ``None``, jobs that may be billed without a reported cost).
+
+    The last are tasks created and not completed (failed ones included) and creates whose
+    outcome is unknown: ``--max-spend`` counts them at the estimate, as the client does.
+    Read-only and without the run lock; ``(0, None, 0)`` when there is no journal.
+    """
+    if not Path(path).exists():
+        return Decimal(0), None, 0
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        rows = conn.execute("SELECT state, task_id, cost FROM jobs").fetchall()
+    except sqlite3.Error:
+        return Decimal(0), None, 0
+    finally:
+        conn.close()
+    costs = [Decimal(c) for state, _, c in rows if state == "completed" and c]
+    unpriced = sum(
+        1
+        for state, task_id, _ in rows
+        if state in ("created", "sending", "unknown") or (state == "failed" and task_id)
+    )
+    return sum(costs, Decimal(0)), max(costs, default=None), unpriced
+
+
 def _as_job(index: int, job: BatchJob | Mapping[str, Any]) -> BatchJob:
     if isinstance(job, BatchJob):
         return job
@@ -919,6 +947,8 @@ class _Engine:
         """
         outcome = job_outcome(exc, job)
         state = journal_state(outcome.money_state, task_id=outcome.task_id)
+        if state == "failed" and outcome.task_id is None and isinstance(exc, BudgetExceededError):
+            state = "queued"  # stopped by the cap, nothing sent: a re-run with room sends it
         message = _message_of(exc, outcome.money_state)
         if state == "unknown":
             await self._write(
@@ -1089,6 +1119,7 @@ def _existing_files(rows: Iterable[JobRow], out: Path) -> set[int]:
 #: Labels of errors in reports and the journal's ``error_code``: what kind of error, for
 #: people. What the next run does with the job is read from its money state instead.
 _LABELS: Final = (
+    (BudgetExceededError, "budget"),
     (TaskTimeoutError, "timeout"),
     (NotFoundError, "not_found"),
     (AuthenticationError, "auth"),

@@ -203,6 +203,24 @@ if click is not None:
 
     _RATE = _Rate()
 
+    class _Money(click.ParamType[Decimal]):
+        """An amount in USD (a Decimal, so costs add up exactly)."""
+
+        name = "usd"
+
+        def convert(self, value: Any, param: Any, ctx: Any) -> Decimal:
+            from .budget import to_money
+            from .errors import ConfigurationError
+
+            try:
+                amount = to_money(value, param.name if param else "amount")
+            except ConfigurationError as exc:
+                self.fail(str(exc), param, ctx)
+            assert amount is not None
+            return amount
+
+    _MONEY = _Money()
+
     def _common(fn: _F) -> _F:
         """Options every command that talks to the service takes."""
         fn = click.option(
@@ -233,6 +251,23 @@ if click is not None:
             "VTRIX_API_KEY). There is no --api-key: it would land in shell history.",
         )(fn)
 
+    def _spending(fn: _F) -> _F:
+        """The money options: a cap, and the cost assumed per task."""
+        fn = click.option(
+            "--expected-cost",
+            type=_MONEY,
+            default=None,
+            metavar="USD",
+            help="Cost assumed per task until the service reports costs (the cap reserves it).",
+        )(fn)
+        return click.option(
+            "--max-spend",
+            type=_MONEY,
+            default=None,
+            metavar="USD",
+            help="Send no create that could take the spend over this many USD.",
+        )(fn)
+
     def _polling(fn: _F) -> _F:
         fn = click.option(
             "--poll-interval",
@@ -258,11 +293,15 @@ if click is not None:
         poll_interval: float = 1.0,
         timeout: float = 600.0,
         retries: int = 4,
+        max_spend: Decimal | None = None,
+        expected_cost: Decimal | None = None,
     ) -> Any:
         import dreamo_async as d
 
         try:
             return d.DreamOClient(
+                max_spend=max_spend,
+                expected_cost=expected_cost,
                 api_key=api_key,
                 base_url=base_url,
                 max_concurrency=concurrency,
@@ -336,6 +375,7 @@ if click is not None:
         show_default=True,
         help="Folder for the result images (created if missing).",
     )
+    @_spending
     @_polling
     @_common
     def generate(
@@ -349,6 +389,8 @@ if click is not None:
         timeout: float,
         poll_interval: float,
         retries: int,
+        max_spend: Decimal | None,
+        expected_cost: Decimal | None,
         **knobs: Any,
     ) -> None:
         """One generation: print the task id at once, a live status, then the saved files."""
@@ -371,6 +413,8 @@ if click is not None:
                 poll_interval,
                 retries,
                 job,
+                max_spend=max_spend,
+                expected_cost=expected_cost,
             ),
             lambda: _ended_text(KeyboardInterrupt(), job),
         )
@@ -385,6 +429,9 @@ if click is not None:
         poll_interval: float,
         retries: int,
         job: Any,
+        *,
+        max_spend: Decimal | None = None,
+        expected_cost: Decimal | None = None,
     ) -> int:
         import dreamo_async as d
         from dreamo_async.download import download_result
@@ -398,6 +445,8 @@ if click is not None:
             poll_interval=poll_interval,
             timeout=timeout,
             retries=retries,
+            max_spend=max_spend,
+            expected_cost=expected_cost,
         ) as client:
             try:
                 request = client.build_request(**params)
@@ -599,6 +648,12 @@ if click is not None:
         is_flag=True,
         help="Create again jobs whose task failed at the service (pays again).",
     )
+    @click.option(
+        "--dry-run",
+        is_flag=True,
+        help="Check the whole file and print the job count and a cost estimate; send nothing.",
+    )
+    @_spending
     @_polling
     @_common
     def batch(
@@ -609,6 +664,9 @@ if click is not None:
         journal: Path | None,
         retry_unknown: bool,
         retry_failed: bool,
+        dry_run: bool,
+        max_spend: Decimal | None,
+        expected_cost: Decimal | None,
         api_key_file: Path | None,
         base_url: str | None,
         as_json: bool,
@@ -621,9 +679,11 @@ if click is not None:
         Each line has the keywords of the Python API, e.g.
         {"prompt": "...", "images": ["a.jpg", "b.png"], "ref_types": ["IP", "ID"], "seed": 7};
         relative image paths resolve against the file's folder. The whole file is
-        checked before anything is sent.
+        checked before anything is sent. --max-spend caps the spend of the whole
+        batch, earlier runs of the journal included: jobs it stops stay not started,
+        and a re-run with a higher cap sends them.
         """
-        from .batch import JobsFileError, load_jobs
+        from .batch import JobsFileError, journal_spending, load_jobs
 
         try:
             jobs = load_jobs(jobs_file)
@@ -635,9 +695,19 @@ if click is not None:
                 err.print(f"... and {len(exc.problems) - 50} more")
             err.print("nothing was sent")
             raise SystemExit(EXIT_USAGE) from None
+        journal_path = journal or out / "dreamo-journal.db"
+        spent_before, highest, unpriced = journal_spending(journal_path)
+        per_job = expected_cost or highest
+        # The cap is the batch's: what earlier runs of this journal spent counts against
+        # it, tasks that may be billed without a reported cost at the estimate per job.
+        spent_before += unpriced * (per_job or 0)
+        if dry_run:
+            _dry_run(len(jobs), per_job, spent_before, max_spend, as_json)
+            raise SystemExit(EXIT_OK)
         _writable_folder("--out", out)  # the jobs are fine: now their results need a home
         if journal is not None:
             _writable_folder("--journal", journal.parent)
+        room = None if max_spend is None else max(Decimal(0), max_spend - spent_before)
 
         async def go() -> int:
             key = _read_key(api_key_file)
@@ -649,21 +719,55 @@ if click is not None:
                 poll_interval=poll_interval,
                 timeout=timeout,
                 retries=retries,
+                max_spend=room,
+                expected_cost=expected_cost,
             )
             async with client:
                 code, _ = await _run_batch_ui(
                     client,
                     jobs,
                     out,
-                    journal or out / "dreamo-journal.db",
+                    journal_path,
                     concurrency=concurrency,
                     retry_unknown=retry_unknown,
                     retry_failed=retry_failed,
                     as_json=as_json,
+                    max_spend=max_spend,
                 )
             return code
 
         _run(go)
+
+    def _dry_run(
+        jobs: int,
+        per_job: Decimal | None,
+        spent_before: Decimal,
+        max_spend: Decimal | None,
+        as_json: bool,
+    ) -> None:
+        """Print what a run would do: the job count and a cost estimate (nothing is sent)."""
+        estimate = None if per_job is None else per_job * jobs
+        if as_json:
+            _print_json(
+                {
+                    "jobs": jobs,
+                    "cost_per_job": None if per_job is None else str(per_job),
+                    "estimate": None if estimate is None else str(estimate),
+                    "spent_before": str(spent_before),
+                    "max_spend": None if max_spend is None else str(max_spend),
+                    "sent": 0,
+                }
+            )
+            return
+        click.echo(f"{jobs} job(s) checked, nothing sent")
+        if estimate is None:
+            click.echo("cost estimate: unknown (give --expected-cost, or run once to learn it)")
+        else:
+            click.echo(f"cost estimate: ${estimate} (${per_job} per job, the highest seen)")
+        if spent_before:
+            click.echo(f"spent by earlier runs of this journal: ${spent_before}")
+        if max_spend is not None and estimate is not None and spent_before + estimate > max_spend:
+            click.echo(f"over --max-spend ${max_spend}: the cap would stop some jobs")
 
     async def _run_batch_ui(
         client: Any,
@@ -676,6 +780,7 @@ if click is not None:
         retry_failed: bool,
         as_json: bool,
         extra_rows: Callable[[], Mapping[str, str]] | None = None,
+        max_spend: Decimal | None = None,
     ) -> tuple[int, BatchReport]:
         """Run the batch engine with a progress display, print the summary; return the
         exit code and the report."""
@@ -706,7 +811,8 @@ if click is not None:
             "completed": f"{report.completed}"
             + (f" ({report.skipped} in earlier runs)" if report.skipped else ""),
             "failed": ", ".join(f"{n} × {c}" for c, n in sorted(report.failed.items())) or "0",
-            "total cost": f"${report.cost}",
+            "total cost": f"${report.cost}"
+            + ("" if max_spend is None else f" of ${max_spend} (--max-spend)"),
             "wall time": f"{report.wall_time:.1f} s",
             "results": str(report.results_path),
             "journal": str(journal_path),
@@ -722,6 +828,7 @@ if click is not None:
                     "failed": dict(report.failed),
                     "unknown": {str(k): v for k, v in report.unknown.items()},
                     "cost": str(report.cost),
+                    "max_spend": None if max_spend is None else str(max_spend),
                     "wall_time": round(report.wall_time, 3),
                     "results": str(report.results_path),
                     "journal": str(journal_path),

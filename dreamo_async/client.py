@@ -26,6 +26,7 @@ import ssl
 import warnings
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Self, cast
@@ -35,6 +36,7 @@ import anyio
 import attrs
 
 from ._body import BodyParts
+from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
 from .errors import (
     ClientClosedError,
     ConfigurationError,
@@ -103,6 +105,8 @@ class ClientStatistics:
     #: Tasks whose job ended early (deadline, cancellation), watched until the service
     #: reports their end; each still holds a job slot (counted in ``jobs_running``).
     tasks_watched: int = 0
+    #: What the jobs spent and hold (``client.spending()``).
+    spending: Spending | None = None
 
 
 @attrs.frozen
@@ -189,6 +193,12 @@ class DreamOClient:
     (mixed with local images) from private, loopback and link-local addresses,
     refused by default; ``ssl_context`` replaces the system's trusted certificates
     (certificate verification itself cannot be turned off).
+
+    Money: ``max_spend`` (USD; ``None`` = no cap) sends a create only while spent +
+    reserved + this task's estimate stays within it, else the job raises
+    :class:`BudgetExceededError` with nothing sent; ``expected_cost`` (per task, or a
+    callable of the request) is the estimate (see :mod:`dreamo_async.budget`).
+    With :class:`RedisLimits` the cap is shared by every process using the key.
     """
 
     def __init__(
@@ -212,6 +222,8 @@ class DreamOClient:
         seed: int | None = None,
         allow_private_urls: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        max_spend: Decimal | str | float | None = None,
+        expected_cost: ExpectedCost = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -269,6 +281,14 @@ class DreamOClient:
         #: The event loop this client works in (see _bind_loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._budget = Budget(self._make_ledger(to_money(max_spend, "max_spend")), expected_cost)
+
+    def _make_ledger(self, cap: Decimal | None) -> BudgetLedger:
+        """A capped budget lives where the limits do (Redis is shared); no cap: this process."""
+        make_budget = getattr(self.limits_backend, "make_budget", None)
+        if cap is None or make_budget is None:
+            return LocalLedger(cap)
+        return cast(BudgetLedger, make_budget(cap))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -313,6 +333,7 @@ class DreamOClient:
         if running or watchers:
             await asyncio.wait([*running, *watchers], timeout=5.0)
         self._watches.clear()  # a watcher cancelled before its first step never ran
+        await self._budget.aclose()  # what is still open settles at its estimate
         await self._transport.aclose()
         await self.limits_backend.aclose()
 
@@ -341,7 +362,12 @@ class DreamOClient:
             max_concurrency=self.max_concurrency,
             live_payloads=live_payload_count(),
             tasks_watched=len(self._watches),
+            spending=self._budget.snapshot(),
         )
+
+    def spending(self) -> Spending:
+        """Spent, reserved and the cap (``max_spend``), with task counts (immutable snapshot)."""
+        return self._budget.snapshot()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -449,19 +475,27 @@ class DreamOClient:
         deadline_s = self._deadline(timeout)
         await self._check_inputs(built)
         async with self._job() as job:
-            started = asyncio.get_running_loop().time()
-            task = await self._create(built, job)
+            reservation = await self._budget.reserve(built)  # may wait; raises over the cap
             try:
-                result = await self._poll(task, started=started, timeout=deadline_s)
-            except TaskTimeoutError:
-                self._watch(job, task, None, "passed its deadline")
-                raise
-            except asyncio.CancelledError as exc:
-                if not job.closed_by_client:
-                    self._watch(job, task, None, "was cancelled")
-                    exc.add_note(f"task {task.id} exists and is watched: client.wait({task.id!r})")
+                started = asyncio.get_running_loop().time()
+                task = await self._create(built, job)
+                try:
+                    result = await self._poll(task, started=started, timeout=deadline_s)
+                except TaskTimeoutError:
+                    self._watch(job, task, None, "passed its deadline")
+                    raise
+                except asyncio.CancelledError as exc:
+                    if not job.closed_by_client:
+                        self._watch(job, task, None, "was cancelled")
+                        exc.add_note(
+                            f"task {task.id} exists and is watched: client.wait({task.id!r})"
+                        )
+                    raise
+            except BaseException as exc:
+                self._budget.finish(reservation, job.lifecycle, error=exc)
                 raise
             job.lifecycle.ended(failed=False)
+            self._budget.finish(reservation, job.lifecycle, result=result)
             return result
 
     async def submit(
@@ -481,7 +515,14 @@ class DreamOClient:
         built = self.build_request(request, **params)
         await self._check_inputs(built)
         async with self._job() as job:
-            return await self._create(built, job, before_send=before_send)
+            reservation = await self._budget.reserve(built)
+            try:
+                task = await self._create(built, job, before_send=before_send)
+            except BaseException as exc:
+                self._budget.finish(reservation, job.lifecycle, error=exc)
+                raise
+            self._budget.keep(reservation, task.id)  # settled when wait() sees its end
+            return task
 
     async def get_task(self, task_id: str) -> Task:
         """One poll of a task."""
@@ -511,27 +552,46 @@ class DreamOClient:
         tid = task_id.id if isinstance(task_id, Task) else task_id
         with self._tracked() as job:
             job.lifecycle.created(tid)
-            watcher = self._watches.get(tid)
-            if watcher is not None:
-                await asyncio.wait([watcher], timeout=deadline_s)
-                if tid not in self._kept and not watcher.done():
-                    raise TaskTimeoutError(tid, float(deadline_s or 0))
-            kept = self._kept.get(tid)
-            if kept is not None:
-                if isinstance(kept, TaskFailedError):
-                    raise TaskFailedError(kept.task_id, kept.code, kept.message)
-                job.lifecycle.ended(failed=False)
-                return kept
-            if isinstance(task_id, Task):
-                first = task_id
-            else:
-                first = await self._transport.get_task(task_id)
-            remaining = None if deadline_s is None else deadline_s - (loop.time() - started)
-            result = await self._poll(
-                first, started=loop.time(), timeout=remaining, on_poll=on_poll
-            )
-            job.lifecycle.ended(failed=False)
+            try:
+                result = await self._wait_for(tid, task_id, job, deadline_s, started, on_poll)
+            except BaseException as exc:
+                self._budget.task_ended(tid, error=exc)
+                raise
+            self._budget.task_ended(tid, result=result)
             return result
+
+    async def _wait_for(
+        self,
+        tid: str,
+        task_id: str | Task,
+        job: _Tracker,
+        deadline_s: float | None,
+        started: float,
+        on_poll: Callable[[Task], None] | None,
+    ) -> GenerationResult:
+        """The body of :meth:`wait`: join a watcher, return a kept end, or poll."""
+        loop = asyncio.get_running_loop()
+        watcher = self._watches.get(tid)
+        if watcher is not None:
+            await asyncio.wait([watcher], timeout=deadline_s)
+            if tid not in self._kept and not watcher.done():
+                raise TaskTimeoutError(tid, float(deadline_s or 0))
+        kept = self._kept.get(tid)
+        if kept is not None:
+            if isinstance(kept, TaskFailedError):
+                raise TaskFailedError(kept.task_id, kept.code, kept.message)
+            job.lifecycle.ended(failed=False)
+            return kept
+        if isinstance(task_id, Task):
+            first = task_id
+        else:
+            first = await self._transport.get_task(task_id)
+        remaining = None if deadline_s is None else deadline_s - (loop.time() - started)
+        result = await self._poll(
+            first, started=loop.time(), timeout=remaining, on_poll=on_poll
+        )
+        job.lifecycle.ended(failed=False)
+        return result
 
     async def download(
         self,
@@ -604,6 +664,7 @@ class DreamOClient:
         job: _Job,
         *,
         before_send: Callable[[str], Awaitable[None]] | None = None,
+        lifecycle: JobLifecycle | None = None,
     ) -> Task:
         """Prepare the body and send the create; the job's lifecycle follows it.
 
@@ -731,6 +792,11 @@ class DreamOClient:
             await job.release_slot()
 
     def _keep(self, task_id: str, end: GenerationResult | TaskFailedError) -> None:
+        """Keep the end of a watched task for ``wait``, and settle what it reserved."""
+        if isinstance(end, TaskFailedError):
+            self._budget.task_ended(task_id, error=end)
+        else:
+            self._budget.task_ended(task_id, result=end)
         self._kept[task_id] = end
         while len(self._kept) > _KEPT_RESULTS:
             self._kept.popitem(last=False)

@@ -19,6 +19,7 @@ The hierarchy::
     ├── TaskFailedError                      the task ended as ``failed`` (provider error code)
     ├── TaskTimeoutError (TimeoutError)      the deadline passed; resume with ``wait(task_id)``
     ├── CreateOutcomeUnknownError            a create request may have made a task: never retried
+    ├── BudgetExceededError                  ``max_spend`` leaves no room for the task: nothing sent
     ├── DownloadError                        a result image could not be saved (cap, not an image)
     ├── JournalError                         a batch journal is locked by another run, or stale
     └── LimitsBackendError                   a shared limits backend (Redis) is unavailable
@@ -41,13 +42,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "PROVIDER_ERROR_CODES",
     "APIConnectionError",
     "APIError",
     "AuthenticationError",
+    "BudgetExceededError",
     "ClientClosedError",
     "ConfigurationError",
     "CreateOutcomeUnknownError",
@@ -316,6 +318,34 @@ def _rebuild_outcome_unknown(text: str, request_id: str | None) -> CreateOutcome
     Exception.__init__(err, text)
     err.request_id = request_id
     return err
+
+
+class BudgetExceededError(DreamOError):
+    """``max_spend`` leaves no room for this task's estimate: the create was not sent.
+
+    ``cap``, ``spent``, ``reserved`` and ``estimate`` (``None`` for a probe) are the
+    figures of the decision (USD, ``Decimal``). Nothing reached the service.
+    """
+
+    def __init__(self, *, cap: Any, spent: Any, reserved: Any, estimate: Any) -> None:
+        self.cap = cap
+        self.spent = spent
+        self.reserved = reserved
+        self.estimate = estimate
+        if estimate is None:
+            why = f"spent ${spent} leaves no room for another task"
+        else:
+            why = f"spent ${spent} + reserved ${reserved} + this task's estimate ${estimate}"
+            why += " would go over it"
+        super().__init__(f"max_spend ${cap} reached: {why}; nothing was sent")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        figures = (self.cap, self.spent, self.reserved, self.estimate)
+        return (_rebuild_budget, figures, self.__dict__)
+
+
+def _rebuild_budget(cap: Any, spent: Any, reserved: Any, estimate: Any) -> BudgetExceededError:
+    return BudgetExceededError(cap=cap, spent=spent, reserved=reserved, estimate=estimate)
 
 
 class DownloadError(DreamOError):

@@ -59,8 +59,12 @@ from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
 from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter, _CoolDown
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
+
+    from .redis_budget import RedisBudget
 
 __all__ = ["RedisLimits", "RedisRateLimiter", "RedisSlots"]
 
@@ -592,10 +596,10 @@ class RedisSlots:
 class _Keys:
     """The Redis keys of one shared budget. ``{key}`` is a hash tag: one Cluster slot."""
 
-    __slots__ = ("pause", "rate", "slots", "wake")
+    __slots__ = ("base", "pause", "rate", "slots", "wake")
 
     def __init__(self, prefix: str, key: str) -> None:
-        base = f"{prefix}:{{{key}}}"
+        self.base = base = f"{prefix}:{{{key}}}"
         self.rate = f"{base}:rate"
         self.pause = f"{base}:pause"
         self.slots = f"{base}:slots"
@@ -686,6 +690,12 @@ class RedisLimits:
         slots = RedisSlots(self, max_concurrency)
         self._slots.append(slots)
         return slots
+
+    def make_budget(self, cap: Decimal | None) -> RedisBudget:
+        """The ``max_spend`` ledger, shared by every process using the key (redis_budget.py)."""
+        from .redis_budget import RedisBudget
+
+        return RedisBudget(self, cap)
 
     async def ping(self) -> None:
         """Check that Redis answers now; raise :class:`LimitsBackendError` naming the URL if not.

@@ -50,6 +50,7 @@ async def run(args: argparse.Namespace) -> None:
         burst=args.burst,
         poll=poll,
         limits_backend=backend,
+        max_spend=args.max_spend,
     ) as client:
         say("READY")
         if args.wait_go:  # the benchmark starts every worker at once
@@ -70,7 +71,11 @@ async def run(args: argparse.Namespace) -> None:
         async def loop() -> None:
             while (job := await next_job()) is not None:
                 say(f"START {job}")
-                await client.generate(prompt=f"job {job}", images=[IMAGE])
+                images = [IMAGE] * (1 + int(job) % 5 if args.vary_images else 1)
+                try:
+                    await client.generate(prompt=f"job {job}", images=images)
+                except d.BudgetExceededError:
+                    say(f"CAPPED {job}")  # nothing sent: the job is over
                 if queue is not None:
                     await queue.sadd(f"{args.key}:done", job)
                 say(f"DONE {job}")
@@ -97,6 +102,8 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1)
     parser.add_argument("--lease-ttl", type=float, default=1.0)
     parser.add_argument("--poll-s", type=float, default=0.03)
+    parser.add_argument("--max-spend", default=None, help="DreamOClient(max_spend=...)")
+    parser.add_argument("--vary-images", action="store_true", help="1 + job % 5 images")
     parser.add_argument("--wait-go", action="store_true", help="start on a line on stdin")
     args = parser.parse_args()
     asyncio.run(run(args))

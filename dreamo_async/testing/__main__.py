@@ -29,6 +29,7 @@ async def _serve(args: argparse.Namespace) -> None:
         max_open_tasks=args.max_open_tasks,
         report_progress=args.progress,
         envelope=args.envelope,
+        cost_per_image=args.cost_per_image,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-open-tasks", type=int, default=None)
     parser.add_argument("--progress", action="store_true", help="report progress 0..1")
     parser.add_argument("--envelope", action="store_true", help='wrap answers in {"data"}')
+    parser.add_argument("--cost-per-image", default=None, help='price tasks per image, "0.01"')
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))

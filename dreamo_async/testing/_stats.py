@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import attrs
@@ -77,6 +78,8 @@ class ServerStats:
     faults: collections.Counter[str] = attrs.field(factory=collections.Counter)
     #: Tasks created per ``X-Request-Id`` header (``""`` when absent).
     creates_by_request_id: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    #: Sum of the costs of the tasks created (billed whether they complete or fail).
+    cost_created: Decimal = Decimal(0)
     #: Tasks created per prompt.
     creates_by_prompt: collections.Counter[str] = attrs.field(factory=collections.Counter)
     #: Most tasks running at the service at once (created, completion time not reached).
@@ -116,6 +119,7 @@ class ServerStats:
         return {
             "create_requests": self.create_requests,
             "creates": self.creates,
+            "cost_created": str(self.cost_created),
             "creates_refused": dict(self.creates_refused),
             "refused": dict(self.refused),
             "refused_total": self.refused_total,

@@ -56,6 +56,8 @@ class FakeTask:
     fail_code: str | None = None
     #: From this server time on the task id answers 404 (a service that lost the task).
     gone_at: float = math.inf
+    #: ``usage.cost`` once completed (``None``: no cost reported); drawn at creation.
+    cost: str | None = "0.03"
 
     def state_at(self, now: float) -> TaskState:
         """The canonical status at server time ``now``."""
@@ -91,7 +93,6 @@ class Presentation:
     error_format: ErrorFormat = "message"
     report_progress: bool = False
     extra_fields: bool = False
-    cost: str = "0.03"
 
     def word(self, state: TaskState) -> str:
         return self.status_words.get(state, state)
@@ -143,11 +144,12 @@ class Presentation:
         if self.extra_fields:
             item["format"] = "png"
         data["output"] = [item] if self.output_layout == "flat" else [{"content": [item]}]
-        data["usage"] = {"cost": self.cost, "discount": 1}
+        if task.cost is not None:
+            data["usage"] = {"cost": task.cost, "discount": 1}
         completed_wall = task.created_wall + (task.ends_at - task.created_at)
         data["metadata"] = {"completed_at": self.timestamp(completed_wall)}
         if self.extra_fields:
-            data["usage"]["currency"] = "USD"
+            data.setdefault("usage", {})["currency"] = "USD"
             data["metadata"]["inference_ms"] = int((task.ends_at - task.starts_at) * 1000)
         return data
 

@@ -37,6 +37,7 @@ import ssl
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any, Final, Self
 
 import attrs
@@ -99,7 +100,11 @@ class FakeDreamOServer:
     - ``created_at_format``: ``"s"``, ``"ms"`` or ``"iso"`` (also ``completed_at``).
     - ``error_format``: failed task's ``error`` as ``{code, message}`` (``"message"``),
       ``{code, error_message}`` (``"error_message"``) or a plain string (``"string"``).
-    - ``cost``: ``usage.cost`` of a completed task; ``create_status``: 200 or 201.
+    - ``cost``: ``usage.cost`` of a completed task: a string, ``None`` (no cost reported)
+      or a callable of the new :class:`FakeTask` giving either (costs that vary);
+      ``cost_per_image``: price tasks per input image instead (``"0.01"`` x images).
+      ``stats.cost_created`` sums the costs of the tasks created (what would be billed).
+    - ``create_status``: 200 or 201.
     - ``limits``: the limits checked server-side; ``strict_params``: refuse unknown params.
     - ``rate_limit`` / ``rate_burst``: token bucket over creates and polls (req/s, bucket
       size, default ``max(1, rate_limit)``); above it: 429 with ``Retry-After`` spelled
@@ -131,7 +136,8 @@ class FakeDreamOServer:
         output_layout: OutputLayout = "content",
         created_at_format: CreatedAtFormat = "s",
         error_format: ErrorFormat = "message",
-        cost: str = "0.03",
+        cost: str | Callable[[FakeTask], str | None] | None = "0.03",
+        cost_per_image: str | None = None,
         create_status: int = 200,
         limits: Limits = DEFAULT_LIMITS,
         strict_params: bool = True,
@@ -172,6 +178,8 @@ class FakeDreamOServer:
         self.max_open_tasks = max_open_tasks
         self.result_ttl_ms = result_ttl_ms
         self.stats = ServerStats()
+        self.cost = cost
+        self.cost_per_image = None if cost_per_image is None else Decimal(cost_per_image)
         self._clock = clock
         self._presentation = Presentation(
             base_url="",
@@ -182,7 +190,6 @@ class FakeDreamOServer:
             error_format=error_format,
             report_progress=report_progress,
             extra_fields=extra_fields,
-            cost=cost,
         )
         self._tasks: dict[str, FakeTask] = {}
         self._open: list[tuple[float, str]] = []  # heap of (ends_at, task id)
@@ -571,6 +578,11 @@ class FakeDreamOServer:
         task = self._new_task(parsed, request.headers.get("X-Request-Id", ""), now)
         return Answer(self.create_status, self._presentation.wrap(self._presentation.created(task)))
 
+    def _cost_of(self, task: FakeTask) -> str | None:
+        if self.cost_per_image is not None:
+            return str(self.cost_per_image * task.image_count)
+        return self.cost(task) if callable(self.cost) else self.cost
+
     def _new_task(self, parsed: CreateRequest, request_id: str, now: float) -> FakeTask:
         prompt = parsed.prompt
         duration = self.task_duration_ms / 1000.0
@@ -600,6 +612,9 @@ class FakeDreamOServer:
             ends_at=starts_at + duration,
             fail_code=fail_code,
         )
+        task.cost = self._cost_of(task)
+        if task.cost is not None:
+            self.stats.cost_created += Decimal(task.cost)
         if self._chaos_state is not None and (shaped := self._chaos_state.shape_task(task)):
             self.stats.faults[f"task:{shaped}"] += 1
         self._tasks[task.id] = task
