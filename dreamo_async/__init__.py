@@ -55,6 +55,7 @@ from .request import (
     RephraserLevel,
 )
 from .retry import RetryPolicy, set_testing
+from .web import CallerDisconnectedError, cancel_on_disconnect
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -68,6 +69,7 @@ __all__ = [
     "AuthenticationError",
     "BatchItem",
     "BatchProgress",
+    "CallerDisconnectedError",
     "CheckPolicy",
     "ClientClosedError",
     "ClientStatistics",
@@ -113,5 +115,6 @@ __all__ = [
     "UnlimitedLimiter",
     "Usage",
     "__version__",
+    "cancel_on_disconnect",
     "set_testing",
 ]
