@@ -1,10 +1,10 @@
-# The two commands of the README. Each creates .venv and installs what it needs.
+# The two commands of the README (and `make docs`). Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit bench fuzz chaos clean
+.PHONY: demo test lint typecheck unit docs bench fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ unit: $(STAMP)
 	@command -v redis-server >/dev/null 2>&1 || echo "note: redis-server not found, so the Redis tests \
 	(tests/test_redis_limits.py) are skipped; install it with: sudo apt-get install redis-server"
 	$(BIN)/pytest
+
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken reference or a
+# docstring the API reference cannot read fails the build.
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[cli,dev,docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[cli,dev,bench]'
@@ -57,4 +63,4 @@ chaos: $(STAMP)
 	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus site
