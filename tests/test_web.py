@@ -40,8 +40,9 @@ def make_client(server: FakeDreamOServer) -> d.DreamOClient:
 
 
 async def run_callers(fake: FakeDreamOServer, *, early_leavers: int) -> dict[str, Any]:
-    """SLOTS callers first (``early_leavers`` of them leave), the 44 others once all
-    slots are taken; every leaver hangs up HANG_UP_AFTER s after it called."""
+    """SLOTS callers first, the 44 others once all slots are taken; late leavers hang
+    up HANG_UP_AFTER s after they called, while queued. ``early_leavers`` of the first
+    callers hang up just after the others called, while their tasks run."""
     client = make_client(fake)
     ref = image_url(fake)
     left_at: dict[str, float] = {}
@@ -62,11 +63,16 @@ async def run_callers(fake: FakeDreamOServer, *, early_leavers: int) -> dict[str
         def caller(i: int, leaves: bool) -> asyncio.Task[None]:
             return asyncio.create_task((leave if leaves else stay)(f"caller {i}"))
 
-        first = [caller(i, i < early_leavers) for i in range(SLOTS)]
+        first = [caller(i, False) for i in range(SLOTS)]
         await eventually(lambda: len(fake.tasks) >= SLOTS)
         late_leavers = LEAVERS - early_leavers
         rest = [caller(i, i - SLOTS < late_leavers) for i in range(SLOTS, CALLERS)]
-        await asyncio.gather(*first, *rest)
+        for i, early in enumerate(first[:early_leavers]):
+            early.cancel()  # hangs up mid-task (tasks last 0.6 s; they were just created)
+            with contextlib.suppress(asyncio.CancelledError):
+                await early
+            left_at[f"caller {i}"] = time.monotonic()
+        await asyncio.gather(*first[early_leavers:], *rest)
         await eventually(lambda: client.statistics().jobs_running == 0)
     return {"left_at": left_at, "answers": answers, "stats": fake.stats, "tasks": fake.tasks}
 
