@@ -15,12 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from starlette.requests import Request
 
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer
+from examples import aiohttp_app
 
-from .conftest import eventually
+from .conftest import assert_no_more_requests, eventually
 from .helpers import KEY, threaded_fake_server
 from .test_examples import image_url, serve_fastapi
 
@@ -117,6 +119,30 @@ async def test_callers_that_hang_up_mid_task_keep_the_service_within_max_concurr
     async with threaded_fake_server(task_duration_ms=600) as fake:
         outcome = await run_callers(fake, early_leavers=2)
     check(outcome)
+
+
+async def test_aiohttp_without_handler_cancellation_still_cancels_the_job() -> None:
+    """As ``web.run_app`` serves by default (aiohttp's TestServer cancels handlers itself)."""
+    async with threaded_fake_server(task_duration_ms=60) as fake:
+        client = make_client(fake)
+        runner = web.AppRunner(aiohttp_app.create_app(client), handler_cancellation=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = runner.addresses[0][1]
+            url = f"http://127.0.0.1:{port}/generate"
+            async with aiohttp.ClientSession() as http:
+                body = {"prompt": "p [never]", "images": [image_url(fake)]}
+                caller = asyncio.create_task(http.post(url, json=body))
+                await eventually(lambda: fake.stats.polls >= 2)
+                caller.cancel()  # the caller hangs up
+                with contextlib.suppress(asyncio.CancelledError):
+                    await caller
+                await eventually(lambda: client.statistics().jobs_running == 0)
+                await assert_no_more_requests(fake, quiet=0.2)
+        finally:
+            await runner.cleanup()
 
 
 async def test_a_result_ready_as_the_caller_leaves_is_returned() -> None:
