@@ -10,7 +10,9 @@ import re
 from typing import Any
 
 #: ``:role:`~a.b.C``` shows ``C`` (Sphinx's ``~``); ``:role:`a.b.C``` shows ``a.b.C``.
-_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):<code>(~[\w.]*\.)?([^<]*)</code>")
+_ROLE = re.compile(
+    r":(?:class|func|meth|mod|attr|data|exc|obj):<code>(~[\w.]*\.)?([^<]*)</code>"
+)
 
 
 def on_page_content(html: str, **kwargs: Any) -> str:
