@@ -1,8 +1,8 @@
 """dreamo_async.web: callers that hang up, under a real uvicorn (the FastAPI example).
 
-50 concurrent callers, 20 of which hang up 0.3 s after they called. Tasks last
-0.6 s and the client has 6 slots, so callers that leave are still queued for a
-slot: no task may exist for them. Counted at the fake server (its own loop in a
+50 concurrent callers, 20 of which hang up 0.3 s after they called. The client has
+6 slots and the first 6 callers' tasks last 1.5 s, so callers that leave are still
+queued for a slot: no task may exist for them. Counted at the fake server (its own loop in a
 thread, so its clock is this process's monotonic clock).
 """
 
@@ -28,6 +28,7 @@ from .test_examples import image_url, serve_fastapi
 
 SLOTS, CALLERS, LEAVERS, HANG_UP_AFTER = 6, 50, 20, 0.3
 IN_FLIGHT = 0.05
+FIRST_TASKS_MS, TASKS_MS = 1500, 100
 
 
 def make_client(server: FakeDreamOServer) -> d.DreamOClient:
@@ -39,6 +40,11 @@ def make_client(server: FakeDreamOServer) -> d.DreamOClient:
         burst=10,
         poll=d.PollPolicy(initial_delay=0.02, max_delay=0.05, jitter=0.1, timeout=30),
     )
+
+
+def prompt(i: int) -> str:
+    """The first SLOTS callers' tasks hold the slots well past every late hang-up."""
+    return f"caller {i} [slow:{FIRST_TASKS_MS}]" if i < SLOTS else f"caller {i}"
 
 
 async def run_callers(fake: FakeDreamOServer, *, early_leavers: int) -> dict[str, Any]:
@@ -63,17 +69,17 @@ async def run_callers(fake: FakeDreamOServer, *, early_leavers: int) -> dict[str
             left_at[prompt] = time.monotonic()
 
         def caller(i: int, leaves: bool) -> asyncio.Task[None]:
-            return asyncio.create_task((leave if leaves else stay)(f"caller {i}"))
+            return asyncio.create_task((leave if leaves else stay)(prompt(i)))
 
         first = [caller(i, False) for i in range(SLOTS)]
         await eventually(lambda: len(fake.tasks) >= SLOTS)
         late_leavers = LEAVERS - early_leavers
         rest = [caller(i, i - SLOTS < late_leavers) for i in range(SLOTS, CALLERS)]
         for i, early in enumerate(first[:early_leavers]):
-            early.cancel()  # hangs up mid-task (tasks last 0.6 s; they were just created)
+            early.cancel()  # hangs up mid-task (its task was just created, for 1.5 s)
             with contextlib.suppress(asyncio.CancelledError):
                 await early
-            left_at[f"caller {i}"] = time.monotonic()
+            left_at[prompt(i)] = time.monotonic()
         await asyncio.gather(*first[early_leavers:], *rest)
         await eventually(lambda: client.statistics().jobs_running == 0)
     return {"left_at": left_at, "answers": answers, "stats": fake.stats, "tasks": fake.tasks}
@@ -103,7 +109,7 @@ def check(outcome: dict[str, Any]) -> None:
 
 
 async def test_callers_that_hang_up_while_queued_never_get_a_task() -> None:
-    async with threaded_fake_server(task_duration_ms=600) as fake:
+    async with threaded_fake_server(task_duration_ms=TASKS_MS) as fake:
         outcome = await run_callers(fake, early_leavers=0)
     check(outcome)
     assert not set(outcome["left_at"]) & set(outcome["stats"].creates_by_prompt)
@@ -116,7 +122,7 @@ async def test_callers_that_hang_up_while_queued_never_get_a_task() -> None:
     "the task ends (remove this mark when it does)",
 )
 async def test_callers_that_hang_up_mid_task_keep_the_service_within_max_concurrency() -> None:
-    async with threaded_fake_server(task_duration_ms=600) as fake:
+    async with threaded_fake_server(task_duration_ms=TASKS_MS) as fake:
         outcome = await run_callers(fake, early_leavers=2)
     check(outcome)
 
