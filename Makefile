@@ -1,10 +1,10 @@
-# The two commands of the README. Each creates .venv and installs what it needs.
+# The two commands of the README (and `make docs`). Each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck unit unit-here bench fuzz chaos clean
+.PHONY: demo test lint typecheck unit unit-here docs bench fuzz chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ unit: $(STAMP)
 
 unit-here: $(STAMP)
 	$(BIN)/pytest $(ARGS)
+
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken reference or a
+# docstring the API reference cannot read fails the build.
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[cli,dev,docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[cli,dev,bench]'
@@ -62,4 +68,4 @@ chaos: $(STAMP)
 	$(BIN)/python fuzz/chaos.py $(CHAOS_JOBS)
 
 clean:
-	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus
+	rm -rf $(VENV) .nox .mypy_cache .pytest_cache .ruff_cache .fuzz-corpus site

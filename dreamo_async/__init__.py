@@ -57,6 +57,7 @@ from .request import (
     RephraserLevel,
 )
 from .retry import RetryPolicy, set_testing
+from .web import CallerDisconnectedError, cancel_on_disconnect
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -71,6 +72,7 @@ __all__ = [
     "BatchItem",
     "BatchProgress",
     "BudgetExceededError",
+    "CallerDisconnectedError",
     "CheckPolicy",
     "ClientClosedError",
     "ClientStatistics",
@@ -117,5 +119,6 @@ __all__ = [
     "UnlimitedLimiter",
     "Usage",
     "__version__",
+    "cancel_on_disconnect",
     "set_testing",
 ]

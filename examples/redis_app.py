@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import dreamo_async as d
-from examples.starlette_app import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
+from examples.starlette_app import CLIENT_CLOSED_REQUEST
 
 
 def make_client() -> d.DreamOClient:
@@ -79,10 +79,10 @@ async def generate(request: Request) -> Response:
     client: d.DreamOClient = request.state.dreamo
     try:
         # A caller that leaves cancels its job: its slot goes back to every worker's budget.
-        result = await unless_disconnected(
+        result = await d.cancel_on_disconnect(
             request, client.generate(prompt=body.get("prompt"), images=body.get("images", []))
         )
-    except ClientDisconnected:
+    except d.CallerDisconnectedError:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except d.InvalidRequestError as exc:
         return JSONResponse({"error": str(exc), "parameter": exc.parameter}, status_code=400)

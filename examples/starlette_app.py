@@ -9,19 +9,18 @@ Run against the fake service::
 FastAPI apps do the same in their ``lifespan``. The client lives in the lifespan
 state, so every request shares its limits.
 
-ASGI servers do not cancel a handler whose caller went away (aiohttp.web does,
-with ``handler_cancellation=True``), so the handler watches for the
-``http.disconnect`` message itself and cancels the job: its polling stops at
-once and its slot goes to the next caller.
+ASGI servers do not cancel a handler whose caller went away, so the handler
+wraps the job in ``d.cancel_on_disconnect``: it watches for the ``http.disconnect``
+message and cancels the job, whose polling stops at once and whose slot goes to
+the next caller.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,14 +29,8 @@ from starlette.routing import Route
 
 import dreamo_async as d
 
-T = TypeVar("T")
-
 #: Not an HTTP status anyone sees (the caller is gone); nginx's "client closed request".
 CLIENT_CLOSED_REQUEST = 499
-
-
-class ClientDisconnected(Exception):
-    """The caller went away before the job ended."""
 
 
 def create_app(client: d.DreamOClient | None = None) -> Starlette:
@@ -55,35 +48,14 @@ def create_app(client: d.DreamOClient | None = None) -> Starlette:
     return Starlette(routes=[Route("/generate", generate, methods=["POST"])], lifespan=lifespan)
 
 
-async def until_disconnected(request: Request) -> None:
-    """Return when the ASGI server reports ``http.disconnect`` (body already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; cancel it (and raise ClientDisconnected) if the caller leaves first."""
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler itself is cancelled (server shutdown)
-        watcher.cancel()
-        job.cancel()  # no-op when it has finished
-        await asyncio.wait({job, watcher})
-    if job.cancelled():
-        raise ClientDisconnected
-    return job.result()
-
-
 async def generate(request: Request) -> Response:
     body = await request.json()
     client: d.DreamOClient = request.state.dreamo
     try:
-        result = await unless_disconnected(
+        result = await d.cancel_on_disconnect(
             request, client.generate(prompt=body.get("prompt"), images=body.get("images", []))
         )
-    except ClientDisconnected:
+    except d.CallerDisconnectedError:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except d.InvalidRequestError as exc:
         return JSONResponse({"error": str(exc), "parameter": exc.parameter}, status_code=400)

@@ -1,6 +1,6 @@
 """The web-server examples under load: 50 concurrent callers share one client's limits.
 
-Each app runs on 127.0.0.1 (aiohttp's TestServer, uvicorn for Starlette) with a
+Each app runs on 127.0.0.1 (aiohttp's TestServer, uvicorn for Starlette and FastAPI) with a
 client pointed at FakeDreamOServer; the limits are counted at the fake server.
 
 The fake server runs on its own loop in a thread, as the real service runs
@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, make_png
-from examples import aiohttp_app, starlette_app
+from examples import aiohttp_app, fastapi_app, starlette_app
 
 from .conftest import assert_no_more_requests, eventually
 from .helpers import KEY, threaded_fake_server
@@ -55,13 +55,12 @@ async def serve_aiohttp(client: d.DreamOClient) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def serve_starlette(client: d.DreamOClient) -> AsyncIterator[str]:
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """``app`` under a real uvicorn on 127.0.0.1 (a random port): the URL of /generate."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        starlette_app.create_app(client), lifespan="on", log_level="warning", ws="none"
-    )
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", ws="none")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -73,9 +72,18 @@ async def serve_starlette(client: d.DreamOClient) -> AsyncIterator[str]:
         sock.close()
 
 
+def serve_starlette(client: d.DreamOClient) -> contextlib.AbstractAsyncContextManager[str]:
+    return serve_asgi(starlette_app.create_app(client))
+
+
+def serve_fastapi(client: d.DreamOClient) -> contextlib.AbstractAsyncContextManager[str]:
+    return serve_asgi(fastapi_app.create_app(client))
+
+
 SERVE: dict[str, Callable[[d.DreamOClient], contextlib.AbstractAsyncContextManager[str]]] = {
     "aiohttp": serve_aiohttp,
     "starlette": serve_starlette,
+    "fastapi": serve_fastapi,
 }
 
 
