@@ -115,12 +115,6 @@ async def test_callers_that_hang_up_while_queued_never_get_a_task() -> None:
     assert not set(outcome["left_at"]) & set(outcome["stats"].creates_by_prompt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py frees the slot of a job cancelled after its create while its task "
-    "still runs at the service; DESIGN.md 'Abandoned tasks' says it keeps the slot until "
-    "the task ends (remove this mark when it does)",
-)
 async def test_callers_that_hang_up_mid_task_keep_the_service_within_max_concurrency() -> None:
     async with threaded_fake_server(task_duration_ms=TASKS_MS) as fake:
         outcome = await run_callers(fake, early_leavers=2)
@@ -139,14 +133,17 @@ async def test_aiohttp_without_handler_cancellation_still_cancels_the_job() -> N
             port = runner.addresses[0][1]
             url = f"http://127.0.0.1:{port}/generate"
             async with aiohttp.ClientSession() as http:
-                body = {"prompt": "p [never]", "images": [image_url(fake)]}
+                body = {"prompt": "p [slow:600]", "images": [image_url(fake)]}
                 caller = asyncio.create_task(http.post(url, json=body))
                 await eventually(lambda: fake.stats.polls >= 2)
                 caller.cancel()  # the caller hangs up
                 with contextlib.suppress(asyncio.CancelledError):
                     await caller
+                # the job ended: its paid task keeps the slot, watched until it ends
+                await eventually(lambda: client.statistics().tasks_watched == 1)
                 await eventually(lambda: client.statistics().jobs_running == 0)
                 await assert_no_more_requests(fake, quiet=0.2)
+                assert fake.stats.create_requests == 1
         finally:
             await runner.cleanup()
 
