@@ -1,6 +1,6 @@
 """Bulk runs in Python: many generations through one client, fed lazily, yielded as they end.
 
-(The resumable, journalled bulk runs of the ``dreamo batch`` command live in ``batch.py``.)
+(The resumable, journalled bulk runs of the ``dreamo batch`` command live in ``batch/``.)
 
 ``run_many`` keeps about ``2 * max_concurrency`` jobs in hand: enough that a
 free job slot never waits for the input iterable, few enough that a generator
@@ -16,12 +16,41 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mappin
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from .request import GenerationRequest
 
 if TYPE_CHECKING:
-    from .client import BatchItem, BatchProgress, DreamOClient
+    from .client import DreamOClient
+    from .models import GenerationResult
 
-__all__ = ["run_many"]
+__all__ = ["BatchItem", "BatchProgress", "run_many"]
+
+
+@attrs.frozen
+class BatchItem:
+    """One finished job of :meth:`DreamOClient.generate_many`."""
+
+    #: Position of the request in the input iterable.
+    index: int
+    request: GenerationRequest = attrs.field(repr=False)
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@attrs.frozen
+class BatchProgress:
+    """Progress of a bulk run, passed to ``on_progress``."""
+
+    done: int
+    failed: int
+    #: Requests read so far; the final total once the input is exhausted.
+    total: int | None
+    cost: Any  # Decimal
 
 
 async def run_many(
@@ -40,8 +69,6 @@ async def run_many(
     earlier one (``ordered``) count against the window, so what is in hand stays
     about ``2 * max_concurrency`` however slow the head of the line is.
     """
-    from .client import BatchItem, BatchProgress  # the client module imports this one
-
     window = 2 * client.max_concurrency
     source: Iterator[tuple[int, GenerationRequest | Mapping[str, Any]]] = enumerate(requests)
     running: dict[asyncio.Task[Any], tuple[int, GenerationRequest]] = {}
@@ -133,8 +160,6 @@ def _finished_well(
 ) -> list[BatchItem]:
     """The successful items not yielded yet: the rest of this round, those held for
     order, and jobs that finished but were not collected. By index."""
-    from .client import BatchItem
-
     items = [item for item in (*rest, *held.values()) if item.ok]
     held.clear()
     for job, (index, request) in list(running.items()):
