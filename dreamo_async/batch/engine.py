@@ -388,7 +388,13 @@ class _Engine:
         created: Task | None = None
         if life.task_id is None:
             try:
-                request = client.build_request(**job.params)
+                # The request load_jobs checked, onto this client's limits (no check
+                # again when they are the same); a plain mapping is checked here.
+                request = (
+                    client.build_request(**job.params)
+                    if job.request is None
+                    else client.build_request(job.request)
+                )
             except Exception:  # an unknown key (TypeError), a value out of range...
                 life.invalid = True
                 raise

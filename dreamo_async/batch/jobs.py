@@ -37,13 +37,15 @@ class BatchJob:
 
     ``params`` are the keywords of ``generate`` as JSON values, image paths
     already absolute; ``digest`` fingerprints them so that a journal is never
-    resumed against a changed job.
+    resumed against a changed job. ``request`` is the request :func:`load_jobs`
+    checked, sent as it is (``None``: built from ``params`` when the job runs).
     """
 
     index: int
     params: Mapping[str, Any]
     line: int = 0
     source: str = "<jobs>"
+    request: GenerationRequest | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def digest(self) -> str:
@@ -58,15 +60,16 @@ class BatchJob:
 def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) -> list[BatchJob]:
     """Read and check a whole JSON-lines jobs file before anything is sent.
 
-    One JSON object per line, with the keywords of ``generate``; blank lines are
-    skipped; relative image paths resolve against the file's folder. Every
+    One JSON object per line (UTF-8, a byte order mark allowed), with the keywords of
+    ``generate``; blank lines are skipped; relative image paths resolve against the
+    file's folder. Every
     problem is collected (malformed JSON, unknown key, missing or unusable
     image, out-of-range value) and raised together as :class:`JobsFileError`,
     each as ``file:line: message``.
     """
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")  # -sig: a BOM (Windows editors) is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise JobsFileError([f"{file}: cannot read the jobs file: {exc}"]) from None
     base = file.resolve().parent
@@ -74,16 +77,19 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     problems: list[str] = []
     #: Image files already read and found fine (a file used by many jobs is read once).
     checked: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines() also splits at characters a JSON string may
+    # hold as they are (U+2028, form feed...), which would shift every line number after.
+    for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         where = f"{file}:{number}"
         try:
-            params = _check_line(raw, base, limits, checked)
+            params, request = _check_line(raw, base, limits, checked)
         except ValueError as exc:
             problems.append(f"{where}: {exc}")
             continue
-        jobs.append(BatchJob(index=len(jobs), params=params, line=number, source=str(file)))
+        job = BatchJob(len(jobs), params, line=number, source=str(file), request=request)
+        jobs.append(job)
     if problems:
         raise JobsFileError(problems)
     if not jobs:
@@ -91,11 +97,14 @@ def load_jobs(path: str | os.PathLike[str], *, limits: Limits = DEFAULT_LIMITS) 
     return jobs
 
 
-def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict[str, Any]:
+def _check_line(
+    raw: str, base: Path, limits: Limits, checked: set[str]
+) -> tuple[dict[str, Any], GenerationRequest]:
+    """One line's parameters (as JSON values, for the journal) and its checked request."""
     try:
         data = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"not valid JSON: {exc}") from None
+    except json.JSONDecodeError as exc:  # its "line 1" is the line's own: say the column
+        raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     if unknown := sorted(set(data) - JOB_KEYS):
@@ -114,27 +123,40 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise ValueError("'images' must be a list of paths or URLs (strings)")
     try:
-        sources = classify_images(images)  # refuses ftp://, file://, empty paths, ...
-    except InvalidRequestError as exc:
+        # The file's own paths are paths: a str is a URL or a data URI to the library.
+        sources = classify_images([_as_input(image) for image in images])
+    except InvalidRequestError as exc:  # ftp://, file://, empty paths, ...
         raise ValueError(str(exc)) from None
-    for n, source in enumerate(sources):
+    for n, source in enumerate(sources, start=1):
         if source.kind != "path":
-            _check_sendable(f"images[{n}]", source.value)
+            _check_sendable(f"image {n}", source.value)
     sources = tuple(_resolve(source, base) for source in sources)
     params = {**data, "images": [str(source.value) for source in sources]}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # advisories are for the run, not for input errors
-            GenerationRequest(limits=limits, **{**params, "images": sources})  # kept as they are
+            request = GenerationRequest(limits=limits, **{**params, "images": sources})
     except (InvalidRequestError, TypeError) as exc:
         raise ValueError(str(exc)) from None
-    for source in sources:
+    for n, (given, source) in enumerate(zip(images, sources, strict=True), start=1):
         # Only files that passed are remembered: a failure is rare, and its message
         # names the image's position in this line, which differs between lines.
         if source.kind == "path" and (path := str(source.value)) not in checked:
+            if not Path(given).expanduser().is_absolute() and not os.path.lexists(path):
+                raise ValueError(
+                    f"image {n} ({given}) does not exist: relative paths are resolved "
+                    f"against the jobs file's folder, {base}"
+                )
             _check_image_file(source, limits)
             checked.add(path)
-    return params
+    return params, request
+
+
+def _as_input(image: str) -> str | Path:
+    """A jobs file's image as the library takes it: a URL or data URI as text, else a Path."""
+    if not image or "://" in image or image[:5].lower() == "data:":
+        return image
+    return Path(image)
 
 
 def _check_sendable(key: str, value: object) -> None:
@@ -161,8 +183,8 @@ def _resolve(source: ImageSource, base: Path) -> ImageSource:
     """A path source made absolute against the jobs file's folder; any other source as is."""
     if source.kind != "path":
         return source
-    path = Path(str(source.value)).expanduser()
-    return attrs.evolve(source, value=str(path if path.is_absolute() else base / path))
+    path = Path(source.value).expanduser()  # type: ignore[arg-type]  # a path source's value
+    return attrs.evolve(source, value=path if path.is_absolute() else base / path)
 
 
 def _check_image_file(source: ImageSource, limits: Limits) -> None:

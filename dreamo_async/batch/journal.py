@@ -163,6 +163,8 @@ class Journal:
     def open(self) -> Self:
         """Take the lock, start the writer thread, create the schema."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ready.clear()  # a journal reopened after close() waits for its new writer
+        self._failure = None
         self._lock_fd = _lock(self.path.with_name(self.path.name + ".lock"))
         self._thread = threading.Thread(target=self._writer, name="dreamo-journal", daemon=True)
         self._thread.start()
@@ -240,12 +242,11 @@ class Journal:
                     if sync != synced:  # allowed between transactions, per connection
                         conn.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
                         synced = sync
-                    self._commit_group(conn, group)
-                    self.stats.synced_commits += sync
+                    self._commit_group(conn, group, synced=sync)
         finally:
             conn.close()
 
-    def _commit_group(self, conn: sqlite3.Connection, group: list[_Op]) -> None:
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Op], *, synced: bool) -> None:
         """Run ``group`` in one transaction; resolve the futures only after COMMIT."""
         outcomes: list[tuple[bool, Any]] = []
         try:
@@ -266,6 +267,7 @@ class Journal:
             outcomes = [(False, JournalError(f"journal write failed: {exc}"))] * len(group)
         self.stats.operations += len(group)
         self.stats.commits += 1
+        self.stats.synced_commits += synced  # counted before any waiter wakes to read it
         self.stats.largest_group = max(self.stats.largest_group, len(group))
         # Writes run even if their waiter was cancelled: a job cancelled while
         # recording its task id must still leave the id in the journal. Waiters on
@@ -353,13 +355,6 @@ class Journal:
         """
         op = _updater(index, state, fields, count_create=count_create)
         await self.acall(op, sync=state in _CRITICAL)
-
-    def update(
-        self, index: int, state: JobState, *, count_create: bool = False, **fields: Any
-    ) -> None:
-        """Blocking :meth:`aupdate`."""
-        op = _updater(index, state, fields, count_create=count_create)
-        self.call(op, sync=state in _CRITICAL)
 
 
 #: States whose loss in a power cut could cost money (``sending``) or a task id (``created``).
