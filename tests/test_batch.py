@@ -125,6 +125,31 @@ async def test_a_run_journals_every_job_and_saves_every_result(
     assert {"created", "polled", "completed", "failed"} <= kinds
 
 
+async def test_batch_events_speak_generate_manys_progress(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    """One vocabulary: ``done`` counts every ended job, failed ones included; no more
+    than ``concurrency`` jobs run at once (the bulk path's window)."""
+    jobs = jobs_for(image, "a", "b [fail:003013095]", "c", "d", "e")
+    events: list[BatchEvent] = []
+    async with client_for(server, max_concurrency=8) as client:
+        await run_batch(
+            client, jobs, tmp_path / "j.db", tmp_path, concurrency=2, on_event=events.append
+        )
+    assert all(isinstance(e.state, d.BatchProgress) for e in events)
+    assert max(e.state.running for e in events) == 2
+    last = events[-1].state
+    assert (last.done, last.failed, last.total, last.running, last.queued) == (5, 1, 5, 0, 0)
+    assert str(last.cost) == "0.12"
+    # A re-run: the completed jobs are skipped, and counted as done.
+    rerun: list[BatchEvent] = []
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path, on_event=rerun.append)
+    skipped = [e for e in rerun if e.kind == "skipped"]
+    assert skipped[-1].state.skipped == 4
+    assert rerun[-1].state.done == 5
+
+
 async def test_results_name_names_the_results_file_or_leaves_it_out(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:

@@ -33,12 +33,13 @@ jobs whose task failed at the service stay failed unless ``retry_failed=True``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import attrs
 
+from ..bulk import BatchProgress, JobWindow
 from ..download import download_result, is_saved_image, remove_stale_parts
 from ..errors import (
     SERVICE_ERRORS,
@@ -82,18 +84,22 @@ __all__ = [
 logger = logging.getLogger("dreamo_async")
 
 
-@attrs.define
-class BatchState:
-    """Live counters of a run, updated by the engine and read by progress displays."""
+#: The old name of the progress a batch event carries (one vocabulary with ``generate_many``).
+BatchState = BatchProgress
 
-    total: int
-    done: int = 0
+
+@attrs.define
+class _Tally:
+    """The engine's own counters, from which every event's :class:`BatchProgress` is made."""
+
+    total: int = 0
+    #: Completed jobs, this run's and ``skipped`` ones.
+    completed: int = 0
     failed: int = 0
-    running: int = 0
-    queued: int = 0
     skipped: int = 0
+    #: Jobs to run this time (not skipped or reported from the journal).
+    to_run: int = 0
     cost: Decimal = Decimal(0)
-    started: float = attrs.field(factory=time.monotonic)
 
 
 @attrs.frozen
@@ -103,7 +109,9 @@ class BatchEvent:
 
     kind: str
     index: int
-    state: BatchState
+    #: The run's progress when it happened: ``done`` counts every job ended (completed,
+    #: failed, skipped), as ``generate_many`` counts.
+    state: BatchProgress
     task_id: str | None = None
     files: tuple[str, ...] = ()
     code: str | None = None
@@ -226,7 +234,9 @@ class _Engine:
         self.concurrency = max(1, concurrency)
         self.timeout = timeout
         self.on_event = on_event
-        self.state = BatchState(total=0)
+        self.tally = _Tally()
+        self.window: JobWindow[tuple[BatchJob, JobRow], tuple[BatchJob, JobRow], None] | None
+        self.window = None
         self.failed: Counter[str] = Counter()
         self.unknown: dict[int, str | None] = {}
         self.fatal: BaseException | None = None
@@ -240,9 +250,22 @@ class _Engine:
         (a broken progress display must not cost a paid result)."""
         if self.on_event is not None:
             try:
-                self.on_event(BatchEvent(kind, index, self.state, **details))
+                self.on_event(BatchEvent(kind, index, self.progress(), **details))
             except Exception:
                 logger.exception("the batch on_event callback failed on a %r event", kind)
+
+    def progress(self) -> BatchProgress:
+        """The run's progress now, in the words of ``generate_many``'s."""
+        tally, window = self.tally, self.window
+        return BatchProgress(
+            done=tally.completed + tally.failed,
+            failed=tally.failed,
+            total=tally.total,
+            cost=tally.cost,
+            running=0 if window is None else len(window.running),
+            queued=tally.to_run - (0 if window is None else window.read),
+            skipped=tally.skipped,
+        )
 
     async def run(
         self, jobs: Sequence[BatchJob], *, retry_unknown: bool, retry_failed: bool
@@ -250,14 +273,14 @@ class _Engine:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
         await asyncio.to_thread(remove_stale_parts, self.out)
-        self.state = BatchState(total=len(jobs))
+        self.tally = _Tally(total=len(jobs))
         work: list[tuple[BatchJob, JobRow]] = []
         cost = Decimal(0)
         for job in jobs:
             row = rows[job.index]
             if row.state == "completed" and row.index in present:
-                self.state.skipped += 1
-                self.state.done += 1
+                self.tally.skipped += 1
+                self.tally.completed += 1
                 cost += row.cost or 0
                 files = tuple(str(self.out / f) for f in row.files)
                 self.emit("skipped", job.index, task_id=row.task_id, files=files)
@@ -267,58 +290,67 @@ class _Engine:
                 self._fail(job.index, row.error_code, row.error_message, row.task_id)
             else:
                 work.append((job, row))
-        self.state.cost = cost
+        self.tally.cost = cost
         # Created tasks first: they are already paid for and their URLs may expire.
         work.sort(key=lambda item: (item[1].state not in ("created", "completed"), item[0].index))
-        self.state.queued = len(work)
+        self.tally.to_run = len(work)
         started = time.monotonic()
-        feed = iter(work)
         self.started = True
-        workers = [asyncio.create_task(self._worker(feed)) for _ in range(self.concurrency)]
+        # The bulk path's window: ``concurrency`` jobs create-and-poll at once, the next
+        # taken from ``work`` as one ends; their downloads go on in the background.
+        window = self.window = JobWindow(self._feed(work), self._run_job, self.concurrency)
         try:
-            await asyncio.gather(*workers)
+            while True:
+                while (taken := window.take()) is not None:
+                    window.start(*taken)
+                if not window.running:
+                    break
+                for _, _, task in await window.finished():
+                    if not task.cancelled() and (exc := task.exception()) is not None:
+                        raise exc  # the journal failed: the run stops (see _job)
             while self.downloads:
                 await asyncio.gather(*list(self.downloads))
         finally:
-            for task in [*workers, *self.downloads]:
+            await window.aclose()
+            for task in self.downloads:
                 task.cancel()
-            await asyncio.gather(*workers, *self.downloads, return_exceptions=True)
+            await asyncio.gather(*self.downloads, return_exceptions=True)
         return BatchReport(
             total=len(jobs),
-            completed=self.state.done,
-            skipped=self.state.skipped,
+            completed=self.tally.completed,
+            skipped=self.tally.skipped,
             failed=dict(self.failed),
             unknown=dict(self.unknown),
-            cost=self.state.cost,
+            cost=self.tally.cost,
             wall_time=time.monotonic() - started,
             fatal=self.fatal,
         )
 
-    async def _worker(self, feed: Iterable[tuple[BatchJob, JobRow]]) -> None:
-        for job, row in feed:
+    def _feed(
+        self, work: Iterable[tuple[BatchJob, JobRow]]
+    ) -> Iterator[tuple[int, tuple[BatchJob, JobRow]]]:
+        """The jobs to run, until a fatal error stops the run (no new job starts)."""
+        for job, row in work:
             if self.fatal is not None:
                 return
-            self.state.queued -= 1
-            self.state.running += 1
-            try:
-                await self._job(job, row)
-            except _Stop:
-                pass
-            finally:
-                self.state.running -= 1
+            yield job.index, (job, row)
+
+    async def _run_job(self, item: tuple[BatchJob, JobRow]) -> None:
+        with contextlib.suppress(_Stop):  # the run is stopping: this job ended as journalled
+            await self._job(*item)
 
     def _fail(
         self, index: int, code: str | None, message: str | None, task_id: str | None = None
     ) -> None:
         """Count a failed job (under ``failed`` if it has no code) and emit ``failed``."""
-        self.state.failed += 1
+        self.tally.failed += 1
         self.failed[code or "failed"] += 1
         self.emit("failed", index, task_id=task_id, code=code, message=message)
 
     def _count_unknown(self, index: int, request_id: str | None, message: str | None) -> None:
         """Count a job whose create outcome is unknown and emit ``unknown``."""
         self.unknown[index] = request_id
-        self.state.failed += 1
+        self.tally.failed += 1
         self.failed["unknown"] += 1
         self.emit("unknown", index, code="unknown", message=message)
 
@@ -444,8 +476,8 @@ class _Engine:
                 error_code=None,
                 error_message=None,
             )
-            self.state.done += 1
-            self.state.cost += result.cost or 0
+            self.tally.completed += 1
+            self.tally.cost += result.cost or 0
             paths = tuple(str(self.out / f) for f in files)
             self.emit("completed", index, task_id=result.task_id, files=paths)
         finally:

@@ -18,15 +18,21 @@ if TYPE_CHECKING:
 __all__ = ["result_json", "write_results"]
 
 
-def result_json(result: GenerationResult) -> dict[str, Any]:
-    """The JSON of one result: what the journal keeps and ``dreamo --json`` prints."""
-    return {
+def result_json(
+    result: GenerationResult, files: Iterable[str | os.PathLike[str]] | None = None
+) -> dict[str, Any]:
+    """The JSON of one result: what the journal keeps and ``dreamo --json`` prints
+    (``files``, the saved images, when given). No secret ever goes in."""
+    data: dict[str, Any] = {
         "task_id": result.task_id,
         "image_urls": result.image_urls,
         "job_id": result.job_id,
         "cost": None if result.cost is None else str(result.cost),
         "model": result.model,
     }
+    if files is not None:
+        data["files"] = [str(path) for path in files]
+    return data
 
 
 def write_results(rows: Iterable[JobRow], path: Path) -> None:
