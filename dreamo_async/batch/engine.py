@@ -88,20 +88,6 @@ logger = logging.getLogger("dreamo_async")
 BatchState = BatchProgress
 
 
-@attrs.define
-class _Tally:
-    """The engine's own counters, from which every event's :class:`BatchProgress` is made."""
-
-    total: int = 0
-    #: Completed jobs, this run's and ``skipped`` ones.
-    completed: int = 0
-    failed: int = 0
-    skipped: int = 0
-    #: Jobs to run this time (not skipped or reported from the journal).
-    to_run: int = 0
-    cost: Decimal = Decimal(0)
-
-
 @attrs.frozen
 class BatchEvent:
     """Something happened to one job; ``kind`` is one of ``created``, ``polled``,
@@ -234,7 +220,10 @@ class _Engine:
         self.concurrency = max(1, concurrency)
         self.timeout = timeout
         self.on_event = on_event
-        self.tally = _Tally()
+        #: Jobs in the run; completed ones (this run's and skipped ones; failed ones are
+        #: counted in ``failed``, by code); jobs to run this time; what the completed cost.
+        self.total = self.completed = self.skipped = self.to_run = 0
+        self.cost = Decimal(0)
         self.window: JobWindow[tuple[BatchJob, JobRow], tuple[BatchJob, JobRow], None] | None
         self.window = None
         self.failed: Counter[str] = Counter()
@@ -256,15 +245,16 @@ class _Engine:
 
     def progress(self) -> BatchProgress:
         """The run's progress now, in the words of ``generate_many``'s."""
-        tally, window = self.tally, self.window
+        window = self.window
+        failed = sum(self.failed.values())  # every failed job is counted once by its code
         return BatchProgress(
-            done=tally.completed + tally.failed,
-            failed=tally.failed,
-            total=tally.total,
-            cost=tally.cost,
+            done=self.completed + failed,
+            failed=failed,
+            total=self.total,
+            cost=self.cost,
             running=0 if window is None else len(window.running),
-            queued=tally.to_run - (0 if window is None else window.read),
-            skipped=tally.skipped,
+            queued=self.to_run - (0 if window is None else window.read),
+            skipped=self.skipped,
         )
 
     async def run(
@@ -273,14 +263,14 @@ class _Engine:
         rows = await asyncio.to_thread(self.journal.sync_jobs, jobs)
         present = await asyncio.to_thread(_existing_files, rows.values(), self.out)
         await asyncio.to_thread(remove_stale_parts, self.out)
-        self.tally = _Tally(total=len(jobs))
+        self.total = len(jobs)
         work: list[tuple[BatchJob, JobRow]] = []
         cost = Decimal(0)
         for job in jobs:
             row = rows[job.index]
             if row.state == "completed" and row.index in present:
-                self.tally.skipped += 1
-                self.tally.completed += 1
+                self.skipped += 1
+                self.completed += 1
                 cost += row.cost or 0
                 files = tuple(str(self.out / f) for f in row.files)
                 self.emit("skipped", job.index, task_id=row.task_id, files=files)
@@ -290,10 +280,10 @@ class _Engine:
                 self._fail(job.index, row.error_code, row.error_message, row.task_id)
             else:
                 work.append((job, row))
-        self.tally.cost = cost
+        self.cost = cost
         # Created tasks first: they are already paid for and their URLs may expire.
         work.sort(key=lambda item: (item[1].state not in ("created", "completed"), item[0].index))
-        self.tally.to_run = len(work)
+        self.to_run = len(work)
         started = time.monotonic()
         self.started = True
         # The bulk path's window: ``concurrency`` jobs create-and-poll at once, the next
@@ -317,11 +307,11 @@ class _Engine:
             await asyncio.gather(*self.downloads, return_exceptions=True)
         return BatchReport(
             total=len(jobs),
-            completed=self.tally.completed,
-            skipped=self.tally.skipped,
+            completed=self.completed,
+            skipped=self.skipped,
             failed=dict(self.failed),
             unknown=dict(self.unknown),
-            cost=self.tally.cost,
+            cost=self.cost,
             wall_time=time.monotonic() - started,
             fatal=self.fatal,
         )
@@ -343,14 +333,12 @@ class _Engine:
         self, index: int, code: str | None, message: str | None, task_id: str | None = None
     ) -> None:
         """Count a failed job (under ``failed`` if it has no code) and emit ``failed``."""
-        self.tally.failed += 1
         self.failed[code or "failed"] += 1
         self.emit("failed", index, task_id=task_id, code=code, message=message)
 
     def _count_unknown(self, index: int, request_id: str | None, message: str | None) -> None:
         """Count a job whose create outcome is unknown and emit ``unknown``."""
         self.unknown[index] = request_id
-        self.tally.failed += 1
         self.failed["unknown"] += 1
         self.emit("unknown", index, code="unknown", message=message)
 
@@ -476,8 +464,8 @@ class _Engine:
                 error_code=None,
                 error_message=None,
             )
-            self.tally.completed += 1
-            self.tally.cost += result.cost or 0
+            self.completed += 1
+            self.cost += result.cost or 0
             paths = tuple(str(self.out / f) for f in files)
             self.emit("completed", index, task_id=result.task_id, files=paths)
         finally:
