@@ -99,6 +99,11 @@ class JobWindow(Generic[_S, _J, _T]):
         self.read += 1
         return item
 
+    @property
+    def active(self) -> int:
+        """Jobs started and not ended (one that just ended is not collected yet)."""
+        return sum(not task.done() for task in self.running)
+
     def start(self, index: int, job: _J) -> None:
         self.running[asyncio.ensure_future(self._run(job))] = (index, job)
 
@@ -197,7 +202,7 @@ async def run_many(
                             failed=failed,
                             total=total,
                             cost=cost,
-                            running=len(window.running),
+                            running=window.active,
                         )
                     )
                 if ordered:

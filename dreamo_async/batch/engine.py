@@ -252,7 +252,7 @@ class _Engine:
             failed=failed,
             total=self.total,
             cost=self.cost,
-            running=0 if window is None else len(window.running),
+            running=0 if window is None else window.active,
             queued=self.to_run - (0 if window is None else window.read),
             skipped=self.skipped,
         )
