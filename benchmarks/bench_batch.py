@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import dreamo_async as d  # noqa: E402
 from benchmarks._common import KEY, fake_server_process, interpreter  # noqa: E402
-from dreamo_async.batch import _SCHEMA, BatchJob, Journal, run_batch  # noqa: E402
+from dreamo_async.batch import BatchJob, Journal, run_batch  # noqa: E402
+from dreamo_async.batch.journal import _SCHEMA  # noqa: E402
 from dreamo_async.testing import make_png  # noqa: E402
 
 _T = TypeVar("_T")

@@ -6,7 +6,8 @@ implementation (see DESIGN.md).
 
 from .__about__ import __version__
 from .budget import Spending
-from .client import BatchItem, BatchProgress, ClientStatistics, DreamOClient
+from .bulk import BatchItem, BatchProgress
+from .client import ClientStatistics, DreamOClient
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIConnectionError,

@@ -37,6 +37,7 @@ import attrs
 
 from ._body import BodyParts
 from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
+from .bulk import BatchItem, BatchProgress, run_many
 from .errors import (
     ClientClosedError,
     ConfigurationError,
@@ -64,7 +65,7 @@ from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
 from .wire import create_body_parts, request_params
 
-__all__ = ["BatchItem", "BatchProgress", "ClientStatistics", "DreamOClient"]
+__all__ = ["ClientStatistics", "DreamOClient"]
 
 logger = logging.getLogger("dreamo_async")
 
@@ -107,32 +108,6 @@ class ClientStatistics:
     tasks_watched: int = 0
     #: What the jobs spent and hold (``client.spending()``).
     spending: Spending | None = None
-
-
-@attrs.frozen
-class BatchItem:
-    """One finished job of :meth:`DreamOClient.generate_many`."""
-
-    #: Position of the request in the input iterable.
-    index: int
-    request: GenerationRequest = attrs.field(repr=False)
-    result: GenerationResult | None = None
-    error: BaseException | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@attrs.frozen
-class BatchProgress:
-    """Progress of a bulk run, passed to ``on_progress``."""
-
-    done: int
-    failed: int
-    #: Requests read so far; the final total once the input is exhausted.
-    total: int | None
-    cost: Any  # Decimal
 
 
 def _make_limiter(
@@ -631,8 +606,6 @@ class DreamOClient:
         result is never dropped). ``ordered=True`` yields in input order (after an
         error, the finished items in increasing index, with gaps).
         """
-        from .bulk import run_many  # local: bulk imports this module
-
         self._deadline(timeout)  # a bad deadline is refused before any job starts
 
         # aclosing: when the caller stops early, the jobs still running are cancelled

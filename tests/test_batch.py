@@ -25,13 +25,11 @@ import dreamo_async.download as download_module
 from dreamo_async.batch import (
     BatchEvent,
     BatchJob,
-    JobsFileError,
     Journal,
     JournalError,
     _RunJournalError,
     job_outcome,
     journal_state,
-    load_jobs,
     run_batch,
 )
 from dreamo_async.download import _PartFile, remove_stale_parts, result_stem, safe_component
@@ -127,6 +125,31 @@ async def test_a_run_journals_every_job_and_saves_every_result(
     assert {"created", "polled", "completed", "failed"} <= kinds
 
 
+async def test_batch_events_speak_generate_manys_progress(
+    server: FakeDreamOServer, image: str, tmp_path: Path
+) -> None:
+    """One vocabulary: ``done`` counts every ended job, failed ones included; no more
+    than ``concurrency`` jobs run at once (the bulk path's window)."""
+    jobs = jobs_for(image, "a", "b [fail:003013095]", "c", "d", "e")
+    events: list[BatchEvent] = []
+    async with client_for(server, max_concurrency=8) as client:
+        await run_batch(
+            client, jobs, tmp_path / "j.db", tmp_path, concurrency=2, on_event=events.append
+        )
+    assert all(isinstance(e.state, d.BatchProgress) for e in events)
+    assert max(e.state.running for e in events) == 2
+    last = events[-1].state
+    assert (last.done, last.failed, last.total, last.running, last.queued) == (5, 1, 5, 0, 0)
+    assert str(last.cost) == "0.12"
+    # A re-run: the completed jobs are skipped, and counted as done.
+    rerun: list[BatchEvent] = []
+    async with client_for(server) as client:
+        await run_batch(client, jobs, tmp_path / "j.db", tmp_path, on_event=rerun.append)
+    skipped = [e for e in rerun if e.kind == "skipped"]
+    assert skipped[-1].state.skipped == 4
+    assert rerun[-1].state.done == 5
+
+
 async def test_results_name_names_the_results_file_or_leaves_it_out(
     server: FakeDreamOServer, image: str, tmp_path: Path
 ) -> None:
@@ -196,7 +219,7 @@ async def test_a_created_job_is_polled_never_created_again(
         task = await client.submit(**jobs[0].params)
         with Journal(tmp_path / "j.db") as journal:
             journal.sync_jobs(jobs)
-            journal.update(0, "created", task_id=task.id)
+            await journal.aupdate(0, "created", task_id=task.id)
         report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
     assert report.completed == 2
     assert server.stats.creates_by_prompt == {"a": 1, "b": 1}
@@ -250,7 +273,7 @@ async def test_a_crash_during_create_is_reported_not_resent(
     jobs = [BatchJob(index=i, params=p) for i, p in enumerate(jobs_for(image, "a", "b"))]
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs(jobs)
-        journal.update(0, "sending", request_id="rid-0")  # what a crash mid-create leaves
+        await journal.aupdate(0, "sending", request_id="rid-0")  # what a crash mid-create leaves
     async with client_for(server) as client:
         report = await run_batch(client, jobs, tmp_path / "j.db", tmp_path)
         assert report.unknown == {0: "rid-0"}
@@ -432,6 +455,21 @@ async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
         assert journal.rows()[0].task_id == "t0"
 
 
+def test_a_journal_reopened_after_close_starts_afresh(tmp_path: Path) -> None:
+    """open() after close() waits for its new writer and forgets an earlier failure."""
+    path = tmp_path / "j.db"
+    path.write_bytes(b"not a database, " * 64)
+    journal = Journal(path)
+    with pytest.raises(JournalError, match="cannot open"):
+        journal.open()
+    path.unlink()  # the user fixed it
+    with journal:
+        journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
+        assert [row.state for row in journal.rows()] == ["queued"]
+    with journal:  # and once more after a clean close
+        assert [row.index for row in journal.rows()] == [0]
+
+
 def test_the_journal_is_wal_and_readable_by_others_while_open(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
@@ -540,78 +578,6 @@ async def test_a_cancelled_run_closes_the_journal(
         assert journal.rows()[0].state == "created"
 
 
-# --------------------------------------------------------------------------- jobs files
-
-
-def test_load_jobs_reports_every_problem_with_file_and_line(tmp_path: Path) -> None:
-    (tmp_path / "ok.png").write_bytes(PNG)
-    (tmp_path / "fake.jpg").write_bytes(b"<html>not an image</html>")
-    lines = [
-        '{"prompt": "fine", "images": ["ok.png"]}',
-        "{not json",
-        "",
-        '{"prompt": "x", "images": ["missing.png"]}',
-        '{"prompt": "x", "images": ["ok.png"], "ddim_steps": 99}',
-        '{"prompt": "x", "images": ["fake.jpg"]}',
-        '{"prompt": "x", "images": ["ok.png"], "colour": "red"}',
-        "[1, 2]",
-    ]
-    jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text("\n".join(lines) + "\n")
-    with pytest.raises(JobsFileError) as caught:
-        load_jobs(jobs_file)
-    problems = caught.value.problems
-    assert [p.split(": ", 1)[0] for p in problems] == [
-        f"{jobs_file}:{n}" for n in (2, 4, 5, 6, 7, 8)
-    ]
-    assert "not valid JSON" in problems[0]
-    assert problems[1].endswith(": image 0 (missing.png) does not exist (no such file)")
-    assert "ddim_steps must be between 1 and 50; got 99" in problems[2]
-    assert "HTML" in problems[3]
-    assert "colour" in problems[4]
-    assert "expected a JSON object" in problems[5]
-
-
-def test_load_jobs_reports_image_problems_in_the_librarys_words(tmp_path: Path) -> None:
-    """The jobs file check reads images as a run would: real sizes, right index, schemes."""
-    (tmp_path / "ok.png").write_bytes(PNG)
-    with (tmp_path / "big.jpg").open("wb") as handle:  # sparse: 20 MB on paper, not on disk
-        handle.write(make_jpeg(8, 8))
-        handle.truncate(20_001_280)
-    (tmp_path / "notes.jpg").write_bytes(b"GIF89a" + bytes(64))
-    lines = [
-        '{"prompt": "x", "images": ["ok.png", "big.jpg"]}',
-        '{"prompt": "x", "images": ["ok.png", "notes.jpg"]}',
-        '{"prompt": "x", "images": ["ok.png", "ftp://host/a.jpg"]}',
-        '{"prompt": "x", "images": ["big.jpg"]}',
-    ]
-    jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text("\n".join(lines) + "\n")
-    with pytest.raises(JobsFileError) as caught:
-        load_jobs(jobs_file)
-    assert caught.value.problems == [
-        f"{jobs_file}:1: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
-        "(Limits.max_image_bytes)",
-        f"{jobs_file}:2: image 1 (notes.jpg) is GIF; the service accepts JPEG or PNG",
-        f"{jobs_file}:3: image 1 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
-        "are accepted (or a local path, bytes, a file object, a data URI)",
-        f"{jobs_file}:4: image 0 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
-        "(Limits.max_image_bytes)",
-    ]
-
-
-def test_load_jobs_resolves_relative_images_against_the_file(tmp_path: Path) -> None:
-    (tmp_path / "refs").mkdir()
-    (tmp_path / "refs" / "a.jpg").write_bytes(make_jpeg(800, 600))
-    jobs_file = tmp_path / "jobs.jsonl"
-    jobs_file.write_text('\n{"prompt": "p", "images": ["refs/a.jpg"], "seed": 3}\n')
-    (job,) = load_jobs(jobs_file)
-    assert job.index == 0
-    assert job.line == 2
-    assert job.params["images"] == [str(tmp_path / "refs" / "a.jpg")]
-    assert job.params["seed"] == 3
-
-
 # --------------------------------------------------------------------------- downloads
 
 
@@ -677,37 +643,39 @@ async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
         assert server.stats.polls == 3  # an immediate poll, then one at the deadline
 
 
-def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(tmp_path: Path) -> None:
+async def test_only_writes_that_could_cost_money_or_a_task_id_wait_for_fsync(
+    tmp_path: Path,
+) -> None:
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
         synced = journal.stats.synced_commits
-        journal.update(0, "completed", files="[]")
-        journal.update(0, "failed", error_code="x")
+        await journal.aupdate(0, "completed", files="[]")
+        await journal.aupdate(0, "failed", error_code="x")
         assert journal.stats.synced_commits == synced
-        journal.update(0, "sending", request_id="r")
-        journal.update(0, "created", task_id="t")
+        await journal.aupdate(0, "sending", request_id="r")
+        await journal.aupdate(0, "created", task_id="t")
         assert journal.stats.synced_commits == synced + 2
     with Journal(tmp_path / "k.db", fsync="all") as every:
         every.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
         before = every.stats.synced_commits
-        every.update(0, "completed", files="[]")
+        await every.aupdate(0, "completed", files="[]")
         assert every.stats.synced_commits == before + 1
     with pytest.raises(ValueError, match="fsync"):
         Journal(tmp_path / "l.db", fsync="sometimes")  # type: ignore[arg-type]
 
 
-def test_count_create_counts_each_create_sent_and_unknown_columns_are_refused(
+async def test_count_create_counts_each_create_sent_and_unknown_columns_are_refused(
     tmp_path: Path,
 ) -> None:
     with Journal(tmp_path / "j.db") as journal:
         journal.sync_jobs([BatchJob(index=0, params={"prompt": "p"})])
-        journal.update(0, "sending", request_id="r1", count_create=True)
-        journal.update(0, "unknown", error_code="unknown")
-        journal.update(0, "sending", request_id="r2", count_create=True)
+        await journal.aupdate(0, "sending", request_id="r1", count_create=True)
+        await journal.aupdate(0, "unknown", error_code="unknown")
+        await journal.aupdate(0, "sending", request_id="r2", count_create=True)
         (row,) = journal.rows()
         assert (row.state, row.request_id, row.creates) == ("sending", "r2", 2)
         with pytest.raises(ValueError, match="unknown journal columns"):
-            journal.update(0, "failed", creates=5)
+            await journal.aupdate(0, "failed", creates=5)
 
 
 async def test_the_output_folder_can_move_between_runs(
@@ -871,20 +839,6 @@ async def test_a_failing_on_event_callback_costs_no_job(
         )
     assert report.ok
     assert "on_event callback failed" in caplog.text
-
-
-def test_load_jobs_refuses_text_that_cannot_be_sent_with_file_and_line(tmp_path: Path) -> None:
-    (tmp_path / "ref.png").write_bytes(PNG)
-    good = json.dumps({"prompt": "fine", "images": ["ref.png"]})
-    bad = json.dumps({"prompt": "a cat \ud800", "images": ["ref.png"]})  # "\\ud800" in JSON
-    jobs = tmp_path / "jobs.jsonl"
-    jobs.write_text(f"{good}\n{bad}\n")
-    with pytest.raises(JobsFileError) as info:
-        load_jobs(jobs)
-    (problem,) = info.value.problems
-    assert problem.startswith(f"{jobs}:2: ")
-    assert "prompt" in problem
-    assert "surrogate" in problem
 
 
 @pytest.mark.parametrize(
