@@ -17,10 +17,10 @@ from .display import BatchDisplay, print_summary, summary_rows
 from .options import (
     RATE,
     RateValue,
+    Service,
     common,
-    make_client,
+    out_option,
     polling,
-    read_key,
     spending,
     writable_folder,
 )
@@ -149,12 +149,7 @@ async def run_batch_ui(
 
 @click.command()
 @click.argument("jobs_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Folder for the images, results.jsonl and (by default) the journal.",
-)
+@out_option("Folder for the images, results.jsonl and (by default) the journal.", required=True)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 512),
@@ -204,13 +199,8 @@ def batch(
     dry_run: bool,
     max_spend: Decimal | None,
     expected_cost: Decimal | None,
-    api_key_file: Path | None,
-    base_url: str | None,
-    allow_private_urls: bool,
+    service: Service,
     as_json: bool,
-    timeout: float,
-    poll_interval: float,
-    retries: int,
 ) -> None:
     """Run every job of a JSON-lines file, resumably (one job per line).
 
@@ -251,18 +241,8 @@ def batch(
         again += f" --journal {shlex.quote(str(journal))}"
 
     async def go() -> int:
-        key = read_key(api_key_file)
-        client = make_client(
-            api_key=key,
-            base_url=base_url,
-            concurrency=concurrency,
-            rps=rps,
-            poll_interval=poll_interval,
-            timeout=timeout,
-            retries=retries,
-            max_spend=room,
-            expected_cost=expected_cost,
-            allow_private_urls=allow_private_urls,
+        client = service.client(
+            concurrency=concurrency, rps=rps, max_spend=room, expected_cost=expected_cost
         )
         async with client:
             check_warnings(client, jobs)

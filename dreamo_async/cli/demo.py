@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from .batch_run import run_batch_ui
-from .options import RATE, RateValue, make_client, out_folder
+from .options import RATE, RateValue, Service, out_option
 from .running import EXIT_FAILED, EXIT_OK, run
 
 __all__ = ["demo"]
@@ -39,13 +39,7 @@ def _rate_text(rps: RateValue) -> str:
     show_default=True,
     help="Simulated generation time (ms).",
 )
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    callback=out_folder,
-    help="Keep the images here (default: a temporary folder, removed at the end).",
-)
+@out_option("Keep the images here (default: a temporary folder, removed at the end).", check=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def demo(
     jobs: int,
@@ -86,14 +80,8 @@ def demo(
             async with FakeDreamOServer(
                 api_key="demo-key", task_duration_ms=task_ms, report_progress=True
             ) as server:
-                client = make_client(
-                    api_key="demo-key",
-                    base_url=server.url,
-                    concurrency=concurrency,
-                    rps=rps,
-                    poll_interval=0.2,
-                    timeout=60,
-                )
+                service = Service(base_url=server.url, poll_interval=0.2, timeout=60)
+                client = service.client(api_key="demo-key", concurrency=concurrency, rps=rps)
                 kept = {} if out else {
                     "results": "in a temporary folder (keep them with --out DIR)",
                     "journal": "in the same temporary folder",

@@ -6,6 +6,7 @@ choices from the request's enums: one source, not a copy beside ``Limits``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -14,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import attrs
 import click
 
 from ..errors import ConfigurationError
@@ -24,10 +26,11 @@ from .running import EXIT_USAGE, CliExit
 __all__ = [
     "RATE",
     "RateValue",
+    "Service",
     "common",
     "generation_options",
-    "make_client",
     "out_folder",
+    "out_option",
     "polling",
     "read_key",
     "spending",
@@ -52,6 +55,22 @@ def writable_folder(option: str, folder: Path) -> None:
         raise click.BadParameter(
             f"cannot write into {folder}: {reason} (nothing was sent)", param_hint=f"'{option}'"
         ) from None
+
+
+def out_option(
+    help: str, *, default: Path | None = None, required: bool = False, check: bool = False
+) -> Callable[[F], F]:
+    """``--out FOLDER``; with ``check`` the folder is made and proven writable at once
+    (commands that check their input first prove it later, before anything is sent)."""
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=default,
+        required=required,
+        show_default=default is not None,
+        callback=out_folder if check else None,
+        help=help,
+    )
 
 
 def out_folder(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
@@ -102,8 +121,67 @@ class _Money(click.ParamType[Decimal]):
 _MONEY = _Money()
 
 
-def common(fn: F) -> F:
-    """Options every command that talks to the service takes."""
+@attrs.frozen(kw_only=True)
+class Service:
+    """How a command reaches the service: the options of :func:`common` (and of
+    :func:`polling`, where the command has them), gathered once."""
+
+    api_key_file: Path | None = None
+    base_url: str | None = None
+    allow_private_urls: bool = False
+    retries: int = 4
+    poll_interval: float = 1.0
+    timeout: float = 600.0
+
+    def client(
+        self,
+        *,
+        api_key: str | None = None,
+        concurrency: int = 4,
+        rps: RateValue | None = None,
+        max_spend: Decimal | None = None,
+        expected_cost: Decimal | None = None,
+    ) -> Any:
+        """The command's client; the key is read now (a missing one is exit 2), and a
+        configuration error is a usage error (exit 2)."""
+        import dreamo_async as d
+
+        try:
+            return d.DreamOClient(
+                api_key=api_key or read_key(self.api_key_file),
+                base_url=self.base_url,
+                max_spend=max_spend,
+                expected_cost=expected_cost,
+                max_concurrency=concurrency,
+                requests_per_second=rps,
+                burst=max(1, int(rps)) if isinstance(rps, float) else 1,
+                poll=d.PollPolicy(
+                    initial_delay=self.poll_interval,
+                    max_delay=max(10.0, self.poll_interval),
+                    timeout=self.timeout,
+                ),
+                retry=d.RetryPolicy(max_attempts=self.retries + 1),
+                allow_private_urls=self.allow_private_urls,
+            )
+        except d.ConfigurationError as exc:
+            raise CliExit(EXIT_USAGE, str(exc), error=exc) from None
+        except ValueError as exc:  # yarl's (a port out of range) until the library says it
+            raise CliExit(EXIT_USAGE, f"--base-url {self.base_url}: {exc}", error=exc) from None
+
+
+_SERVICE_FIELDS = tuple(field.name for field in attrs.fields(Service))
+
+
+def common(body: F) -> F:
+    """Options every command that talks to the service takes; the command receives
+    them (and the :func:`polling` ones) as one ``service: Service`` argument."""
+
+    @functools.wraps(body)
+    def command(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in _SERVICE_FIELDS if name in kwargs}
+        return body(service=Service(**given), **kwargs)
+
+    fn: F = command  # type: ignore[assignment]
     fn = click.option(
         "--json",
         "as_json",
@@ -242,44 +320,3 @@ def read_key(api_key_file: Path | None) -> str:
         EXIT_USAGE,
         "no API key: set DREAMO_API_KEY (or VTRIX_API_KEY), or pass --api-key-file FILE",
     )
-
-
-def make_client(
-    *,
-    api_key: str,
-    base_url: str | None,
-    concurrency: int = 4,
-    rps: RateValue | None = None,
-    poll_interval: float = 1.0,
-    timeout: float = 600.0,
-    retries: int = 4,
-    max_spend: Decimal | None = None,
-    expected_cost: Decimal | None = None,
-    allow_private_urls: bool = False,
-) -> Any:
-    """The client of a command; a configuration error is a usage error (exit 2)."""
-    import dreamo_async as d
-
-    try:
-        return d.DreamOClient(
-            max_spend=max_spend,
-            expected_cost=expected_cost,
-            api_key=api_key,
-            base_url=base_url,
-            max_concurrency=concurrency,
-            requests_per_second=rps,
-            burst=max(1, int(rps)) if isinstance(rps, float) else 1,
-            poll=d.PollPolicy(
-                initial_delay=poll_interval,
-                max_delay=max(10.0, poll_interval),
-                timeout=timeout,
-            ),
-            retry=d.RetryPolicy(max_attempts=retries + 1),
-            allow_private_urls=allow_private_urls,
-        )
-    except d.ConfigurationError as exc:
-        raise CliExit(EXIT_USAGE, str(exc), error=exc) from None
-    except (
-        ValueError
-    ) as exc:  # yarl's, on a port out of range: the library's is a ConfigurationError
-        raise CliExit(EXIT_USAGE, f"--base-url {base_url}: {exc}", error=exc) from None

@@ -14,12 +14,11 @@ from rich.console import Console
 
 from .display import StatusLine, describe
 from .options import (
+    Service,
     common,
     generation_options,
-    make_client,
-    out_folder,
+    out_option,
     polling,
-    read_key,
     spending,
     writable_folder,
 )
@@ -63,13 +62,7 @@ def ended_text(error: BaseException, job: Any, out: Path) -> str:
     help="Reference image (path or http(s) URL); repeat for up to 5.",
 )
 @generation_options
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Folder for the result images (created if missing).",
-)
+@out_option("Folder for the result images (created if missing).", default=Path("."))
 @spending
 @polling
 @common
@@ -78,13 +71,8 @@ def generate(
     images: Sequence[str],
     ref_types: Sequence[str],
     out: Path,
-    api_key_file: Path | None,
-    base_url: str | None,
-    allow_private_urls: bool,
+    service: Service,
     as_json: bool,
-    timeout: float,
-    poll_interval: float,
-    retries: int,
     max_spend: Decimal | None,
     expected_cost: Decimal | None,
     **knobs: Any,
@@ -104,18 +92,8 @@ def generate(
         from dreamo_async.download import download_result
 
         err = Console(stderr=True, highlight=False)
-        key = read_key(api_key_file)
-        async with make_client(
-            api_key=key,
-            base_url=base_url,
-            concurrency=1,
-            poll_interval=poll_interval,
-            timeout=timeout,
-            retries=retries,
-            max_spend=max_spend,
-            expected_cost=expected_cost,
-            allow_private_urls=allow_private_urls,
-        ) as client:
+        client = service.client(concurrency=1, max_spend=max_spend, expected_cost=expected_cost)
+        async with client:
             try:
                 request = client.build_request(**params)
             except d.InvalidRequestError as exc:
@@ -154,26 +132,13 @@ def generate(
 @click.command()
 @click.argument("task_id")
 @common
-def status(
-    task_id: str,
-    api_key_file: Path | None,
-    base_url: str | None,
-    allow_private_urls: bool,
-    as_json: bool,
-    retries: int,
-) -> None:
+def status(task_id: str, service: Service, as_json: bool) -> None:
     """One poll of a task: its status, progress, result URLs or error."""
 
     async def go() -> int:
         import dreamo_async as d
 
-        key = read_key(api_key_file)
-        async with make_client(
-            api_key=key,
-            base_url=base_url,
-            retries=retries,
-            allow_private_urls=allow_private_urls,
-        ) as client:
+        async with service.client() as client:
             try:
                 task = await client.get_task(task_id)
             except d.DreamOError as exc:
@@ -194,25 +159,14 @@ def status(
 
 @click.command(name="wait")
 @click.argument("task_id")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    callback=out_folder,
-    help="Also download the result images into this folder (created if missing).",
-)
+@out_option("Also download the result images into this folder (created if missing).", check=True)
 @polling
 @common
 def wait_cmd(
     task_id: str,
     out: Path | None,
-    api_key_file: Path | None,
-    base_url: str | None,
-    allow_private_urls: bool,
+    service: Service,
     as_json: bool,
-    timeout: float,
-    poll_interval: float,
-    retries: int,
 ) -> None:
     """Poll a task to its end (after a timeout or a crash); optionally download."""
 
@@ -221,15 +175,7 @@ def wait_cmd(
         from dreamo_async.download import download_result
 
         err = Console(stderr=True, highlight=False)
-        key = read_key(api_key_file)
-        async with make_client(
-            api_key=key,
-            base_url=base_url,
-            poll_interval=poll_interval,
-            timeout=timeout,
-            retries=retries,
-            allow_private_urls=allow_private_urls,
-        ) as client:
+        async with service.client() as client:
             try:
                 with StatusLine(err, None) as line:
                     result = await client.wait(task_id, on_poll=line.update)
