@@ -30,10 +30,10 @@ from .running import (
     EXIT_SERVICE,
     EXIT_USAGE,
     emit_warning,
+    error_json,
     fail,
     print_json,
     run,
-    show_error,
 )
 
 if TYPE_CHECKING:
@@ -221,7 +221,9 @@ def batch(
             err.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True)
         if len(exc.problems) > 50:
             err.print(f"... and {len(exc.problems) - 50} more")
-        show_error(EXIT_USAGE, "nothing was sent", as_json=as_json, error=exc)
+        err.print("nothing was sent")
+        if as_json:
+            print_json(error_json(EXIT_USAGE, "\n".join(exc.problems), exc))
         raise SystemExit(EXIT_USAGE) from None
     journal_path = journal or out / "dreamo-journal.db"
     spent_before, highest, unpriced = journal_spending(journal_path)

@@ -33,6 +33,7 @@ __all__ = [
     "EXIT_TERMINATED",
     "EXIT_USAGE",
     "CliExit",
+    "error_json",
     "exit_code_for",
     "fail",
     "print_json",
