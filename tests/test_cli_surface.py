@@ -16,6 +16,7 @@ from dreamo_async.testing import sample_images
 
 from .test_cli import (
     DREAMO,
+    KEY,
     Service,
     batch_args,
     dreamo,
@@ -179,3 +180,17 @@ def test_private_url_messages_name_the_option_and_the_option_allows_them(
     allowed = dreamo("generate", *common, "--poll-interval", "0.05", "--allow-private-urls")
     assert allowed.returncode == 0, allowed.stderr
     assert service.creates_of([prompt]) == [1]
+
+
+def test_dreamo_log_turns_the_library_logs_on(service: Service, tmp_path: Path) -> None:
+    argv = ["generate", "-p", prompts(1)[0], "-i", str(sample_images()[0])]
+    argv += ["--out", str(tmp_path), "--base-url", service.url, "--poll-interval", "0.05"]
+    logged = dreamo(*argv, environ=env(DREAMO_LOG="info"))
+    assert logged.returncode == 0, logged.stderr
+    assert "INFO dreamo_async: created task" in logged.stderr
+    assert KEY not in logged.stderr
+    quiet = dreamo(*argv)
+    assert "INFO" not in quiet.stderr
+    wrong = dreamo(*argv, environ=env(DREAMO_LOG="loud"))
+    assert wrong.returncode == 0
+    assert "warning: DREAMO_LOG='loud' is not one of debug, info, warning, error" in wrong.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -186,10 +187,33 @@ def run(
     raise SystemExit(code)
 
 
+_LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def configure_logging(value: str | None) -> None:
+    """``DREAMO_LOG=debug|info|warning|error``: the library's log lines on stderr.
+
+    A handler is added only when the ``dreamo_async`` logger has none (the library, or
+    the user's own ``logging`` setup, may have configured it already)."""
+    if not value:
+        return
+    level = value.strip().lower()
+    if level not in _LOG_LEVELS:
+        emit_warning(f"DREAMO_LOG={value!r} is not one of {', '.join(_LOG_LEVELS)}; ignored")
+        return
+    logger = logging.getLogger("dreamo_async")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def run_main(group: click.Group) -> None:
     """Run the command line; under ``--json`` a usage error is also a JSON object."""
     args = sys.argv[1:]
     as_json = "--json" in args
+    configure_logging(os.environ.get("DREAMO_LOG"))
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
