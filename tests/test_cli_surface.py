@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,13 @@ def test_dreamo_log_turns_the_library_logs_on(service: Service, tmp_path: Path) 
     wrong = dreamo(*argv, environ=env(DREAMO_LOG="loud"))
     assert wrong.returncode == 0
     assert "warning: DREAMO_LOG='loud' is not one of debug, info, warning, error" in wrong.stderr
+
+
+def test_without_the_cli_extra_the_command_prints_the_install_hint() -> None:
+    code = "import sys; sys.modules['click'] = None; from dreamo_async.cli import main; main()"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'dreamo_async[cli]'" in run.stderr
+    assert "Traceback" not in run.stderr
