@@ -71,7 +71,7 @@ async def finish_watched(server: FakeDreamOServer, client: d.DreamOClient) -> No
     def ended() -> bool:
         for task_id in list(server.tasks):  # creates of cancelled jobs may still land
             server.finish_task(task_id)
-        return client.statistics().tasks_watched == 0 and not client._background
+        return client.statistics().tasks_watched == 0 and not client._watcher.background
 
     await eventually(ended)
     await assert_no_more_requests(server, quiet=0.1)
