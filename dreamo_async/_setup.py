@@ -7,6 +7,8 @@ import functools
 from collections.abc import Callable
 from typing import Final, Literal, cast
 
+import yarl
+
 from .errors import ConfigurationError
 from .ratelimit import AdaptiveLimiter, LimitsBackend, RateLimiter
 
@@ -70,3 +72,15 @@ def make_limiters(
     # does (a backend that shares a fixed budget has no learning).
     factory = getattr(backend, "make_adaptive_limiter", None)
     return made, None if factory is None else functools.partial(_learned, factory, burst)
+
+
+def checked_base_url(url: str) -> str:
+    """``url`` if it is an http(s) URL with a valid port; else :class:`ConfigurationError`
+    (yarl's own ``ValueError`` for a port out of range names no option)."""
+    try:
+        port = yarl.URL(url).port
+    except ValueError as exc:
+        raise ConfigurationError(f"base_url {url!r} is not a valid URL: {exc}") from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigurationError(f"base_url {url!r} has a port out of range (1-65535)")
+    return url

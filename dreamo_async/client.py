@@ -22,10 +22,10 @@ import os
 import random
 import ssl
 import warnings
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, Self, Unpack, cast
 
 import aiohttp
 import anyio
@@ -35,7 +35,13 @@ from ._create import create_task, prepare_body
 from ._jobs import _Job, _Tracker
 from ._loopbind import LoopBinding
 from ._pollloop import poll_until_end
-from ._setup import API_KEY_ENV_VARS, BASE_URL_ENV_VAR, make_limiters, mask_key
+from ._setup import (
+    API_KEY_ENV_VARS,
+    BASE_URL_ENV_VAR,
+    checked_base_url,
+    make_limiters,
+    mask_key,
+)
 from ._types import NOT_GIVEN, NotGiven
 from ._watch import Watcher
 from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
@@ -49,7 +55,7 @@ from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task
 from .polling import PollPolicy
 from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
-from .request import GenerationRequest
+from .request import GenerationParams, GenerationRequest, check_keywords
 from .retry import RetryPolicy
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
 
@@ -172,7 +178,9 @@ class DreamOClient:
             api_key = next((os.environ[v] for v in API_KEY_ENV_VARS if os.environ.get(v)), None)
         self._api_key = api_key
         endpoints = Endpoints(
-            base_url=base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL,
+            base_url=checked_base_url(
+                base_url or os.environ.get(BASE_URL_ENV_VAR) or DEFAULT_BASE_URL
+            ),
             **({"create_path": create_path} if create_path else {}),
             **({"task_path": task_path} if task_path else {}),
         )
@@ -328,9 +336,14 @@ class DreamOClient:
     # -- building requests ---------------------------------------------------------
 
     def build_request(
-        self, request: GenerationRequest | None = None, /, **params: Any
+        self, request: GenerationRequest | None = None, /, **params: Unpack[GenerationParams]
     ) -> GenerationRequest:
-        """A checked request from a request object or keywords, against this client's limits."""
+        """A checked request from a request object or keywords, against this client's limits.
+
+        An unknown keyword is an :class:`InvalidRequestError` naming the closest one.
+        """
+        if params:
+            check_keywords(params)
         if request is not None:
             if params or request.limits is not self.limits:
                 # One check, against this client's limits; the result carries them, so
@@ -347,7 +360,8 @@ class DreamOClient:
         /,
         *,
         timeout: float | NotGiven | None = NOT_GIVEN,
-        **params: Any,
+        on_poll: Callable[[Task], None] | None = None,
+        **params: Unpack[GenerationParams],
     ) -> GenerationResult:
         """Create a task and poll it to the end; return its result.
 
@@ -356,7 +370,9 @@ class DreamOClient:
         id so the caller can resume with :meth:`wait`. Failures raise
         :class:`TaskFailedError` with the provider's code. A job that times out or is
         cancelled once its task exists returns at once; the task keeps its slot and is
-        watched until it ends (its result is kept for :meth:`wait`).
+        watched until it ends (its result is kept for :meth:`wait`). ``on_poll`` is
+        called with every task snapshot received, the create's answer first (a live
+        status line), as in :meth:`wait`. The keywords are :class:`GenerationParams`.
         """
         built = self.build_request(request, **params)
         deadline_s = self._deadline(timeout)
@@ -367,7 +383,9 @@ class DreamOClient:
                 started = asyncio.get_running_loop().time()
                 task = await self._create(built, job)
                 try:
-                    result = await self._poll(task, started=started, timeout=deadline_s)
+                    result = await self._poll(
+                        task, started=started, timeout=deadline_s, on_poll=on_poll
+                    )
                 except TaskTimeoutError:
                     self._watcher.watch(job, task, None, "passed its deadline")
                     raise
@@ -391,7 +409,7 @@ class DreamOClient:
         /,
         *,
         before_send: Callable[[str], Awaitable[None]] | None = None,
-        **params: Any,
+        **params: Unpack[GenerationParams],
     ) -> Task:
         """Create a task and return at once (no polling): the task id is yours to ``wait`` on.
 
@@ -493,7 +511,7 @@ class DreamOClient:
 
     async def generate_many(
         self,
-        requests: Iterable[GenerationRequest | Mapping[str, Any]],
+        requests: Iterable[GenerationRequest | GenerationParams],
         *,
         return_exceptions: bool = True,
         ordered: bool = False,

@@ -181,7 +181,7 @@ async def test_aclose_stops_watching_at_once(server: FakeDreamOServer) -> None:
 async def test_generate_many_yields_finished_results_before_raising(
     server: FakeDreamOServer,
 ) -> None:
-    requests = [
+    requests: list[d.GenerationParams] = [
         {"prompt": "slow head [slow:400]", "images": [PNG]},
         {"prompt": "fast 1", "images": [PNG]},
         {"prompt": "fast 2", "images": [PNG]},
