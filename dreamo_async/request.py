@@ -1,10 +1,9 @@
 """What a user asks for: :class:`GenerationRequest`, checked once, at construction.
 
-Every documented parameter range of the service (see the docs' "Limits and checks"
-page) is checked here, so a
-request that exists is a request the service will take (images are checked in
-full later, by the preprocessing stage, when their bytes are read). Each error
-names the parameter, the limit and the value.
+Every documented parameter range of the service (the docs' "Limits and checks"
+page) is checked here, so a request that exists is a request the service will take
+(images are checked in full later, by the preprocessing stage, when their bytes are
+read). Each error names the parameter, the limit and the value.
 """
 
 from __future__ import annotations
