@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Self, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -106,7 +106,7 @@ async def journal_only(kind: str, jobs: int, folder: Path) -> float:
         journal.close()
 
 
-def requests_for(count: int, image: Path, tag: str) -> list[dict[str, Any]]:
+def requests_for(count: int, image: Path, tag: str) -> list[d.GenerationParams]:
     return [{"prompt": f"{tag} {i}", "images": [str(image)], "seed": i} for i in range(count)]
 
 

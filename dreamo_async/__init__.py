@@ -5,6 +5,7 @@ implementation (see DESIGN.md).
 """
 
 from .__about__ import __version__
+from ._types import NOT_GIVEN, NotGiven
 from .budget import Spending
 from .bulk import BatchItem, BatchProgress
 from .client import ClientStatistics, DreamOClient
@@ -53,6 +54,7 @@ from .request import (
     MULTI_IP_MODEL,
     SINGLE_IMAGE_MODEL,
     SIZE_PRESETS,
+    GenerationParams,
     GenerationRequest,
     RefType,
     RephraserLevel,
@@ -63,6 +65,7 @@ from .web import CallerDisconnectedError, cancel_on_disconnect
 __all__ = [
     "DEFAULT_LIMITS",
     "MULTI_IP_MODEL",
+    "NOT_GIVEN",
     "PROVIDER_ERROR_CODES",
     "SINGLE_IMAGE_MODEL",
     "SIZE_PRESETS",
@@ -83,6 +86,7 @@ __all__ = [
     "DreamOClient",
     "DreamOError",
     "DreamOWarning",
+    "GenerationParams",
     "GenerationRequest",
     "GenerationResult",
     "ImageError",
@@ -98,6 +102,7 @@ __all__ = [
     "LocalLimits",
     "MoneyState",
     "NotFoundError",
+    "NotGiven",
     "OutputImage",
     "PermissionDeniedError",
     "PollPolicy",

@@ -71,7 +71,7 @@ __all__ = [
     "TaskTimeoutError",
 ]
 
-#: The error codes documented for the DreamO models (API.md), code -> meaning.
+#: The error codes documented for the DreamO models (the docs' "Errors" page), code -> meaning.
 PROVIDER_ERROR_CODES: Final[Mapping[str, str]] = {
     "003013001": "missing prompt",
     "003013002": "missing image",

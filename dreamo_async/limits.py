@@ -5,8 +5,9 @@ fake server and the README table all read these numbers. Users override any of
 them with ``attrs.evolve(DEFAULT_LIMITS, ...)`` or ``Limits(...)`` and pass the
 result to ``DreamOClient(limits=...)``.
 
-Where the provider's documentation leaves a value unknown (API.md), the default
-is the safe side: "MB" in "4.7 MB" is read as 10**6 bytes, the smaller reading.
+Where the provider's documentation leaves a value unknown (the docs' "Limits and
+checks" page), the default is the safe side: "MB" in "4.7 MB" is read as 10**6 bytes,
+the smaller reading.
 """
 
 from __future__ import annotations

@@ -1,29 +1,31 @@
 """What a user asks for: :class:`GenerationRequest`, checked once, at construction.
 
-Every documented parameter range of the service (API.md) is checked here, so a
-request that exists is a request the service will take (images are checked in
-full later, by the preprocessing stage, when their bytes are read). Each error
-names the parameter, the limit and the value.
+Every documented parameter range of the service (the docs' "Limits and checks"
+page) is checked here, so a request that exists is a request the service will take
+(images are checked in full later, by the preprocessing stage, when their bytes are
+read). Each error names the parameter, the limit and the value.
 """
 
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, TypedDict
 
 import attrs
 
 from .errors import DreamOWarning, InvalidRequestError
-from .images import ImageSource, classify_images
+from .images import ImageInput, ImageSource, classify_images
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 
 __all__ = [
     "MULTI_IP_MODEL",
     "SINGLE_IMAGE_MODEL",
     "SIZE_PRESETS",
+    "GenerationParams",
     "GenerationRequest",
     "RefType",
     "RephraserLevel",
@@ -288,8 +290,9 @@ def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
         low = high = 1
     if not low <= count <= high:
         expected = f"exactly {low}" if low == high else f"{low}-{high}"
+        noun = "reference image" if high == 1 else "reference images"
         raise InvalidRequestError(
-            f"{request.model} takes {expected} reference images; got {count}",
+            f"{request.model} takes {expected} {noun}; got {count}",
             parameter="images",
         )
     if request.ref_types is not None and len(request.ref_types) != count:
@@ -316,3 +319,48 @@ def _check_number(name: str, value: object, low: float, high: float, *, integer:
 def _num(value: float) -> str:
     """A limit as people write it: 1 and 2147483647, not 1.0 and 2.14748e+09."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+class GenerationParams(TypedDict, total=False):
+    """The keywords of ``generate``, ``submit`` and the items of ``generate_many``: the
+    fields of :class:`GenerationRequest` (a test checks that the two agree), so type
+    checkers and editors catch a misspelt keyword or a wrong type."""
+
+    prompt: str
+    images: ImageInput | ImageSource | Sequence[ImageInput | ImageSource]
+    model: str
+    ref_types: Iterable[RefType | str] | None
+    guidance_scale1: float | None
+    guidance_scale2: float | None
+    ddim_steps: int | None
+    swap_face: bool | None
+    use_rephraser: bool | None
+    rephraser_level: RephraserLevel | str | None
+    seed: int | None
+    width: int | None
+    height: int | None
+
+
+#: The keywords a call takes: the request's fields, but ``limits`` (the client's own).
+_KEYWORDS: Final = frozenset(f.name for f in attrs.fields(GenerationRequest)) - {"limits"}
+
+
+def check_keywords(params: Mapping[str, object]) -> None:
+    """Refuse a keyword that is no field of :class:`GenerationRequest`, naming it and the
+    closest one (``steps``: "did you mean ddim_steps?"), before anything is sent."""
+    if _KEYWORDS.issuperset(params):
+        return
+    unknown = sorted(set(params) - _KEYWORDS)
+    name = unknown[0]
+    if name == "limits":
+        hint = "limits belong to the client: DreamOClient(limits=...)"
+    else:
+        close = difflib.get_close_matches(name, _KEYWORDS, n=1, cutoff=0.5)
+        if not close:  # a short name inside a long one: steps -> ddim_steps
+            close = sorted(k for k in _KEYWORDS if len(name) >= 4 and name in k)[:1]
+        hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(_KEYWORDS))}"
+    raise InvalidRequestError(
+        f"unknown parameter {name!r} ({hint})"
+        + (f"; also unknown: {', '.join(unknown[1:])}" if len(unknown) > 1 else ""),
+        parameter=name,
+    )

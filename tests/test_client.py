@@ -7,7 +7,7 @@ import io
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -330,7 +330,7 @@ async def test_max_concurrency_bounds_open_tasks_at_the_server(server: FakeDream
 
 
 async def test_generate_many_yields_everything_once(server: FakeDreamOServer) -> None:
-    requests = (
+    requests: Iterator[d.GenerationParams] = (
         {"prompt": "p [fail:003013099]" if i == 3 else f"p{i}", "images": [PNG]} for i in range(8)
     )
     seen: list[d.BatchProgress] = []

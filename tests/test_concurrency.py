@@ -71,7 +71,7 @@ async def finish_watched(server: FakeDreamOServer, client: d.DreamOClient) -> No
     def ended() -> bool:
         for task_id in list(server.tasks):  # creates of cancelled jobs may still land
             server.finish_task(task_id)
-        return client.statistics().tasks_watched == 0 and not client._background
+        return client.statistics().tasks_watched == 0 and not client._watcher.background
 
     await eventually(ended)
     await assert_no_more_requests(server, quiet=0.1)
@@ -174,7 +174,7 @@ async def test_generate_many_pulls_lazily_from_an_endless_generator(
 ) -> None:
     pulled = 0
 
-    def endless() -> Iterator[dict[str, Any]]:
+    def endless() -> Iterator[d.GenerationParams]:
         nonlocal pulled
         for i in itertools.count():
             pulled += 1
@@ -194,7 +194,7 @@ async def test_generate_many_pulls_lazily_from_an_endless_generator(
 
 
 async def test_generate_many_ordered_with_progress_and_failures(server: FakeDreamOServer) -> None:
-    requests: list[dict[str, Any]] = [
+    requests: list[d.GenerationParams] = [
         {
             "prompt": f"p{i} [slow:{(7 - i) * 10}]" + (" [fail:003013095]" if i == 2 else ""),
             "images": [PNG],
@@ -223,9 +223,8 @@ async def test_generate_many_ordered_with_progress_and_failures(server: FakeDrea
 async def test_generate_many_without_return_exceptions_raises_and_stops(
     server: FakeDreamOServer,
 ) -> None:
-    requests = [{"prompt": "p [fail:003013099]", "images": [PNG]}] + [
-        {"prompt": f"p{i} [never]", "images": [PNG]} for i in range(5)
-    ]
+    requests: list[d.GenerationParams] = [{"prompt": "p [fail:003013099]", "images": [PNG]}]
+    requests += [{"prompt": f"p{i} [never]", "images": [PNG]} for i in range(5)]
     async with client_for(server, max_concurrency=3) as client:
         with pytest.raises(d.TaskFailedError):
             async for _ in client.generate_many(requests, return_exceptions=False):
@@ -241,7 +240,7 @@ async def test_generate_many_timeout_none_means_no_deadline(server: FakeDreamOSe
     """``None`` is "no deadline", not "the policy's default" (here 0.1 s)."""
     policy = d.PollPolicy(initial_delay=0.01, max_delay=0.02, jitter=0.0, timeout=0.1)
     async with client_for(server, poll=policy) as client:
-        requests = [{"prompt": "p [slow:300]", "images": [PNG]}]
+        requests: list[d.GenerationParams] = [{"prompt": "p [slow:300]", "images": [PNG]}]
         items = [item async for item in client.generate_many(requests, timeout=None)]
         assert items[0].ok, items[0].error
         with pytest.raises(d.TaskTimeoutError):  # the default still applies when not given
@@ -254,7 +253,7 @@ async def test_generate_many_ordered_holds_a_bounded_window_behind_a_slow_head(
     """A slow first job must not let finished later ones pile up without bound."""
     pulled = 0
 
-    def requests() -> Iterator[dict[str, Any]]:
+    def requests() -> Iterator[d.GenerationParams]:
         nonlocal pulled
         for i in itertools.count():
             pulled += 1

@@ -106,7 +106,7 @@ async def test_a_job_cancelled_during_its_create_keeps_the_task_it_made(
         assert client.statistics().jobs_running == 1  # the create still holds the slot
         await eventually(lambda: server.stats.creates == 1)
         (task_id,) = server.tasks
-        await eventually(lambda: task_id in client._kept)
+        await eventually(lambda: client.statistics().jobs_running == 0)  # watched to its end
         polls = server.stats.polls
         result = await client.wait(task_id)
         assert result.task_id == task_id
@@ -181,7 +181,7 @@ async def test_aclose_stops_watching_at_once(server: FakeDreamOServer) -> None:
 async def test_generate_many_yields_finished_results_before_raising(
     server: FakeDreamOServer,
 ) -> None:
-    requests = [
+    requests: list[d.GenerationParams] = [
         {"prompt": "slow head [slow:400]", "images": [PNG]},
         {"prompt": "fast 1", "images": [PNG]},
         {"prompt": "fast 2", "images": [PNG]},

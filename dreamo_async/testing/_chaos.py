@@ -574,5 +574,5 @@ def _chaos_client(
         request_timeout=aiohttp.ClientTimeout(sock_connect=1.0, sock_read=read_timeout),
         requests_per_second=requests_per_second,
         burst=1,
-        seed=0,
+        jitter_seed=0,
     )
