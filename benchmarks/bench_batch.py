@@ -139,7 +139,8 @@ async def generate_many_run(server: str, jobs: int, image: Path) -> float:
     async with client_for(server) as client:
         started = time.perf_counter()
         done = 0
-        async for item in client.generate_many(requests_for(jobs, image, "many")):
+        requests = [{**r, "images": [image]} for r in requests_for(jobs, image, "many")]
+        async for item in client.generate_many(requests):
             assert item.ok, item.error
             done += 1
         elapsed = time.perf_counter() - started

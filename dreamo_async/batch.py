@@ -75,7 +75,7 @@ from .errors import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from .images import ImageSource, check_local_image, classify_images
+from .images import ImageSource, check_local_image, classify_images, path_or_url
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
@@ -223,7 +223,7 @@ def _check_line(raw: str, base: Path, limits: Limits, checked: set[str]) -> dict
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise ValueError("'images' must be a list of paths or URLs (strings)")
     try:
-        sources = classify_images(images)  # refuses ftp://, file://, empty paths, ...
+        sources = classify_images([path_or_url(i) for i in images])  # refuses ftp://, ...
     except InvalidRequestError as exc:
         raise ValueError(str(exc)) from None
     for n, source in enumerate(sources):
@@ -270,8 +270,8 @@ def _resolve(source: ImageSource, base: Path) -> ImageSource:
     """A path source made absolute against the jobs file's folder; any other source as is."""
     if source.kind != "path":
         return source
-    path = Path(str(source.value)).expanduser()
-    return attrs.evolve(source, value=str(path if path.is_absolute() else base / path))
+    path = Path(source.value).expanduser()  # type: ignore[arg-type]  # a path source
+    return attrs.evolve(source, value=path if path.is_absolute() else base / path)
 
 
 def _check_image_file(source: ImageSource, limits: Limits) -> None:
@@ -986,7 +986,8 @@ class _Engine:
         created: Task | None = None
         if life.task_id is None:
             try:
-                request = client.build_request(**job.params)
+                images = [path_or_url(i) for i in job.params["images"]]  # JSON: str
+                request = client.build_request(**{**job.params, "images": images})
             except Exception:  # an unknown key (TypeError), a value out of range...
                 life.invalid = True
                 raise

@@ -396,7 +396,9 @@ if click is not None:
         """One generation: print the task id at once, a live status, then the saved files."""
         params: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
         params["prompt"] = prompt
-        params["images"] = list(images)
+        from .images import path_or_url
+
+        params["images"] = [path_or_url(i) for i in images]  # local paths as Path
         if ref_types:
             params["ref_types"] = [r.upper() for r in ref_types]
         from .lifecycle import JobLifecycle

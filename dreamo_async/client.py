@@ -48,11 +48,13 @@ from .errors import (
     TaskTimeoutError,
 )
 from .images import (
-    _prepare_slow,
     check_paths_readable,
     live_payload_count,
     prepare_inline,
     warm_up_stage,
+)
+from .images import (
+    prepare_slow as _prepare_slow,
 )
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits

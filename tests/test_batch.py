@@ -193,7 +193,7 @@ async def test_a_created_job_is_polled_never_created_again(
 ) -> None:
     jobs = [BatchJob(index=i, params=p) for i, p in enumerate(jobs_for(image, "a", "b"))]
     async with client_for(server) as client:
-        task = await client.submit(**jobs[0].params)
+        task = await client.submit(**{**jobs[0].params, "images": [Path(image)]})
         with Journal(tmp_path / "j.db") as journal:
             journal.sync_jobs(jobs)
             journal.update(0, "created", task_id=task.id)
@@ -565,7 +565,7 @@ def test_load_jobs_reports_every_problem_with_file_and_line(tmp_path: Path) -> N
         f"{jobs_file}:{n}" for n in (2, 4, 5, 6, 7, 8)
     ]
     assert "not valid JSON" in problems[0]
-    assert problems[1].endswith(": image 0 (missing.png) does not exist (no such file)")
+    assert problems[1].endswith(": image 1 (missing.png) does not exist (no such file)")
     assert "ddim_steps must be between 1 and 50; got 99" in problems[2]
     assert "HTML" in problems[3]
     assert "colour" in problems[4]
@@ -590,12 +590,12 @@ def test_load_jobs_reports_image_problems_in_the_librarys_words(tmp_path: Path) 
     with pytest.raises(JobsFileError) as caught:
         load_jobs(jobs_file)
     assert caught.value.problems == [
-        f"{jobs_file}:1: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        f"{jobs_file}:1: image 2 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
         "(Limits.max_image_bytes)",
-        f"{jobs_file}:2: image 1 (notes.jpg) is GIF; the service accepts JPEG or PNG",
-        f"{jobs_file}:3: image 1 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
-        "are accepted (or a local path, bytes, a file object, a data URI)",
-        f"{jobs_file}:4: image 0 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        f"{jobs_file}:2: image 2 (notes.jpg) is GIF; the service accepts JPEG or PNG",
+        f"{jobs_file}:3: image 2 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
+        "are accepted (or a pathlib.Path, bytes, a file object, a data URI)",
+        f"{jobs_file}:4: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
         "(Limits.max_image_bytes)",
     ]
 
@@ -668,7 +668,7 @@ async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
 ) -> None:
     poll = d.PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0)
     async with client_for(server, poll=poll) as client:
-        task = await client.submit(prompt="p [never]", images=[image])
+        task = await client.submit(prompt="p [never]", images=[Path(image)])
         with pytest.raises(d.TaskTimeoutError):
             await client.wait(task, timeout=0.02)
         assert server.stats.polls == 1

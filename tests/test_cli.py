@@ -235,7 +235,7 @@ def test_input_errors_name_file_and_line_and_nothing_is_sent(
     run = dreamo(*batch_args(service, jobs, tmp_path / "out"))
     assert run.returncode == 2
     assert f"{jobs}:2: not valid JSON" in run.stderr
-    assert f"{jobs}:3: image 0 (missing.jpg) does not exist (no such file)" in run.stderr
+    assert f"{jobs}:3: image 1 (refs/missing.jpg) does not exist (no such file)" in run.stderr
     assert f"{jobs}:4: guidance_scale1 must be between 1 and 7; got 9.5" in run.stderr
     assert "nothing was sent" in run.stderr
     assert service.stats()["create_requests"] == before
