@@ -5,8 +5,19 @@ implementation (see DESIGN.md).
 """
 
 from .__about__ import __version__
-from .budget import Spending
 from .client import BatchItem, BatchProgress, ClientStatistics, DreamOClient
+from .coordination import (
+    AdaptiveLimiter,
+    Coordinator,
+    JobSlots,
+    LocalCoordinator,
+    Priority,
+    RateLimiter,
+    RedisCoordinator,
+    Spending,
+    TokenBucketLimiter,
+    UnlimitedLimiter,
+)
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIConnectionError,
@@ -37,17 +48,6 @@ from .images import ImageInfo, ImageSource
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
 from .polling import PollPolicy
-from .ratelimit import (
-    AdaptiveLimiter,
-    JobSlots,
-    LimitsBackend,
-    LocalLimits,
-    Priority,
-    RateLimiter,
-    TokenBucketLimiter,
-    UnlimitedLimiter,
-)
-from .redis_limits import RedisLimits
 from .request import (
     MULTI_IP_MODEL,
     SINGLE_IMAGE_MODEL,
@@ -77,6 +77,7 @@ __all__ = [
     "ClientClosedError",
     "ClientStatistics",
     "ConfigurationError",
+    "Coordinator",
     "CreateOutcomeUnknownError",
     "DownloadError",
     "DreamOClient",
@@ -92,9 +93,8 @@ __all__ = [
     "JobsFileError",
     "JournalError",
     "Limits",
-    "LimitsBackend",
     "LimitsBackendError",
-    "LocalLimits",
+    "LocalCoordinator",
     "MoneyState",
     "NotFoundError",
     "OutputImage",
@@ -103,7 +103,7 @@ __all__ = [
     "Priority",
     "RateLimitError",
     "RateLimiter",
-    "RedisLimits",
+    "RedisCoordinator",
     "RefType",
     "RephraserLevel",
     "ResponseFormatError",

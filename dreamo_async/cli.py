@@ -209,7 +209,7 @@ if click is not None:
         name = "usd"
 
         def convert(self, value: Any, param: Any, ctx: Any) -> Decimal:
-            from .budget import to_money
+            from .coordination import to_money
             from .errors import ConfigurationError
 
             try:

@@ -36,7 +36,19 @@ import anyio
 import attrs
 
 from ._body import BodyParts
-from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
+from .coordination import (
+    AdaptiveLimiter,
+    Budget,
+    BudgetLedger,
+    LocalLedger,
+    LocalSlots,
+    RateLimiter,
+    Spending,
+    to_money,
+)
+from .coordination import Coordinator as LimitsBackend  # TODO(lead): rename
+from .coordination import LocalCoordinator as LocalLimits  # TODO(lead): rename in the body
+from .coordination.budget import ExpectedCost
 from .errors import (
     ClientClosedError,
     ConfigurationError,
@@ -60,7 +72,6 @@ from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import TERMINAL_STATUSES, GenerationResult, Task, TaskStatus
 from .polling import PollPolicy, PollSchedule
-from .ratelimit import AdaptiveLimiter, LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationRequest
 from .retry import RetryPolicy, is_testing
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -215,7 +226,7 @@ class DreamOClient:
         retry: RetryPolicy | None = None,
         limits: Limits = DEFAULT_LIMITS,
         limiter: RateLimiter | None = None,
-        limits_backend: LimitsBackend | None = None,
+        coordinator: LimitsBackend | None = None,
         max_connections: int = 100,
         request_timeout: aiohttp.ClientTimeout | None = None,
         create_path: str | None = None,
@@ -239,8 +250,8 @@ class DreamOClient:
         )
         #: Only what the client made itself is remade for a new loop; a given limiter or
         #: backend may hold loop-bound state, so a second loop is refused with it.
-        self._own_limits = limiter is None and limits_backend is None
-        self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
+        self._own_limits = limiter is None and coordinator is None
+        self.limits_backend: LimitsBackend = coordinator or LocalLimits()
         learn = None
         if limiter is None:
             limiter = _make_limiter(self.limits_backend, requests_per_second, burst)
