@@ -250,7 +250,8 @@ def test_auto_rate_with_a_shared_backend_without_learning_is_refused() -> None:
 async def test_local_slots_hand_over_in_fifo_order_and_count_what_is_held() -> None:
     """Our own counter (no write to asyncio.Semaphore._value): FIFO, counts, cancellation."""
     slots = LocalSlots(2)
-    assert slots.try_acquire() and slots.try_acquire()
+    assert slots.try_acquire()
+    assert slots.try_acquire()
     assert not slots.try_acquire()
     order: list[str] = []
 
