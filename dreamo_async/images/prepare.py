@@ -172,6 +172,8 @@ def _warn(notes: list[str]) -> None:
 
     A coroutine of ours that the event loop runs as a task (``generate_many``'s jobs)
     has no caller of the user's on its stack: the warning then points at its frame.
+    Our own walk, not ``warnings.warn(skip_file_prefixes=...)``: that needs Python 3.12
+    (we support 3.11), and it would walk on into asyncio's frames for such a task.
     """
     level = 2  # warnings.warn counts from 1, this frame; 2 is our caller
     frame = sys._getframe(1)
