@@ -107,7 +107,7 @@ async def journal_only(kind: str, jobs: int, folder: Path) -> float:
 
 
 def requests_for(count: int, image: Path, tag: str) -> list[d.GenerationParams]:
-    return [{"prompt": f"{tag} {i}", "images": [str(image)], "seed": i} for i in range(count)]
+    return [{"prompt": f"{tag} {i}", "images": [image], "seed": i} for i in range(count)]
 
 
 def client_for(server: str) -> d.DreamOClient:

@@ -41,14 +41,14 @@ PNG = make_png(64, 64)
 POLL = d.PollPolicy(initial_delay=0.005, max_delay=0.005, jitter=0.0, use_progress=False)
 
 
-async def run(url: str, backend: d.LimitsBackend, cap: str | None) -> tuple[float, float]:
+async def run(url: str, backend: d.Coordinator, cap: str | None) -> tuple[float, float]:
     """(wall µs per job, CPU µs per job) for JOBS jobs."""
     async with d.DreamOClient(
         api_key=KEY,
         base_url=url,
         max_concurrency=SLOTS,
         poll=POLL,
-        limits_backend=backend,
+        coordinator=backend,
         max_spend=cap,
         expected_cost="0.03",
     ) as client:
@@ -64,14 +64,14 @@ async def run(url: str, backend: d.LimitsBackend, cap: str | None) -> tuple[floa
 async def ledger_us(make: Any, cap: str | None, pairs: int = 2000) -> float:
     """µs per reserve + settle of a client's ledger (the Redis settle awaited)."""
     backend = make()
-    client = d.DreamOClient(api_key=KEY, limits_backend=backend, max_spend=cap)
+    client = d.DreamOClient(api_key=KEY, coordinator=backend, max_spend=cap)
     ledger = client._budget.ledger
     cost = Decimal("0.03")
     started = time.perf_counter()
     for _ in range(pairs):
         held = await ledger.reserve(cost, 1)
         ledger.settle(held, cost, failed=False)
-        if isinstance(backend, d.RedisLimits) and backend._tasks:
+        if isinstance(backend, d.RedisCoordinator) and backend._tasks:
             await asyncio.wait(list(backend._tasks))
     elapsed = time.perf_counter() - started
     await client.aclose()
@@ -87,14 +87,14 @@ def main() -> None:
     if redis is not None:
         redis.start()
     variants: list[tuple[str, Any, str | None]] = [
-        ("in-process, no cap", d.LocalLimits, None),
-        ("in-process, max_spend", d.LocalLimits, "1000000"),
+        ("in-process, no cap", d.LocalCoordinator, None),
+        ("in-process, max_spend", d.LocalCoordinator, "1000000"),
     ]
     if redis is not None:
         url = redis.url
-        for n, label in enumerate(("RedisLimits, no cap", "RedisLimits, max_spend")):
+        for n, label in enumerate(("RedisCoordinator, no cap", "RedisCoordinator, max_spend")):
             key = f"bench-{n}"
-            variants.append((label, lambda key=key: d.RedisLimits(url, key=key), "1000000"))
+            variants.append((label, lambda key=key: d.RedisCoordinator(url, key=key), "1000000"))
         variants[2] = (variants[2][0], variants[2][1], None)
     results: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in variants}
     pair_us: dict[str, list[float]] = {label: [] for label, _, _ in variants}

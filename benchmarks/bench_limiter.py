@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dreamo_async as d
 from benchmarks._common import KEY, median, print_table, threaded_fake_server
-from dreamo_async.ratelimit import TokenBucketLimiter
+from dreamo_async.coordination import TokenBucketLimiter
 from dreamo_async.testing import make_png, max_in_window
 
 RATE = 50

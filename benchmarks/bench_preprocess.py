@@ -52,11 +52,11 @@ from benchmarks._common import interpreter  # noqa: E402
 from dreamo_async._body import BodyParts  # noqa: E402
 from dreamo_async.images import (  # noqa: E402
     ImageSource,
-    _stage_threads,
     classify_images,
     prepare_images,
     stage_limiter,
 )
+from dreamo_async.images.prepare import _stage_threads  # noqa: E402
 from dreamo_async.wire import create_body_parts  # noqa: E402
 
 MODEL = "spark_multi_dreamo"

@@ -9,7 +9,7 @@ Figures (medians of several runs; each Redis figure has its in-process baseline
 measured in the same run, and a ratio):
 
 (a) rate limiter: µs per ``acquire()`` that never has to wait (rate and burst far
-    above the load): ``RedisLimits`` (one Lua GCRA call) against ``LocalLimits``.
+    above the load): ``RedisCoordinator`` (one Lua GCRA call) against ``LocalCoordinator``.
 (b) job slots: µs per ``acquire()`` + ``release()`` pair with free slots.
 (c) jobs/s against FakeDreamOServer (its own process, 5 ms tasks, polls every 5 ms)
     for 1 and 4 worker processes, each a ``DreamOClient``. Local: each process gets
@@ -18,7 +18,7 @@ measured in the same run, and a ratio):
     figure is the overhead, not the limit.
 (d) Redis round trips per job in (c), counted by the server (``INFO commandstats``:
     EVALSHA, BLPOP, SCRIPT LOAD and connection set-up, the commands a client sends)
-    and by the clients (``RedisLimits.round_trips``).
+    and by the clients (``RedisCoordinator.round_trips``).
 
 One redis-server (no persistence) on a free loopback port; nothing leaves the machine.
 """
@@ -57,12 +57,12 @@ async def per_call_us(calls: int, op: Callable[[], Awaitable[None]]) -> float:
     return (time.perf_counter() - started) / calls * 1e6
 
 
-async def limiter_us(backend: d.LimitsBackend, calls: int) -> float:
+async def limiter_us(backend: d.Coordinator, calls: int) -> float:
     limiter = backend.make_limiter(1e6, 1_000_000)
     return await per_call_us(calls, limiter.acquire)
 
 
-async def slots_us(backend: d.LimitsBackend, calls: int) -> float:
+async def slots_us(backend: d.Coordinator, calls: int) -> float:
     slots = backend.make_slots(1000)
 
     async def pair() -> None:
@@ -151,10 +151,10 @@ async def main(runs: int) -> None:
                 results.setdefault(name, []).append(value)
 
             for run in range(runs):
-                redis_backend = d.RedisLimits(server.url, key=f"micro{run}")
-                add("rate_local", await limiter_us(d.LocalLimits(), 5000))
+                redis_backend = d.RedisCoordinator(server.url, key=f"micro{run}")
+                add("rate_local", await limiter_us(d.LocalCoordinator(), 5000))
                 add("rate_redis", await limiter_us(redis_backend, 2000))
-                add("slot_local", await slots_us(d.LocalLimits(), 5000))
+                add("slot_local", await slots_us(d.LocalCoordinator(), 5000))
                 add("slot_redis", await slots_us(redis_backend, 1000))
                 await redis_backend.aclose()
                 for processes in (1, 4):

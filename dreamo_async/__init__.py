@@ -6,9 +6,20 @@ implementation (see DESIGN.md).
 
 from .__about__ import __version__
 from ._types import NOT_GIVEN, NotGiven
-from .budget import Spending
 from .bulk import BatchItem, BatchProgress
 from .client import ClientStatistics, DreamOClient
+from .coordination import (
+    AdaptiveLimiter,
+    Coordinator,
+    JobSlots,
+    LocalCoordinator,
+    Priority,
+    RateLimiter,
+    RedisCoordinator,
+    Spending,
+    TokenBucketLimiter,
+    UnlimitedLimiter,
+)
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIConnectionError,
@@ -39,17 +50,6 @@ from .images import ImageInfo, ImageSource
 from .limits import DEFAULT_LIMITS, CheckPolicy, Limits
 from .models import GenerationResult, OutputImage, Task, TaskError, TaskStatus, Usage
 from .polling import PollPolicy
-from .ratelimit import (
-    AdaptiveLimiter,
-    JobSlots,
-    LimitsBackend,
-    LocalLimits,
-    Priority,
-    RateLimiter,
-    TokenBucketLimiter,
-    UnlimitedLimiter,
-)
-from .redis_limits import RedisLimits
 from .request import (
     MULTI_IP_MODEL,
     SINGLE_IMAGE_MODEL,
@@ -81,6 +81,7 @@ __all__ = [
     "ClientClosedError",
     "ClientStatistics",
     "ConfigurationError",
+    "Coordinator",
     "CreateOutcomeUnknownError",
     "DownloadError",
     "DreamOClient",
@@ -97,9 +98,8 @@ __all__ = [
     "JobsFileError",
     "JournalError",
     "Limits",
-    "LimitsBackend",
     "LimitsBackendError",
-    "LocalLimits",
+    "LocalCoordinator",
     "MoneyState",
     "NotFoundError",
     "NotGiven",
@@ -109,7 +109,7 @@ __all__ = [
     "Priority",
     "RateLimitError",
     "RateLimiter",
-    "RedisLimits",
+    "RedisCoordinator",
     "RefType",
     "RephraserLevel",
     "ResponseFormatError",

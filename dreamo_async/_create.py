@@ -14,7 +14,7 @@ from ._body import BodyParts
 from ._jobs import _Job
 from ._watch import Watcher
 from .errors import MoneyState
-from .images import _prepare_slow, prepare_inline
+from .images import prepare_inline, prepare_slow
 from .limits import Limits
 from .models import Task
 from .request import GenerationRequest
@@ -40,7 +40,7 @@ async def prepare_body(
         # URLs alone pass through, with no I/O; files, data URIs, large or fitted
         # images, and URLs mixed with local images (downloaded first) go to the
         # worker thread. prepare_images would run prepare_inline again.
-        prepared = await _prepare_slow(request.images, limits, fetch_input, fit_images)
+        prepared = await prepare_slow(request.images, limits, fetch_input, fit_images)
     params = request_params(request)
     parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)
     del prepared  # the encoded images now live only in the body's parts

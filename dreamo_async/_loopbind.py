@@ -36,7 +36,7 @@ class LoopBinding:
             if not self._remakes_limits:
                 raise ConfigurationError(
                     "this DreamOClient was used in an event loop that is now closed, and its "
-                    "limiter or limits_backend may belong to that loop; create the client "
+                    "limiter or coordinator may belong to that loop; create the client "
                     "inside the coroutine that asyncio.run runs"
                 )
             logger.info("the client's event loop was closed: starting afresh in a new one")

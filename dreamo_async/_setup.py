@@ -9,8 +9,8 @@ from typing import Final, Literal, cast
 
 import yarl
 
+from .coordination import AdaptiveLimiter, Coordinator, RateLimiter
 from .errors import ConfigurationError
-from .ratelimit import AdaptiveLimiter, LimitsBackend, RateLimiter
 
 #: Environment variables read for the API key, in order.
 API_KEY_ENV_VARS: Final = ("DREAMO_API_KEY", "VTRIX_API_KEY")
@@ -19,7 +19,7 @@ BASE_URL_ENV_VAR: Final = "DREAMO_BASE_URL"
 
 
 def _make_limiter(
-    backend: LimitsBackend, rate: float | Literal["auto"] | None, burst: int
+    backend: Coordinator, rate: float | Literal["auto"] | None, burst: int
 ) -> RateLimiter:
     """The request limiter: strict (a number), none (``None``) or learned (``"auto"``).
 
@@ -56,7 +56,7 @@ def mask_key(key: str | None) -> str:
 
 
 def make_limiters(
-    backend: LimitsBackend,
+    backend: Coordinator,
     limiter: RateLimiter | None,
     rate: float | Literal["auto"] | None,
     burst: int,

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Final, Protocol
 
 from ._jobs import _Job
-from .budget import Budget
+from .coordination import Budget
 from .errors import DreamOError, TaskFailedError, TaskTimeoutError
 from .models import GenerationResult, Task
 

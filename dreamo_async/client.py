@@ -44,8 +44,19 @@ from ._setup import (
 )
 from ._types import NOT_GIVEN, NotGiven
 from ._watch import Watcher
-from .budget import Budget, BudgetLedger, ExpectedCost, LocalLedger, Spending, to_money
 from .bulk import BatchItem, BatchProgress, run_many
+from .coordination import (
+    Budget,
+    BudgetLedger,
+    Coordinator,
+    LocalCoordinator,
+    LocalLedger,
+    LocalSlots,
+    RateLimiter,
+    Spending,
+    to_money,
+)
+from .coordination.budget import ExpectedCost
 from .errors import ClientClosedError, ConfigurationError, InvalidRequestError, TaskTimeoutError
 from .images import (
     check_paths_readable,
@@ -55,7 +66,6 @@ from .images import (
 from .limits import DEFAULT_LIMITS, Limits
 from .models import GenerationResult, Task
 from .polling import PollPolicy
-from .ratelimit import LimitsBackend, LocalLimits, LocalSlots, RateLimiter
 from .request import GenerationParams, GenerationRequest, check_keywords
 from .retry import RetryPolicy
 from .transport import DEFAULT_BASE_URL, Endpoints, Transport
@@ -115,7 +125,7 @@ class DreamOClient:
     reserved + this task's estimate stays within it, else the job raises
     :class:`BudgetExceededError` with nothing sent; ``expected_cost`` (per task, or a
     callable of the request) is the estimate (see :mod:`dreamo_async.budget`).
-    With :class:`RedisLimits` the cap is shared by every process using the key.
+    With :class:`RedisCoordinator` the cap is shared by every process using the key.
     """
 
     def __init__(
@@ -130,7 +140,7 @@ class DreamOClient:
         retry: RetryPolicy | None = None,
         limits: Limits = DEFAULT_LIMITS,
         limiter: RateLimiter | None = None,
-        limits_backend: LimitsBackend | None = None,
+        coordinator: Coordinator | None = None,
         max_connections: int = 100,
         request_timeout: aiohttp.ClientTimeout | None = None,
         create_path: str | None = None,
@@ -161,9 +171,9 @@ class DreamOClient:
         )
         #: The event loop this client works in; only what the client made itself is
         #: remade for a new loop (a given limiter or backend may hold loop-bound state).
-        self._loop = LoopBinding(remakes_limits=limiter is None and limits_backend is None)
-        self.limits_backend: LimitsBackend = limits_backend or LocalLimits()
-        limiter, learn = make_limiters(self.limits_backend, limiter, requests_per_second, burst)
+        self._loop = LoopBinding(remakes_limits=limiter is None and coordinator is None)
+        self.coordinator: Coordinator = coordinator or LocalCoordinator()
+        limiter, learn = make_limiters(self.coordinator, limiter, requests_per_second, burst)
         self.max_concurrency = max_concurrency
         self.poll_policy = poll or PollPolicy()
         self.limits = limits
@@ -184,7 +194,7 @@ class DreamOClient:
         }
         self._rate = (requests_per_second, burst)
         self._transport = Transport(limiter=limiter, **self._transport_options)
-        self._slots = self.limits_backend.make_slots(max_concurrency)
+        self._slots = self.coordinator.make_slots(max_concurrency)
         #: The in-process slots, taken and given back without a coroutine when free.
         self._local_slots = self._slots if type(self._slots) is LocalSlots else None
         #: Running jobs (calls of generate, submit, wait), so aclose can end them.
@@ -196,7 +206,7 @@ class DreamOClient:
 
     def _make_ledger(self, cap: Decimal | None) -> BudgetLedger:
         """A capped budget lives where the limits do (Redis is shared); no cap: this process."""
-        make_budget = getattr(self.limits_backend, "make_budget", None)
+        make_budget = getattr(self.coordinator, "make_budget", None)
         if cap is None or make_budget is None:
             return LocalLedger(cap)
         return cast(BudgetLedger, make_budget(cap))
@@ -233,7 +243,7 @@ class DreamOClient:
         self._watcher.forget()  # a watcher cancelled before its first step never ran
         await self._budget.aclose()  # what is still open settles at its estimate
         await self._transport.aclose()
-        await self.limits_backend.aclose()
+        await self.coordinator.aclose()
 
     def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
         transport = getattr(self, "_transport", None)
@@ -278,9 +288,9 @@ class DreamOClient:
             self._watcher.forget()
             # The old sessions are marked closed (their loop already dropped what they held).
             self._watcher.spawn(self._transport.aclose())
-            limiter, _ = make_limiters(self.limits_backend, None, *self._rate)
+            limiter, _ = make_limiters(self.coordinator, None, *self._rate)
             self._transport = Transport(limiter=limiter, **self._transport_options)
-            self._slots = self.limits_backend.make_slots(self.max_concurrency)
+            self._slots = self.coordinator.make_slots(self.max_concurrency)
             self._local_slots = self._slots if type(self._slots) is LocalSlots else None
 
     def _deadline(self, timeout: float | NotGiven | None) -> float | None:

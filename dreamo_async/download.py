@@ -33,8 +33,8 @@ from typing import IO, TYPE_CHECKING, BinaryIO, Final
 
 import anyio
 
-from ._imageheaders import sniff_format
 from .errors import DownloadError
+from .images.headers import sniff_format
 
 if TYPE_CHECKING:
     from .client import DreamOClient

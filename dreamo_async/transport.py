@@ -42,6 +42,7 @@ from ._netguard import (
     guarded_socket_factory,
     secret_header,
 )
+from .coordination import Priority, RateLimiter, UnlimitedLimiter
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIConnectionError,
@@ -60,7 +61,6 @@ from .errors import (
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
 from .models import Task
-from .ratelimit import Priority, RateLimiter, UnlimitedLimiter
 from .retry import RetryPolicy, parse_retry_after
 from .wire import error_class_for_status, parse_error_body, parse_task
 

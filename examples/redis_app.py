@@ -1,7 +1,7 @@
 """A Starlette app served by several worker processes that share one budget through Redis.
 
 Every worker process has its own ``DreamOClient``; all of them use one
-``RedisLimits``, so ``max_concurrency`` and ``requests_per_second`` hold for the
+``RedisCoordinator``, so ``max_concurrency`` and ``requests_per_second`` hold for the
 API key as a whole, whatever the number of workers. Run it against the fake
 service (4 workers, one Redis)::
 
@@ -42,7 +42,7 @@ from examples.starlette_app import CLIENT_CLOSED_REQUEST
 
 def make_client() -> d.DreamOClient:
     """This worker's client; the limits live in Redis and are shared by every worker."""
-    limits = d.RedisLimits(
+    limits = d.RedisCoordinator(
         os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         key=os.environ.get("DREAMO_LIMITS_KEY", "default"),
         lease_ttl=10.0,  # a worker killed mid-job gives its slots back within 10 s
@@ -52,7 +52,7 @@ def make_client() -> d.DreamOClient:
         max_concurrency=int(os.environ.get("DREAMO_MAX_CONCURRENCY", "8")),
         requests_per_second=float(os.environ.get("DREAMO_RATE", "10")),
         burst=int(os.environ.get("DREAMO_BURST", "2")),
-        limits_backend=limits,
+        coordinator=limits,
     )
 
 
@@ -60,8 +60,8 @@ def create_app() -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with make_client() as client:
-            limits = client.limits_backend
-            if isinstance(limits, d.RedisLimits):
+            limits = client.coordinator
+            if isinstance(limits, d.RedisCoordinator):
                 await limits.ping()  # fail at start-up, not at the first request
             yield {"dreamo": client}
 

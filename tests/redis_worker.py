@@ -1,7 +1,7 @@
 """One worker process of the multi-process Redis test and benchmark (run as a script).
 
 It runs jobs against a FakeDreamOServer through a ``DreamOClient`` whose limits are
-a shared :class:`~dreamo_async.RedisLimits`. Jobs come either from a Redis list
+a shared :class:`~dreamo_async.RedisCoordinator`. Jobs come either from a Redis list
 (``--queue``: the test, where a killed worker's jobs are put back and finished by
 the others) or are a fixed count (``--jobs N``: the benchmark, no extra Redis
 traffic). Prints ``READY``, then ``START <job>`` / ``DONE <job>`` lines, flushed,
@@ -32,11 +32,11 @@ def say(line: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    backend: d.LimitsBackend
+    backend: d.Coordinator
     if args.redis_url:
-        backend = d.RedisLimits(args.redis_url, key=args.key, lease_ttl=args.lease_ttl)
+        backend = d.RedisCoordinator(args.redis_url, key=args.key, lease_ttl=args.lease_ttl)
     else:
-        backend = d.LocalLimits()
+        backend = d.LocalCoordinator()
     poll = d.PollPolicy(
         initial_delay=args.poll_s, max_delay=args.poll_s, jitter=0.1, use_progress=False
     )
@@ -49,7 +49,7 @@ async def run(args: argparse.Namespace) -> None:
         requests_per_second=args.rate or None,
         burst=args.burst,
         poll=poll,
-        limits_backend=backend,
+        coordinator=backend,
         max_spend=args.max_spend,
     ) as client:
         say("READY")
@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace) -> None:
 
         await asyncio.gather(*(loop() for _ in range(args.loops or args.max_concurrency)))
         finished = time.time()
-        trips = backend.round_trips if isinstance(backend, d.RedisLimits) else 0
+        trips = backend.round_trips if isinstance(backend, d.RedisCoordinator) else 0
     if queue is not None:
         await queue.aclose()
     say(f"STATS {trips} {finished:.6f}")
@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
-    parser.add_argument("--redis-url", default="", help="empty: LocalLimits")
+    parser.add_argument("--redis-url", default="", help="empty: LocalCoordinator")
     parser.add_argument("--queue", default="", help="Redis URL of the job queue (test mode)")
     parser.add_argument("--key", default="mp")
     parser.add_argument("--jobs", type=int, default=0, help="fixed job count (benchmark mode)")

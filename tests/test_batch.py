@@ -34,6 +34,7 @@ from dreamo_async.batch import (
 )
 from dreamo_async.download import _PartFile, remove_stale_parts, result_stem, safe_component
 from dreamo_async.errors import MoneyState
+from dreamo_async.images import path_or_url
 from dreamo_async.lifecycle import JobLifecycle
 from dreamo_async.testing import FakeDreamOServer, Fault, make_jpeg, make_png
 
@@ -63,8 +64,10 @@ def client_for(server: FakeDreamOServer, **options: Any) -> d.DreamOClient:
     return d.DreamOClient(api_key=options.pop("api_key", KEY), base_url=server.url, **options)
 
 
-def jobs_for(image: str, *prompts: str) -> list[dict[str, Any]]:
-    return [{"prompt": p, "images": [image], "seed": i} for i, p in enumerate(prompts)]
+def jobs_for(image: str | Path, *prompts: str) -> list[dict[str, Any]]:
+    """Jobs as Python callers give them: local files as Path (a str is never a file)."""
+    images = [path_or_url(str(image))]
+    return [{"prompt": p, "images": images, "seed": i} for i, p in enumerate(prompts)]
 
 
 def read(path: str | Path) -> bytes:
@@ -216,7 +219,7 @@ async def test_a_created_job_is_polled_never_created_again(
 ) -> None:
     jobs = [BatchJob(index=i, params=p) for i, p in enumerate(jobs_for(image, "a", "b"))]
     async with client_for(server) as client:
-        task = await client.submit(**jobs[0].params)
+        task = await client.submit(**{**jobs[0].params, "images": [Path(image)]})
         with Journal(tmp_path / "j.db") as journal:
             journal.sync_jobs(jobs)
             await journal.aupdate(0, "created", task_id=task.id)
@@ -634,7 +637,7 @@ async def test_wait_given_the_submitted_task_skips_the_immediate_poll(
 ) -> None:
     poll = d.PollPolicy(initial_delay=0.05, max_delay=0.05, jitter=0.0)
     async with client_for(server, poll=poll) as client:
-        task = await client.submit(prompt="p [never]", images=[image])
+        task = await client.submit(prompt="p [never]", images=[Path(image)])
         with pytest.raises(d.TaskTimeoutError):
             await client.wait(task, timeout=0.02)
         assert server.stats.polls == 1

@@ -66,12 +66,12 @@ def test_load_jobs_reports_image_problems_in_the_librarys_words(tmp_path: Path) 
     with pytest.raises(JobsFileError) as caught:
         load_jobs(jobs_file)
     assert caught.value.problems == [
-        f"{jobs_file}:1: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        f"{jobs_file}:1: image 2 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
         "(Limits.max_image_bytes)",
-        f"{jobs_file}:2: image 1 (notes.jpg) is GIF; the service accepts JPEG or PNG",
-        f"{jobs_file}:3: image 1 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
-        "are accepted (or a local path, bytes, a file object, a data URI)",
-        f"{jobs_file}:4: image 0 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
+        f"{jobs_file}:2: image 2 (notes.jpg) is GIF; the service accepts JPEG or PNG",
+        f"{jobs_file}:3: image 2 (host/a.jpg) is a ftp: URL; only http:// and https:// URLs "
+        "are accepted (or a pathlib.Path, bytes, a file object, a data URI)",
+        f"{jobs_file}:4: image 1 (big.jpg) is 20,001,280 bytes; the limit is 4,700,000 bytes "
         "(Limits.max_image_bytes)",
     ]
 

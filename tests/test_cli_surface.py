@@ -56,7 +56,7 @@ def test_a_bad_image_is_an_input_error_exit_2_and_nothing_is_sent(
     jobs.write_text(json.dumps({"prompt": "x", "images": ["notes.jpg"]}) + "\n")
     batch = dreamo(*batch_args(service, jobs, tmp_path / "out"), "--json")
     assert batch.returncode == 2, batch.stderr
-    assert f"{jobs}:1: image 0" in json.loads(batch.stdout)["error"]["message"]
+    assert f"{jobs}:1: image 1" in json.loads(batch.stdout)["error"]["message"]
     assert service.stats()["create_requests"] == before
 
 

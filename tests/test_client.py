@@ -44,7 +44,7 @@ async def test_generate_end_to_end_with_every_local_source_kind(
     async with client_for(server) as client:
         result = await client.generate(
             prompt="a cat",
-            images=[str(path), path, PNG],
+            images=[path, path, PNG],
             ref_types=["IP", d.RefType.ID, "style"],
             seed=7,
             width=1328,

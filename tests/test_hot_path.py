@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import dreamo_async as d
 import dreamo_async.transport as transport_module
 import dreamo_async.wire as wire
-from dreamo_async.ratelimit import LocalSlots
+from dreamo_async.coordination import LocalSlots
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 from dreamo_async.wire import parse_task
 

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dreamo_async._imageheaders import (
+from dreamo_async.errors import ImageError
+from dreamo_async.images import inspect_image
+from dreamo_async.images.headers import (
     MAX_JPEG_SEGMENTS,
     MAX_PNG_CHUNKS,
     HeaderError,
     read_header,
     sniff_format,
 )
-from dreamo_async.errors import ImageError
-from dreamo_async.images import inspect_image
 from dreamo_async.limits import Limits
 
 from .image_corpus import Case, build_corpus, header_end, jpeg_bytes, noise_image, raw_png, segment
@@ -51,7 +51,7 @@ def test_refused_files_name_the_image_and_the_reason(case: Case) -> None:
     with pytest.raises(ImageError) as caught:
         inspect_image(case.data, index=3, source=case.name, limits=NO_ASPECT)
     message = str(caught.value)
-    assert message.startswith(f"image 3 ({case.name}) ")
+    assert message.startswith(f"image 4 ({case.name}) ")
     assert case.refuse is not None
     assert case.refuse in message
     assert caught.value.index == 3
@@ -62,7 +62,7 @@ def test_refused_files_name_the_image_and_the_reason(case: Case) -> None:
 def test_a_webp_named_png_is_refused_as_webp() -> None:
     webp = next(case for case in CORPUS if case.name == "webp")
     with pytest.raises(
-        ImageError, match=r"^image 2 \(cat\.png\) is WebP; the service accepts JPEG or PNG$"
+        ImageError, match=r"^image 3 \(cat\.png\) is WebP; the service accepts JPEG or PNG$"
     ):
         inspect_image(webp.data, index=2, source="cat.png")
 

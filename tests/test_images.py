@@ -68,7 +68,6 @@ def test_every_source_kind_is_classified_without_io(tmp_path: Path) -> None:
     handle = io.BytesIO(JPEG)
     sources = classify_images(
         [
-            str(missing),
             missing,
             JPEG,
             bytearray(PNG),
@@ -80,12 +79,11 @@ def test_every_source_kind_is_classified_without_io(tmp_path: Path) -> None:
         ]
     )
     assert [s.kind for s in sources] == [
-        "path", "path", "bytes", "bytes", "bytes", "file", "data_uri", "url", "url",
+        "path", "bytes", "bytes", "bytes", "file", "data_uri", "url", "url",
     ]  # fmt: skip
-    assert [s.index for s in sources] == list(range(9))
+    assert [s.index for s in sources] == list(range(8))
     assert [s.label for s in sources] == [
-        "not-yet.png",
-        "not-yet.png",
+        str(missing),  # the path as given
         f"<bytes {len(JPEG)} B>",
         f"<bytes {len(PNG)} B>",
         f"<bytes {len(JPEG)} B>",
@@ -94,7 +92,7 @@ def test_every_source_kind_is_classified_without_io(tmp_path: Path) -> None:
         "cdn.example.com/a/b.jpg",
         "example.com/x.png",
     ]
-    assert [s.is_url for s in sources] == [False] * 7 + [True] * 2
+    assert [s.is_url for s in sources] == [False] * 6 + [True] * 2
     assert handle.tell() == 0
     assert sources[0].value is not None
     assert "value" not in repr(sources[0])
@@ -109,7 +107,7 @@ def test_url_labels_never_show_credentials_or_queries() -> None:
 
 def test_file_objects_are_labelled_by_their_file_name(jpeg_file: Path) -> None:
     with jpeg_file.open("rb") as handle:
-        assert _one(handle).label == "cat.jpg"
+        assert _one(handle).label == str(jpeg_file)
 
 
 def test_classified_sources_pass_through_with_their_new_index() -> None:
@@ -122,11 +120,11 @@ def test_classified_sources_pass_through_with_their_new_index() -> None:
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        (42, r"\(int\) has the unsupported type int; pass a path, bytes, a binary file object"),
+        (42, r"\(int\) has the unsupported type int; pass a pathlib.Path, bytes, a binary"),
         (None, r"\(NoneType\) has the unsupported type NoneType"),
         (b"", r"\(<bytes 0 B>\) is empty \(0 bytes\)$"),
         (bytearray(), r"is empty"),
-        ("", r"is an empty path"),
+        ("", r"\(''\) is a str that is neither an http\(s\) URL nor a data: URI"),
         ("file:///etc/passwd", r"\(/etc/passwd\) is a file: URL; only http:// and https://"),
         ("ftp://example.com/a.png", r"\(example\.com/a\.png\) is a ftp: URL"),
         ("javascript:alert(1)", r"is a javascript: URL"),
@@ -135,19 +133,19 @@ def test_classified_sources_pass_through_with_their_new_index() -> None:
         ("data:image/png,rawtext", r"\(<data URI>\) must be a base64 data URI"),
         ("data:image/png;base64,", r"has no data after the comma"),
         ("data:image/png;base64", r"must be a base64 data URI"),
-        ("/9j/" + "A" * 2000, r"looks like base64 text, not a path"),
+        ("/9j/" + "A" * 2000, r"looks like base64 text; pass the decoded bytes"),
         (io.StringIO("text"), r"\(<StringIO>\) is a text-mode file; open it with 'rb'"),
     ],
 )
 def test_what_can_never_work_is_refused_at_construction(item: object, message: str) -> None:
-    with pytest.raises(ImageError, match=r"^image 1 .*" + message) as caught:
+    with pytest.raises(ImageError, match=r"^image 2 .*" + message) as caught:
         classify_images([JPEG, item])
     assert caught.value.index == 1
     assert caught.value.parameter == "images[1]"
 
 
 def test_refusals_name_the_right_index() -> None:
-    with pytest.raises(ImageError, match=r"^image 2 ") as caught:
+    with pytest.raises(ImageError, match=r"^image 3 ") as caught:
         classify_images([JPEG, PNG, "ftp://x/y.png"])
     assert caught.value.index == 2
     assert caught.value.parameter == "images[2]"
@@ -156,8 +154,25 @@ def test_refusals_name_the_right_index() -> None:
 
 
 def test_windows_drive_letters_and_colons_in_file_names_are_paths() -> None:
-    assert _one("C:\\photos\\cat.jpg").kind == "path"
-    assert _one("photo:1.jpg").kind == "path"
+    assert _one(Path("C:\\photos\\cat.jpg")).kind == "path"
+    assert _one(Path("photo:1.jpg")).kind == "path"
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_str_is_never_a_local_file(tmp_path: Path, exists: bool) -> None:
+    """Issue 16: a web app forwarding a caller's str must not upload (or reveal) its files."""
+    path = tmp_path / "secret.jpg"
+    if exists:
+        path.write_bytes(JPEG)
+    with pytest.raises(ImageError) as caught:
+        classify_images([JPEG, str(path)])
+    expected = (
+        f"image 2 ({str(path)!r}) is a str that is neither an http(s) URL nor a data: URI; "
+        "a str is never read as a local file: pass pathlib.Path(...) for a file"
+    )
+    assert str(caught.value) == expected  # the same whether the file exists or not
+    assert caught.value.index == 1
+    assert _one(path).kind == "path"  # the Path of the same file is read
 
 
 # --------------------------------------------------------------------------- inspect
@@ -176,7 +191,7 @@ def test_size_refusal_names_limit_and_value() -> None:
     limits = Limits(max_image_bytes=1000)
     with pytest.raises(
         ImageError,
-        match=rf"^image 1 \(big\.jpg\) is {len(JPEG):,} bytes; the limit is 1,000 bytes",
+        match=rf"^image 2 \(big\.jpg\) is {len(JPEG):,} bytes; the limit is 1,000 bytes",
     ):
         inspect_image(JPEG, index=1, source="big.jpg", limits=limits)
 
@@ -206,7 +221,7 @@ def test_the_default_size_limit_is_4_7_million_bytes() -> None:
 def test_resolution_refusal_names_limit_and_value() -> None:
     limits = Limits(max_image_width=50, max_image_height=50)
     with pytest.raises(
-        ImageError, match=r"^image 0 \(x\) is 64 x 48 pixels; the limit is 50 x 50$"
+        ImageError, match=r"^image 1 \(x\) is 64 x 48 pixels; the limit is 50 x 50$"
     ):
         inspect_image(JPEG, index=0, source="x", limits=limits)
 
@@ -224,7 +239,7 @@ def test_4096_square_passes_and_one_more_pixel_does_not() -> None:
 def test_aspect_ratio_error_by_default_with_a_hint() -> None:
     with pytest.raises(
         ImageError,
-        match=r"^image 0 \(tall\.jpg\) has an aspect ratio of 0\.25 \(100 x 400\); the service "
+        match=r"^image 1 \(tall\.jpg\) has an aspect ratio of 0\.25 \(100 x 400\); the service "
         r"recommends 0\.56 \(9:16\) to 1\.78 \(16:9\).*aspect_policy='warn'",
     ):
         inspect_image(TALL_JPEG, index=0, source="tall.jpg")
@@ -308,7 +323,7 @@ async def test_mixed_urls_are_downloaded_concurrently_and_sent_as_base64() -> No
 
 
 async def test_mixed_urls_without_a_downloader_are_refused() -> None:
-    with pytest.raises(ImageError, match=r"^image 1 \(x\.example/a\.png\) is a URL mixed"):
+    with pytest.raises(ImageError, match=r"^image 2 \(x\.example/a\.png\) is a URL mixed"):
         await _prepare(JPEG, "https://x.example/a.png")
 
 
@@ -332,7 +347,7 @@ async def test_a_failed_download_names_the_image_and_cancels_the_others() -> Non
         return await _hang_until_cancelled(cancelled)
 
     with pytest.raises(
-        ImageError, match=r"^image 2 \(x\.example/bad\.jpg\) could not be downloaded"
+        ImageError, match=r"^image 3 \(x\.example/bad\.jpg\) could not be downloaded"
     ) as caught:
         await _prepare(
             JPEG, "https://x.example/slow.jpg", "https://x.example/bad.jpg?k=1", fetch=fetch
@@ -345,7 +360,7 @@ async def test_a_downloaded_file_is_checked_like_a_local_one() -> None:
     async def fetch(url: str, cap: int) -> bytes:
         return b"<!DOCTYPE html><p>Access denied</p>"
 
-    with pytest.raises(ImageError, match=r"^image 1 \(cdn\.example/p\.jpg\) is an HTML page"):
+    with pytest.raises(ImageError, match=r"^image 2 \(cdn\.example/p\.jpg\) is an HTML page"):
         await _prepare(JPEG, "https://cdn.example/p.jpg", fetch=fetch)
 
 
@@ -355,7 +370,7 @@ async def test_a_lax_downloader_returning_too_much_is_refused() -> None:
 
     limits = Limits(max_image_bytes=len(JPEG) - 1)
     tiny = jpeg_bytes(noise_image(8, 8))
-    with pytest.raises(ImageError, match=rf"^image 1 \(x\.example/a\.jpg\) is {len(JPEG):,} bytes"):
+    with pytest.raises(ImageError, match=rf"^image 2 \(x\.example/a\.jpg\) is {len(JPEG):,} bytes"):
         await _prepare(tiny, "https://x.example/a.jpg", fetch=fetch, limits=limits)
 
 
@@ -380,7 +395,7 @@ async def test_cancelling_during_downloads_cancels_them() -> None:
 
 async def test_every_local_kind_is_read_checked_and_encoded(jpeg_file: Path) -> None:
     prepared = await _prepare(
-        str(jpeg_file),
+        jpeg_file,
         jpeg_file,
         io.BytesIO(PNG),
         bytearray(JPEG),
@@ -409,15 +424,15 @@ async def test_the_content_decides_not_the_extension(tmp_path: Path) -> None:
     assert prepared.infos[0] is not None
     assert prepared.infos[0].format == "png"
     path.write_bytes(jpeg_bytes(noise_image(8, 8)).replace(b"\xff\xd8\xff", b"GIF89a", 1))
-    with pytest.raises(ImageError, match=r"^image 0 \(photo\.jpg\) is GIF"):
+    with pytest.raises(ImageError, match=r"^image 1 \(.*/photo\.jpg\) is GIF"):
         await _prepare(path)
 
 
 async def test_missing_files_and_directories_are_image_errors(tmp_path: Path) -> None:
-    with pytest.raises(ImageError, match=r"^image 0 \(nope\.jpg\) does not exist"):
+    with pytest.raises(ImageError, match=r"^image 1 \(.*/nope\.jpg\) does not exist"):
         await _prepare(tmp_path / "nope.jpg")
     with pytest.raises(ImageError, match=r"is a directory"):
-        await _prepare(str(tmp_path))
+        await _prepare(tmp_path)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
@@ -434,7 +449,7 @@ async def test_a_huge_file_is_refused_by_its_size_without_reading_it(tmp_path: P
         handle.truncate(10**12)  # 1 TB, sparse: reading it would take hours
     with pytest.raises(
         ImageError,
-        match=r"^image 0 \(huge\.jpg\) is 1,000,000,000,000 bytes; the limit is 4,700,000 bytes",
+        match=r"^image 1 \(.*/huge\.jpg\) is 1,000,000,000,000 bytes; the limit is 4,700,000 bytes",
     ):
         await asyncio.wait_for(_prepare(path), 5)
 
@@ -442,7 +457,7 @@ async def test_a_huge_file_is_refused_by_its_size_without_reading_it(tmp_path: P
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
 async def test_an_endless_device_is_read_only_up_to_the_limit() -> None:
     with pytest.raises(ImageError, match=r"is larger than that; the limit is 1,000 bytes"):
-        await _prepare("/dev/zero", limits=Limits(max_image_bytes=1000))
+        await _prepare(Path("/dev/zero"), limits=Limits(max_image_bytes=1000))
 
 
 class _CountingStream(io.RawIOBase):
@@ -508,7 +523,7 @@ async def test_data_uris_decode_leniently_but_refuse_garbage() -> None:
         "data:image/jpeg;base64," + mime_lines, "DATA:image/png;BASE64," + url_safe
     )
     assert _decoded(prepared) == [JPEG, PNG]
-    with pytest.raises(ImageError, match=r"^image 0 \(<data URI>\) has invalid base64 data"):
+    with pytest.raises(ImageError, match=r"^image 1 \(<data URI>\) has invalid base64 data"):
         await _prepare("data:image/jpeg;base64,@@@@")
 
 
@@ -519,7 +534,7 @@ async def test_an_oversized_data_uri_is_refused_before_decoding() -> None:
 
 
 async def test_an_error_names_the_failing_image_among_several(jpeg_file: Path) -> None:
-    with pytest.raises(ImageError, match=r"^image 2 \(<bytes 3 B>\) is not a recognisable"):
+    with pytest.raises(ImageError, match=r"^image 3 \(<bytes 3 B>\) is not a recognisable"):
         await _prepare(jpeg_file, PNG, b"\x00\x01\x02", JPEG)
 
 
@@ -554,7 +569,7 @@ async def test_aspect_warnings_are_emitted_on_the_loop_thread(
     monkeypatch.setattr(warnings, "warn", recording_warn)
     limits = Limits(aspect_policy="warn")
     with pytest.warns(
-        DreamOWarning, match=r"^image 1 \(<bytes \d+ B>\) has an aspect ratio of 0\.25"
+        DreamOWarning, match=r"^image 2 \(<bytes \d+ B>\) has an aspect ratio of 0\.25"
     ):
         prepared = await _prepare(JPEG, TALL_JPEG, limits=limits)
     assert len(prepared.base64) == 2
@@ -735,7 +750,7 @@ async def test_fit_without_pillow_says_how_to_install_it() -> None:
 def test_fit_sizes_keep_within_limits_and_never_leave_the_aspect_range(
     width: int, height: int, max_side: int, scale: float
 ) -> None:
-    from dreamo_async._fit import _whole_pixels
+    from dreamo_async.images.fit import _whole_pixels
 
     limits = Limits(max_image_width=max_side, max_image_height=max_side)
     scale = min(scale, max_side / width, max_side / height)
@@ -762,7 +777,7 @@ async def test_the_stage_limiter_is_one_per_loop_and_leaves_a_core() -> None:
 
 @pytest.fixture
 def fresh_cache() -> object:
-    from dreamo_async.images import ENCODED_CACHE
+    from dreamo_async.images.prepare import ENCODED_CACHE
 
     ENCODED_CACHE.clear()
     yield ENCODED_CACHE
@@ -835,7 +850,8 @@ async def test_a_cached_image_is_checked_against_each_requests_limits(
 
 
 def test_the_cache_keeps_within_its_bounds() -> None:
-    from dreamo_async.images import INLINE_MAX_BYTES, ImageInfo, _EncodedCache
+    from dreamo_async.images import ImageInfo
+    from dreamo_async.images.prepare import INLINE_MAX_BYTES, _EncodedCache
 
     cache = _EncodedCache(max_entries=3, max_bytes=1000)
     info = ImageInfo("png", 1, 1, 1)

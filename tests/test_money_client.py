@@ -326,7 +326,7 @@ class SlowFile(io.BytesIO):
 async def test_one_file_object_shared_by_concurrent_jobs(
     server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("dreamo_async.images._stage_threads", lambda: 4)
+    monkeypatch.setattr("dreamo_async.images.prepare._stage_threads", lambda: 4)
     shared = SlowFile(PNG)
     async with client_for(server, max_concurrency=6) as client:
         results = await asyncio.gather(

@@ -13,14 +13,19 @@ import itertools
 import pytest
 
 import dreamo_async as d
-from dreamo_async.ratelimit import AdaptiveLimiter, LocalLimits, Priority, TokenBucketLimiter
+from dreamo_async.coordination import (
+    AdaptiveLimiter,
+    LocalCoordinator,
+    LocalSlots,
+    Priority,
+    TokenBucketLimiter,
+)
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
 from .helpers import KEY, client_for
 
 PNG = make_png(32, 32)
-
 
 
 async def grant_times(limiter: TokenBucketLimiter, n: int) -> list[float]:
@@ -43,7 +48,7 @@ async def test_no_window_exceeds_rate_plus_burst_from_the_first_second() -> None
     first = [t for t in times if t - times[0] < 1.0]
     assert len(first) <= 105
     assert times[-1] - times[0] >= (160 - 5) / 100 - 0.02  # and no slower than it must
-    assert limiter._timer is None  # nothing left scheduled
+    assert limiter.waiting == 0  # nobody left behind
 
 
 async def test_burst_lets_that_many_through_at_once_then_spaces_them() -> None:
@@ -89,14 +94,12 @@ async def test_a_cancelled_waiter_uses_no_slot() -> None:
     started = loop.time()
     await limiter.acquire()  # gets the slot the cancelled one would have had
     assert loop.time() - started < 0.1
-    assert limiter._timer is None
 
 
 async def test_a_slot_granted_then_cancelled_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
     limiter = TokenBucketLimiter(rate=10, burst=1)
     await limiter.acquire()
-    tat_before = limiter._tat
     doomed = asyncio.create_task(limiter.acquire())
     wake = TokenBucketLimiter._wake
 
@@ -107,7 +110,6 @@ async def test_a_slot_granted_then_cancelled_goes_back(monkeypatch: pytest.Monke
     monkeypatch.setattr(TokenBucketLimiter, "_wake", wake_then_cancel)
     with pytest.raises(asyncio.CancelledError):
         await doomed
-    assert limiter._tat == tat_before
     started = loop.time()
     await limiter.acquire()
     assert loop.time() - started < 0.05  # the returned slot, not one 100 ms later
@@ -225,7 +227,7 @@ async def test_auto_rate_learns_a_server_limit() -> None:
 
 
 def test_local_limits_makes_each_kind() -> None:
-    backend = LocalLimits()
+    backend = LocalCoordinator()
     assert isinstance(backend.make_limiter(None, 1), d.UnlimitedLimiter)
     assert isinstance(backend.make_limiter(5, 2), TokenBucketLimiter)
     assert isinstance(backend.make_adaptive_limiter(1), AdaptiveLimiter)
@@ -235,11 +237,64 @@ def test_auto_rate_with_a_shared_backend_without_learning_is_refused() -> None:
     """A learned rate is per process; silently using one with a shared backend would
     stop sharing the budget, so the client refuses the combination."""
 
-    class SharedBackend(LocalLimits):
+    class SharedBackend(LocalCoordinator):
         make_adaptive_limiter = None  # type: ignore[assignment]
 
         def __repr__(self) -> str:
             return "<SharedBackend>"
 
     with pytest.raises(d.ConfigurationError, match=r'"auto" is learned in one process; <Shared'):
-        d.DreamOClient(api_key="k", requests_per_second="auto", limits_backend=SharedBackend())
+        d.DreamOClient(api_key="k", requests_per_second="auto", coordinator=SharedBackend())
+
+
+async def test_local_slots_hand_over_in_fifo_order_and_count_what_is_held() -> None:
+    """Our own counter (no write to asyncio.Semaphore._value): FIFO, counts, cancellation."""
+    slots = LocalSlots(2)
+    assert slots.try_acquire()
+    assert slots.try_acquire()
+    assert not slots.try_acquire()
+    order: list[str] = []
+
+    async def job(name: str) -> None:
+        await slots.acquire()
+        order.append(name)
+
+    first = asyncio.create_task(job("first"))
+    doomed = asyncio.create_task(job("doomed"))
+    last = asyncio.create_task(job("last"))
+    await asyncio.sleep(0)
+    assert (slots.in_use, slots.waiting) == (2, 3)
+    doomed.cancel()
+    await asyncio.sleep(0)
+    assert not slots.try_acquire()  # "first" and "last" still queue before a newcomer
+    slots.release_nowait()
+    slots.release_nowait()
+    await asyncio.gather(first, last)
+    assert order == ["first", "last"]
+    assert (slots.in_use, slots.waiting) == (2, 0)
+
+
+async def test_a_slot_handed_to_a_cancelled_waiter_goes_to_the_next() -> None:
+    slots = LocalSlots(1)
+    await slots.acquire()
+    doomed = asyncio.create_task(slots.acquire())
+    heir = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release_nowait()  # handed to "doomed"...
+    doomed.cancel()  # ...which is cancelled before it resumes
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    await asyncio.wait_for(heir, 1)
+    assert slots.in_use == 1
+    slots.release_nowait()
+    assert slots.in_use == 0
+
+
+def test_rate_burst_and_concurrency_are_checked_in_one_place() -> None:
+    for bad in (0, -1, float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="requests_per_second"):
+            TokenBucketLimiter(rate=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="burst must be at least 1"):
+        TokenBucketLimiter(rate=1, burst=0)
+    with pytest.raises(ValueError, match="max_concurrency must be at least 1"):
+        LocalSlots(0)

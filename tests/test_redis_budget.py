@@ -1,7 +1,7 @@
 """max_spend shared through a real redis-server: one cap for every client and process.
 
 Several clients in one test stand for several processes (each has its own
-``RedisLimits``, so its own connections); the multi-process test runs real worker
+``RedisCoordinator``, so its own connections); the multi-process test runs real worker
 processes (tests/redis_worker.py), one of them SIGKILLed mid-run.
 """
 
@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import dreamo_async as d
-from dreamo_async.redis_budget import reset_spending
+from dreamo_async.coordination.redis_budget import reset_spending
 from dreamo_async.testing import FakeDreamOServer, make_png
 
 from .conftest import eventually
@@ -68,7 +68,7 @@ async def test_three_clients_share_one_cap(
             server,
             max_concurrency=6,
             max_spend=cap,
-            limits_backend=d.RedisLimits(redis_server.url, key="cap3"),
+            coordinator=d.RedisCoordinator(redis_server.url, key="cap3"),
         )
         for _ in range(3)
     ]
@@ -90,22 +90,22 @@ async def test_three_clients_share_one_cap(
     billed = server.stats.cost_created
     assert cap * Decimal("0.8") <= billed <= cap
     fresh = client_for(
-        server, max_spend=cap, limits_backend=d.RedisLimits(redis_server.url, key="cap3")
+        server, max_spend=cap, coordinator=d.RedisCoordinator(redis_server.url, key="cap3")
     )
     async with fresh:  # the ledger outlives the clients: a new one sees the same spend
         with pytest.raises(d.BudgetExceededError):
             await fresh.generate(prompt="one more", images=[PNG] * 5)
         assert fresh.spending().spent == billed
         assert fresh.spending().in_flight == 0
-        await reset_spending(fresh.limits_backend)  # type: ignore[arg-type]
+        await reset_spending(fresh.coordinator)  # type: ignore[arg-type]
         await fresh.generate(prompt="new ledger", images=[PNG])
         assert fresh.spending().spent == Decimal("0.01")
 
 
 async def test_the_cap_fails_closed_when_redis_is_gone(server: FakeDreamOServer) -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    limits = d.RedisLimits(url, key="gone", fallback="local", reconnect_timeout=0)
-    async with client_for(server, max_spend="1", limits_backend=limits) as client:
+    limits = d.RedisCoordinator(url, key="gone", fallback="local", reconnect_timeout=0)
+    async with client_for(server, max_spend="1", coordinator=limits) as client:
         with pytest.warns(d.DreamOWarning), pytest.raises(d.LimitsBackendError) as info:
             await client.generate(prompt="p", images=[PNG])
     assert info.value.nothing_sent

@@ -1,6 +1,6 @@
-"""RedisLimits against a real redis-server on a free loopback port (no mocks of Redis).
+"""RedisCoordinator against a real redis-server on a free loopback port (no mocks of Redis).
 
-Several ``RedisLimits`` objects in one test stand for several processes (each has
+Several ``RedisCoordinator`` objects in one test stand for several processes (each has
 its own connections; Redis cannot tell them apart); the multi-process test runs
 real worker processes, one of them SIGKILLed mid-run.
 """
@@ -56,7 +56,6 @@ async def inspect(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-
 async def redis_time_ms(client: aioredis.Redis) -> float:
     seconds, micros = await client.time()
     return seconds * 1000 + micros / 1000
@@ -67,7 +66,7 @@ async def redis_time_ms(client: aioredis.Redis) -> float:
 
 async def test_rate_window_holds_across_clients(redis_server: RedisServer) -> None:
     rate, burst, per_client = 100.0, 5, 50
-    backends = [d.RedisLimits(redis_server.url, key="rate") for _ in range(3)]
+    backends = [d.RedisCoordinator(redis_server.url, key="rate") for _ in range(3)]
     limiters = [b.make_limiter(rate, burst) for b in backends]
     loop = asyncio.get_running_loop()
     grants: list[float] = []
@@ -99,7 +98,7 @@ async def test_a_429_in_one_process_pauses_all(redis_server: RedisServer) -> Non
                 api_key="test-key",
                 base_url=server.url,
                 poll=poll,
-                limits_backend=d.RedisLimits(redis_server.url, key="pause"),
+                coordinator=d.RedisCoordinator(redis_server.url, key="pause"),
             )
             for _ in range(2)
         ]
@@ -117,9 +116,9 @@ async def test_a_429_in_one_process_pauses_all(redis_server: RedisServer) -> Non
 
 
 async def test_unlimited_rate_still_shares_the_pause(redis_server: RedisServer) -> None:
-    one = d.RedisLimits(redis_server.url, key="p2")
+    one = d.RedisCoordinator(redis_server.url, key="p2")
     first = one.make_limiter(None, 1)
-    other = d.RedisLimits(redis_server.url, key="p2")
+    other = d.RedisCoordinator(redis_server.url, key="p2")
     second = other.make_limiter(None, 1)
     await second.acquire()  # connected, no wait
     first.pause(0.3)
@@ -136,7 +135,7 @@ async def test_unlimited_rate_still_shares_the_pause(redis_server: RedisServer) 
 async def test_queued_requests_share_one_call_while_the_bucket_has_credit(
     redis_server: RedisServer,
 ) -> None:
-    backend = d.RedisLimits(redis_server.url, key="batch")
+    backend = d.RedisCoordinator(redis_server.url, key="batch")
     limiter = backend.make_limiter(10, 8)
     loop = asyncio.get_running_loop()
     grants: list[float] = []
@@ -155,7 +154,7 @@ async def test_queued_requests_share_one_call_while_the_bucket_has_credit(
 
 
 async def test_polls_take_their_turn_before_creates(redis_server: RedisServer) -> None:
-    backend = d.RedisLimits(redis_server.url, key="prio")
+    backend = d.RedisCoordinator(redis_server.url, key="prio")
     limiter = backend.make_limiter(20, 1)
     await limiter.acquire()  # the next turn is 50 ms away: the others queue
     order: list[str] = []
@@ -188,7 +187,7 @@ async def test_polls_take_their_turn_before_creates(redis_server: RedisServer) -
 async def test_slots_are_shared_and_fifo_within_a_process(
     redis_server: RedisServer, inspect: aioredis.Redis
 ) -> None:
-    backend = d.RedisLimits(redis_server.url, key="fifo")
+    backend = d.RedisCoordinator(redis_server.url, key="fifo")
     slots = backend.make_slots(1)
     held = await slots.acquire()
     order: list[int] = []
@@ -217,7 +216,7 @@ async def test_slots_are_shared_and_fifo_within_a_process(
 async def test_release_wakes_the_longest_waiting_process_without_polling(
     redis_server: RedisServer, inspect: aioredis.Redis
 ) -> None:
-    a, b, c = (d.RedisLimits(redis_server.url, key="wake") for _ in range(3))
+    a, b, c = (d.RedisCoordinator(redis_server.url, key="wake") for _ in range(3))
     slots_a, slots_b, slots_c = a.make_slots(1), b.make_slots(1), c.make_slots(1)
     held = await slots_a.acquire()
 
@@ -258,7 +257,7 @@ import asyncio, sys
 import dreamo_async as d
 
 async def main():
-    slots = d.RedisLimits(sys.argv[1], key="dead", lease_ttl=float(sys.argv[2])).make_slots(2)
+    slots = d.RedisCoordinator(sys.argv[1], key="dead", lease_ttl=float(sys.argv[2])).make_slots(2)
     await slots.acquire()
     await slots.acquire()
     print("HELD", flush=True)
@@ -278,7 +277,7 @@ async def test_slots_of_a_killed_process_come_back_within_the_ttl(
     assert holder.stdout is not None
     try:
         assert await asyncio.wait_for(holder.stdout.readline(), 15) == b"HELD\n"
-        backend = d.RedisLimits(redis_server.url, key="dead", lease_ttl=ttl)
+        backend = d.RedisCoordinator(redis_server.url, key="dead", lease_ttl=ttl)
         slots = backend.make_slots(2)
         waiting = asyncio.create_task(slots.acquire())
         await asyncio.sleep(ttl * 1.2)  # the holder's renewals keep its leases alive
@@ -310,11 +309,11 @@ async def test_slots_of_a_killed_process_come_back_within_the_ttl(
 
 async def test_redis_down_fails_closed_with_the_url_and_no_secret() -> None:
     port = free_port()
-    backend = d.RedisLimits(f"redis://:s3cret@127.0.0.1:{port}/0", key="down")
+    backend = d.RedisCoordinator(f"redis://:s3cret@127.0.0.1:{port}/0", key="down")
     assert "s3cret" not in repr(backend)
     async with FakeDreamOServer() as server:
         async with d.DreamOClient(
-            api_key="test-key", base_url=server.url, limits_backend=backend
+            api_key="test-key", base_url=server.url, coordinator=backend
         ) as client:
             with pytest.raises(d.LimitsBackendError) as caught:
                 await client.generate(prompt="p", images=[IMAGE])
@@ -323,13 +322,13 @@ async def test_redis_down_fails_closed_with_the_url_and_no_secret() -> None:
     assert f"127.0.0.1:{port}" in message
     assert "s3cret" not in message
     with pytest.raises(d.LimitsBackendError, match=f"127.0.0.1:{port}"):
-        await d.RedisLimits(f"redis://127.0.0.1:{port}/0").ping()
+        await d.RedisCoordinator(f"redis://127.0.0.1:{port}/0").ping()
 
 
 async def test_a_password_in_the_query_or_user_info_is_never_shown() -> None:
     # redis-py also reads the password from `?password=`: the shown URL drops the query.
     port = free_port()
-    backend = d.RedisLimits(f"redis://127.0.0.1:{port}/0?password=s3cret", key="query")
+    backend = d.RedisCoordinator(f"redis://127.0.0.1:{port}/0?password=s3cret", key="query")
     assert backend.url == f"redis://127.0.0.1:{port}/0"
     assert "s3cret" not in repr(backend)
     with pytest.raises(d.LimitsBackendError) as caught:
@@ -337,13 +336,13 @@ async def test_a_password_in_the_query_or_user_info_is_never_shown() -> None:
     assert f"127.0.0.1:{port}" in str(caught.value)
     assert "s3cret" not in str(caught.value)
     # An IPv6 host keeps its brackets; user name and password both go.
-    ipv6 = d.RedisLimits("redis://admin:s3cret@[::1]:6379/0")
+    ipv6 = d.RedisCoordinator("redis://admin:s3cret@[::1]:6379/0")
     assert ipv6.url == "redis://[::1]:6379/0"
     assert "s3cret" not in repr(ipv6)
 
 
 async def test_fallback_local_warns_once_and_keeps_working() -> None:
-    backend = d.RedisLimits(f"redis://127.0.0.1:{free_port()}/0", key="x", fallback="local")
+    backend = d.RedisCoordinator(f"redis://127.0.0.1:{free_port()}/0", key="x", fallback="local")
     async with FakeDreamOServer(task_duration_ms=5) as server:
         poll = d.PollPolicy(initial_delay=0.01, max_delay=0.01, use_progress=False)
         async with d.DreamOClient(
@@ -352,7 +351,7 @@ async def test_fallback_local_warns_once_and_keeps_working() -> None:
             max_concurrency=2,
             requests_per_second=200,
             poll=poll,
-            limits_backend=backend,
+            coordinator=backend,
         ) as client:
             with pytest.warns(d.DreamOWarning, match="in-process limits") as caught:
                 results = await asyncio.gather(
@@ -366,7 +365,7 @@ async def test_fallback_local_warns_once_and_keeps_working() -> None:
 async def test_an_outage_longer_than_the_grace_fails_closed_then_recovers(
     redis_server: RedisServer,
 ) -> None:
-    backend = d.RedisLimits(redis_server.url, key="grace", reconnect_timeout=0.3)
+    backend = d.RedisCoordinator(redis_server.url, key="grace", reconnect_timeout=0.3)
     limiter = backend.make_limiter(1000, 1)
     await limiter.acquire()
     redis_server.stop()
@@ -384,7 +383,9 @@ async def test_a_redis_restart_is_survived(
     redis_server: RedisServer, inspect: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     ttl = 0.6
-    backend = d.RedisLimits(redis_server.url, key="restart", lease_ttl=ttl, reconnect_timeout=10)
+    backend = d.RedisCoordinator(
+        redis_server.url, key="restart", lease_ttl=ttl, reconnect_timeout=10
+    )
     slots = backend.make_slots(3)
     held = [await slots.acquire(), await slots.acquire()]
     async with FakeDreamOServer(task_duration_ms=20) as server:
@@ -396,7 +397,7 @@ async def test_a_redis_restart_is_survived(
             requests_per_second=300,
             burst=3,
             poll=poll,
-            limits_backend=backend,
+            coordinator=backend,
         ) as client:
             # The client's own slots are a second pool on the same key: 3 in all, 2 held.
             done = 0
@@ -542,13 +543,13 @@ async def test_four_processes_share_one_budget_and_survive_a_sigkill(
 
 def test_hostnames_in_lease_ids() -> None:
     # The owner tag names host and pid, so `ZRANGE` in Redis shows who holds what.
-    backend = d.RedisLimits(key="names")
+    backend = d.RedisCoordinator(key="names")
     assert backend.owner.startswith(f"{socket.gethostname()}:{os.getpid()}:")
     assert backend.url == "redis://127.0.0.1:6379/0"
     with pytest.raises(ValueError, match="fallback"):
-        d.RedisLimits(fallback="maybe")  # type: ignore[arg-type]
+        d.RedisCoordinator(fallback="maybe")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="braces"):
-        d.RedisLimits(key="a{b}")
+        d.RedisCoordinator(key="a{b}")
     with pytest.raises(d.ConfigurationError, match="fixed requests_per_second"):
         backend.make_limiter("auto", 1)  # type: ignore[arg-type]
 
@@ -616,8 +617,8 @@ async def test_example_app_workers_share_one_budget(redis_server: RedisServer) -
 def test_without_the_redis_package_the_error_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # `import dreamo_async` never needs redis; only building a RedisLimits does.
+    # `import dreamo_async` never needs redis; only building a RedisCoordinator does.
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.setitem(sys.modules, "redis.asyncio", None)
     with pytest.raises(d.ConfigurationError, match=r"pip install 'dreamo_async\[redis\]'"):
-        d.RedisLimits()
+        d.RedisCoordinator()

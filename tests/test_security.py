@@ -251,7 +251,7 @@ async def test_every_spelling_of_a_loopback_host_is_refused(
     url = f"http://{host}:{dreamo_server.port}/assets/ref.png"
     dreamo_server.add_file("ref.png", PNG)
     async with _client(dreamo_server) as client:
-        with pytest.raises(d.ImageError, match=r"image 1 .* could not be downloaded"):
+        with pytest.raises(d.ImageError, match=r"image 2 .* could not be downloaded"):
             await client.generate(prompt="p", images=[PNG, url])
     assert dreamo_server.stats.downloads == 0
 

@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from ..errors import InvalidRequestError, JobsFileError
-from ..images import ImageSource, check_local_image, classify_images
+from ..images import ImageSource, check_local_image, classify_images, path_or_url
 from ..limits import DEFAULT_LIMITS, Limits
 from ..request import GenerationRequest
 
@@ -49,7 +49,9 @@ class BatchJob:
 
     @property
     def digest(self) -> str:
-        canonical = json.dumps(self.params, sort_keys=True, separators=(",", ":"))
+        canonical = json.dumps(
+            self.params, sort_keys=True, separators=(",", ":"), default=params_json
+        )
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     @property
@@ -124,7 +126,7 @@ def _check_line(
         raise ValueError("'images' must be a list of paths or URLs (strings)")
     try:
         # The file's own paths are paths: a str is a URL or a data URI to the library.
-        sources = classify_images([_as_input(image) for image in images])
+        sources = classify_images([path_or_url(image) for image in images])
     except InvalidRequestError as exc:  # ftp://, file://, empty paths, ...
         raise ValueError(str(exc)) from None
     for n, source in enumerate(sources, start=1):
@@ -150,13 +152,6 @@ def _check_line(
             _check_image_file(source, limits)
             checked.add(path)
     return params, request
-
-
-def _as_input(image: str) -> str | Path:
-    """A jobs file's image as the library takes it: a URL or data URI as text, else a Path."""
-    if not image or "://" in image or image[:5].lower() == "data:":
-        return image
-    return Path(image)
 
 
 def _check_sendable(key: str, value: object) -> None:
@@ -194,3 +189,10 @@ def _check_image_file(source: ImageSource, limits: Limits) -> None:
         check_local_image(source, limits)
     except InvalidRequestError as exc:
         raise ValueError(str(exc)) from None
+
+
+def params_json(value: object) -> str:
+    """A job's parameter as the journal writes it: a local path as its text."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)  # type: ignore[no-any-return]
+    raise TypeError(f"a job parameter of type {type(value).__name__} cannot be journalled")

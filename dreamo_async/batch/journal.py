@@ -28,7 +28,7 @@ from typing import Any, Final, Literal, Self, TypeVar
 import attrs
 
 from ..errors import JournalError
-from .jobs import BatchJob, JobState
+from .jobs import BatchJob, JobState, params_json
 
 __all__ = ["Fsync", "JobRow", "Journal", "JournalStats", "journal_spending"]
 
@@ -331,7 +331,7 @@ class Journal:
                             f"{self.path}; use a new journal (or --journal) for changed jobs"
                         )
                     continue
-                spec = json.dumps(dict(job.params), sort_keys=True)
+                spec = json.dumps(dict(job.params), sort_keys=True, default=params_json)
                 fresh.append((job.index, job.line, digest, spec, "queued", now))
             conn.executemany(
                 "INSERT INTO jobs (idx, line, digest, spec, state, updated) "

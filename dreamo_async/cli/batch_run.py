@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from ..images import path_or_url
 from .display import BatchDisplay, print_summary, summary_rows
 from .options import (
     RATE,
@@ -49,7 +50,8 @@ def check_warnings(client: Any, jobs: Sequence[Any]) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                client.build_request(**job.params)
+                images = [path_or_url(i) for i in job.params.get("images", [])]
+                client.build_request(**{**job.params, "images": images})
             except Exception:  # load_jobs checked it; the run reports what is left
                 continue
         for warning in caught:

@@ -65,7 +65,7 @@ def demo(
                 prompt += f" [fail:{_SCRIPTED}]"  # scripted failures show the error path
             params = {
                 "prompt": prompt,
-                "images": [str(r) for r in refs],
+                "images": list(refs),
                 "seed": i,
                 "ref_types": ["IP"] * len(refs),
             }

@@ -108,7 +108,7 @@ class _Money(click.ParamType[Decimal]):
     name = "usd"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Decimal:
-        from ..budget import to_money
+        from ..coordination import to_money
 
         try:
             amount = to_money(value, param.name if param else "amount")

@@ -12,6 +12,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from ..images import path_or_url
 from .display import StatusLine, describe
 from .options import (
     Service,
@@ -82,7 +83,7 @@ def generate(
 
     params: dict[str, Any] = {k: v for k, v in knobs.items() if v is not None}
     params["prompt"] = prompt
-    params["images"] = list(images)
+    params["images"] = [path_or_url(i) for i in images]  # local paths as Path
     if ref_types:
         params["ref_types"] = [r.upper() for r in ref_types]
     job = JobLifecycle()  # what the interrupt hint reads: sent? created?

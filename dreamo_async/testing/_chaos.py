@@ -549,8 +549,8 @@ def _chaos_client(
     import aiohttp
 
     from ..client import DreamOClient
+    from ..coordination import UnlimitedLimiter
     from ..polling import PollPolicy
-    from ..ratelimit import UnlimitedLimiter
     from ..retry import RetryPolicy
 
     return DreamOClient(

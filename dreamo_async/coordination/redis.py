@@ -2,12 +2,12 @@
 
 The service limits requests and running tasks per API key. A web app with 8
 workers, or a batch job on 3 machines, must therefore share one rate limiter and
-one pool of job slots. :class:`RedisLimits` keeps both in Redis (the
+one pool of job slots. :class:`RedisCoordinator` keeps both in Redis (the
 ``redis`` package's asyncio client; ``pip install 'dreamo_async[redis]'``)::
 
-    limits = RedisLimits("redis://127.0.0.1:6379/0", key="team-a")
+    shared = RedisCoordinator("redis://127.0.0.1:6379/0", key="team-a")
     async with DreamOClient(max_concurrency=8, requests_per_second=10,
-                            limits_backend=limits) as client:
+                            coordinator=shared) as client:
         ...
 
 How it works (every decision is one Lua script, atomic in Redis, timed by Redis's
@@ -43,198 +43,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import itertools
 import logging
-import os
-import secrets
-import socket
-import warnings
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
-from ._netguard import display_url
-from ._redis_lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
-from .errors import ConfigurationError, DreamOWarning, LimitsBackendError
-from .ratelimit import JobSlots, LocalLimits, Priority, RateLimiter, _CoolDown
+from ..errors import ConfigurationError, LimitsBackendError
+from ._lua import ACQUIRE_LUA, PAUSE_LUA, RATE_LUA, RELEASE_LUA, RENEW_LUA
+from ._redis_core import RedisShared, Unavailable, stop_task
+from ._waiting import CoolDown, WaiterQueue, check_burst, check_concurrency, check_rate
+from .local import LocalCoordinator
+from .protocols import JobSlots, Priority, RateLimiter
+from .redis_budget import RedisBudget
 
 if TYPE_CHECKING:
     from decimal import Decimal
 
     from redis.asyncio import Redis
-    from redis.commands.core import AsyncScript
 
-    from .redis_budget import RedisBudget
-
-__all__ = ["RedisLimits", "RedisRateLimiter", "RedisSlots"]
+__all__ = ["RedisCoordinator", "RedisRateLimiter", "RedisSlots"]
 
 logger = logging.getLogger("dreamo_async")
-
-_T = TypeVar("_T")
-
-Fallback = Literal["error", "local"]
 
 #: Longest single BLPOP: waiters re-check the slots at least this often (seconds).
 _MAX_BLOCK_S: Final = 1.0
 #: Most turns one rate call takes for queued neighbours while the bucket has credit.
 _MAX_TURNS_PER_CALL: Final = 16
-
-
-class _Unavailable(Exception):
-    """Redis could not be reached (within the grace period); carries the cause."""
-
-
-class _Link:
-    """The Redis client (one per event loop), its scripts, and the rules of an outage.
-
-    ``call`` runs one operation. While Redis is unreachable it retries with backoff
-    for ``reconnect_timeout`` seconds, provided Redis answered at least once before
-    (a restart); a Redis that never answered fails at once, so a wrong URL is a
-    clear error rather than a hang. With ``fallback="local"`` an outage is then
-    re-tested at most once per ``recheck`` seconds, so calls do not each pay a
-    connection attempt while the limits are held locally.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        fallback: Fallback,
-        reconnect_timeout: float,
-        socket_timeout: float,
-        recheck: float = 1.0,
-    ) -> None:
-        try:
-            import redis.asyncio
-            import redis.exceptions
-        except ImportError as exc:
-            raise ConfigurationError(
-                "RedisLimits needs the redis package: pip install 'dreamo_async[redis]'"
-            ) from exc
-        self._redis_module = redis.asyncio
-        self.url = url
-        #: ``url`` for messages and ``repr``: no user info, password or query.
-        self.safe_url = display_url(url)
-        self.fallback: Fallback = fallback
-        self.reconnect_timeout = reconnect_timeout
-        self.socket_timeout = socket_timeout
-        self.recheck = recheck
-        #: What counts as "Redis is not there" (a replica promoted mid-failover included).
-        self.outage_errors: tuple[type[BaseException], ...] = (
-            redis.exceptions.ConnectionError,
-            redis.exceptions.TimeoutError,
-            redis.exceptions.ReadOnlyError,
-            OSError,
-        )
-        self.redis_errors: tuple[type[BaseException], ...] = (redis.exceptions.RedisError,)
-        self._client: Redis | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._scripts: dict[str, AsyncScript] = {}
-        self._ever_ok = False
-        self._down_since: float | None = None
-        self._last_attempt = 0.0
-        self._warned = False
-        #: Round trips sent (scripts and BLPOPs), for statistics and benchmarks.
-        self.calls = 0
-
-    def client(self) -> Redis:
-        """The client of the running loop (a new loop, e.g. a new ``asyncio.run``, gets its own)."""
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._client = self._redis_module.Redis.from_url(
-                self.url,
-                socket_timeout=self.socket_timeout,
-                socket_connect_timeout=self.socket_timeout,
-                # Our own loop below decides how long to insist; no hidden retries.
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
-            )
-            self._loop = loop
-            self._scripts = {}
-        return self._client
-
-    def script(self, name: str, source: str) -> AsyncScript:
-        """A registered script (EVALSHA; re-sent by redis-py when Redis answers NOSCRIPT)."""
-        client = self.client()
-        found = self._scripts.get(name)
-        if found is None:
-            found = self._scripts[name] = client.register_script(source)
-        return found
-
-    async def call(self, what: str, op: Callable[[Redis], Awaitable[_T]]) -> _T:
-        """Run ``op`` against Redis; raise :class:`_Unavailable` when Redis is gone."""
-        loop = asyncio.get_running_loop()
-        delay = 0.02
-        while True:
-            now = loop.time()
-            if (
-                self._down_since is not None
-                and self.fallback == "local"
-                and (not self._ever_ok or now - self._down_since >= self.reconnect_timeout)
-                and now - self._last_attempt < self.recheck
-            ):
-                raise _Unavailable(f"{what}: Redis at {self.safe_url} is unavailable")
-            self._last_attempt = now
-            try:
-                self.calls += 1
-                result = await op(self.client())
-            except self.outage_errors as exc:
-                now = loop.time()
-                if self._down_since is None:
-                    self._down_since = now
-                    if self._ever_ok:
-                        logger.warning(
-                            "Redis at %s unavailable (%s: %s); retrying for up to %g s",
-                            self.safe_url,
-                            type(exc).__name__,
-                            exc,
-                            self.reconnect_timeout,
-                        )
-                remaining = self.reconnect_timeout - (now - self._down_since)
-                if not self._ever_ok or remaining <= 0:
-                    raise _Unavailable(
-                        f"{what}: Redis at {self.safe_url} is unavailable "
-                        f"({type(exc).__name__}: {exc})"
-                    ) from exc
-                await asyncio.sleep(min(delay, remaining))
-                delay = min(delay * 2, 0.5)
-                continue
-            except self.redis_errors as exc:
-                raise LimitsBackendError(
-                    f"{what}: Redis at {self.safe_url} answered with an error: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            if self._down_since is not None:
-                logger.warning("Redis at %s is back; shared limits resume", self.safe_url)
-                self._down_since = None
-                self._warned = False
-            self._ever_ok = True
-            return result
-
-    def unavailable(self, exc: _Unavailable) -> None:
-        """Decide what an outage means: raise (fail closed) or warn once and go local."""
-        if self.fallback == "error":
-            raise LimitsBackendError(
-                f"{exc}; the shared limits cannot be enforced, so nothing is sent "
-                "(RedisLimits(fallback='local') would enforce them per process instead)"
-            ) from exc.__cause__
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"{exc}; falling back to in-process limits: each process now enforces "
-                "the rate and concurrency limits alone until Redis answers again",
-                DreamOWarning,
-                stacklevel=4,
-            )
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and self._loop is asyncio.get_running_loop():
-            with contextlib.suppress(Exception):
-                await client.aclose()
 
 
 # --------------------------------------------------------------------------- rate
@@ -244,28 +77,27 @@ class _PriorityGate:
     """A lock handed to waiters by (priority, arrival): polls before creates, FIFO within.
 
     Its owner may also :meth:`hand_out` turns it got in one Redis call to the next
-    waiters, who then go at once without owning the gate.
+    waiters, who then go at once without owning the gate. The order is the local
+    limiter's :class:`~dreamo_async.coordination._waiting.WaiterQueue`.
     """
 
-    __slots__ = ("_busy", "_heap", "_seq")
+    __slots__ = ("_busy", "_queue")
 
     def __init__(self) -> None:
         self._busy = False
-        #: (priority, arrival, future): True = "a turn for you", False = "the gate is yours".
-        self._heap: list[tuple[int, int, asyncio.Future[bool]]] = []
-        self._seq = itertools.count()
+        #: A waiter's future: True = "a turn for you", False = "the gate is yours".
+        self._queue = WaiterQueue()
 
     @property
     def waiting(self) -> int:
-        return sum(1 for *_, fut in self._heap if not fut.done())
+        return self._queue.waiting
 
     async def enter(self, priority: int) -> bool:
         """Wait; True if a turn was handed to us, False if we own the gate (then :meth:`leave`)."""
-        if not self._busy and not self._heap:
+        if not self._busy and not self._queue:
             self._busy = True
             return False
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (priority, next(self._seq), fut))
+        fut = self._queue.push(priority).future
         try:
             return await fut
         except BaseException:
@@ -275,53 +107,46 @@ class _PriorityGate:
 
     def hand_out(self, turns: int) -> None:
         """Give ``turns`` turns to the first live waiters (a turn nobody takes is lost)."""
-        while turns > 0 and self._heap:
-            _, _, fut = heapq.heappop(self._heap)
-            if not fut.done():
-                fut.set_result(True)
-                turns -= 1
+        while turns > 0 and (waiter := self._queue.pop()) is not None:
+            waiter.future.set_result(True)
+            turns -= 1
 
     def leave(self) -> None:
-        while self._heap:
-            _, _, fut = heapq.heappop(self._heap)
-            if not fut.done():
-                fut.set_result(False)  # the gate stays busy: ownership moves to that waiter
-                return
+        waiter = self._queue.pop()
+        if waiter is not None:
+            waiter.future.set_result(False)  # the gate stays busy: ownership moves over
+            return
         self._busy = False
 
 
 class RedisRateLimiter:
-    """The shared request limiter of a :class:`RedisLimits` (see the module docstring).
+    """The shared request limiter of a :class:`RedisCoordinator` (see the module docstring).
 
     Within one process, requests reserve in turn (polls of running tasks first);
     each reservation is one round trip to Redis, and the wait it returns is slept
     here, so a process never holds more than one reservation ahead of time.
     """
 
-    def __init__(self, backend: RedisLimits, rate: float | None, burst: int) -> None:
+    def __init__(self, backend: RedisShared, rate: float | None, burst: int) -> None:
         if rate is not None and not isinstance(rate, int | float):
             raise ConfigurationError(
-                f"RedisLimits shares a fixed requests_per_second between processes; "
+                f"RedisCoordinator shares a fixed requests_per_second between processes; "
                 f"got {rate!r} (an adaptive rate would differ from process to process)"
             )
-        if rate is not None and not rate > 0:
-            raise ValueError(f"rate must be positive, got {rate!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1, got {burst!r}")
-        self.rate = rate
-        self.burst = int(burst)
+        self.rate = None if rate is None else check_rate(rate)
+        self.burst = check_burst(burst)
         self._backend = backend
         # Spaced a little wider than 1 / rate: a request may reach the service up to
         # `headroom` seconds later than its turn (network, a busy loop) without the
         # service ever counting rate + burst in one second.
-        spacing = (1.0 + backend.headroom) / rate if rate is not None else 0.0
-        self._interval_us = 0 if rate is None else max(1, round(1_000_000 * spacing))
+        spacing = (1.0 + backend.headroom) / self.rate if self.rate is not None else 0.0
+        self._interval_us = 0 if self.rate is None else max(1, round(1_000_000 * spacing))
         #: A turn woken later than this (s) is given back for a fresh one (see acquire).
         self._late_s = max(0.001, self._interval_us / 2_000_000)
         #: This process's requests reserve one at a time, polls first; a reservation's
         #: extra turns go to the next waiters.
         self._gate = _PriorityGate()
-        self._cooldown = _CoolDown()
+        self._cooldown = CoolDown()
         self._local: RateLimiter | None = None
 
     async def acquire(self, priority: Priority = Priority.CREATE) -> None:
@@ -344,7 +169,7 @@ class RedisRateLimiter:
                     granted, wait_us, count = await link.call(
                         "rate limiter", functools.partial(reserve, wanted)
                     )
-                except _Unavailable as exc:
+                except Unavailable as exc:
                     link.unavailable(exc)
                     await self._local_limiter().acquire(priority)
                     return
@@ -379,7 +204,7 @@ class RedisRateLimiter:
 
         try:
             await link.call("pause", write)
-        except (_Unavailable, LimitsBackendError) as exc:
+        except (Unavailable, LimitsBackendError) as exc:
             logger.warning("could not share a %g s pause through Redis: %s", seconds, exc)
 
     def record(self, status: int) -> None:
@@ -387,7 +212,7 @@ class RedisRateLimiter:
 
     def _local_limiter(self) -> RateLimiter:
         if self._local is None:
-            self._local = LocalLimits().make_limiter(self.rate, self.burst)
+            self._local = LocalCoordinator().make_limiter(self.rate, self.burst)
         return self._local
 
     def __repr__(self) -> str:
@@ -412,12 +237,10 @@ class _Lease:
 
 
 class RedisSlots:
-    """The shared job slots of a :class:`RedisLimits`: ``max_concurrency`` leases in all."""
+    """The shared job slots of a :class:`RedisCoordinator`: ``max_concurrency`` leases in all."""
 
-    def __init__(self, backend: RedisLimits, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {capacity!r}")
-        self.capacity = capacity
+    def __init__(self, backend: RedisShared, capacity: int) -> None:
+        self.capacity = check_concurrency(capacity)
         self._backend = backend
         self._turn = asyncio.Lock()  # FIFO: one waiter of this process talks to Redis
         self._held: dict[str, None] = {}
@@ -465,7 +288,7 @@ class RedisSlots:
                             self._ensure_renewer()
                             return _Lease(lease)
                         await self._block(int(retry_ms) / 1000)
-                    except _Unavailable as exc:
+                    except Unavailable as exc:
                         link.unavailable(exc)
                         await self._local_slots().acquire()
                         self._local_held += 1
@@ -522,7 +345,7 @@ class RedisSlots:
             if self._renewal_done is not None:
                 await self._renewal_done.wait()
             await link.call("job slots", release)
-        except (_Unavailable, LimitsBackendError) as exc:
+        except (Unavailable, LimitsBackendError) as exc:
             logger.warning("lease %s not released (%s); it expires by its TTL", lease, exc)
 
     def _ensure_renewer(self) -> None:
@@ -550,7 +373,7 @@ class RedisSlots:
             done = self._renewal_done = asyncio.Event()
             try:
                 lost = int(await link.call("lease renewal", renew))
-            except (_Unavailable, LimitsBackendError) as exc:
+            except (Unavailable, LimitsBackendError) as exc:
                 logger.warning("could not renew %d lease(s): %s", len(leases), exc)
                 continue
             finally:
@@ -567,16 +390,13 @@ class RedisSlots:
 
     def _local_slots(self) -> JobSlots:
         if self._local is None:
-            self._local = LocalLimits().make_slots(self.capacity)
+            self._local = LocalCoordinator().make_slots(self.capacity)
         return self._local
 
     async def aclose(self) -> None:
         """Stop renewing and give back every lease still held (best effort, time-bounded)."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await stop_task(self._renewer)
+        self._renewer = None
         leases, self._held = list(self._held), {}
         if leases:
             with contextlib.suppress(Exception):
@@ -590,24 +410,11 @@ class RedisSlots:
         )
 
 
-# --------------------------------------------------------------------------- backend
+# --------------------------------------------------------------------------- coordinator
 
 
-class _Keys:
-    """The Redis keys of one shared budget. ``{key}`` is a hash tag: one Cluster slot."""
-
-    __slots__ = ("base", "pause", "rate", "slots", "wake")
-
-    def __init__(self, prefix: str, key: str) -> None:
-        self.base = base = f"{prefix}:{{{key}}}"
-        self.rate = f"{base}:rate"
-        self.pause = f"{base}:pause"
-        self.slots = f"{base}:slots"
-        self.wake = f"{base}:wake"
-
-
-class RedisLimits:
-    """A :class:`~dreamo_async.ratelimit.LimitsBackend` held in Redis, shared by processes.
+class RedisCoordinator(RedisShared):
+    """A :class:`~dreamo_async.coordination.Coordinator` held in Redis, shared by processes.
 
     - ``url``: ``redis://[[user]:password@]host:port/db`` (or ``rediss://``, ``unix://``).
     - ``key``: names the shared budget; every process using the same API key should use
@@ -625,107 +432,23 @@ class RedisLimits:
       ``headroom`` seconds after its turn (network jitter, a busy event loop) still
       cannot make ``rate + burst`` in one second at the service.
 
-    Give each ``DreamOClient`` its own ``RedisLimits`` (it is one connection pool):
+    Give each ``DreamOClient`` its own ``RedisCoordinator`` (it is one connection pool):
     closing the client closes the backend and gives back its leases. With
     ``requests_per_second=None`` each request still asks Redis whether a 429 paused
     the key (one round trip).
     """
-
-    def __init__(
-        self,
-        url: str = "redis://127.0.0.1:6379/0",
-        *,
-        key: str = "default",
-        lease_ttl: float = 10.0,
-        fallback: Fallback = "error",
-        reconnect_timeout: float = 10.0,
-        socket_timeout: float = 5.0,
-        headroom: float = 0.02,
-        prefix: str = "dreamo",
-    ) -> None:
-        if fallback not in ("error", "local"):
-            raise ValueError(f"fallback must be 'error' or 'local', got {fallback!r}")
-        if not lease_ttl >= 0.1:
-            raise ValueError(f"lease_ttl must be at least 0.1 s, got {lease_ttl!r}")
-        if not key or any(c in key for c in "{}"):
-            raise ValueError(f"key must be non-empty and free of braces, got {key!r}")
-        if not socket_timeout > 0 or not reconnect_timeout >= 0:
-            raise ValueError("socket_timeout must be positive and reconnect_timeout >= 0")
-        if not 0.0 <= headroom <= 0.5:
-            raise ValueError(f"headroom must be within 0..0.5, got {headroom!r}")
-        self.key = key
-        self.headroom = float(headroom)
-        self.lease_ttl = float(lease_ttl)
-        self._lease_ttl_ms = round(self.lease_ttl * 1000)  # as the Lua scripts take it
-        self.keys = _Keys(prefix, key)
-        #: Who holds a lease (visible in Redis): host, pid and a random tag.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._link = _Link(
-            url,
-            fallback=fallback,
-            reconnect_timeout=reconnect_timeout,
-            socket_timeout=socket_timeout,
-        )
-        self._slots: list[RedisSlots] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def url(self) -> str:
-        """The Redis URL for display: without user name, password, query or fragment."""
-        return self._link.safe_url
-
-    @property
-    def fallback(self) -> Fallback:
-        return self._link.fallback
-
-    @property
-    def round_trips(self) -> int:
-        """Redis calls made by this backend so far (scripts, BLPOPs, renewals)."""
-        return self._link.calls
 
     def make_limiter(self, rate: float | None, burst: int) -> RedisRateLimiter:
         return RedisRateLimiter(self, rate, burst)
 
     def make_slots(self, max_concurrency: int) -> RedisSlots:
         slots = RedisSlots(self, max_concurrency)
-        self._slots.append(slots)
+        self._closers.append(slots.aclose)
         return slots
 
     def make_budget(self, cap: Decimal | None) -> RedisBudget:
         """The ``max_spend`` ledger, shared by every process using the key (redis_budget.py)."""
-        from .redis_budget import RedisBudget
-
         return RedisBudget(self, cap)
 
-    async def ping(self) -> None:
-        """Check that Redis answers now; raise :class:`LimitsBackendError` naming the URL if not.
-
-        Useful at start-up, to fail before the first job rather than at it.
-        """
-
-        async def ping(client: Redis) -> Any:
-            return await client.ping()
-
-        try:
-            await self._link.call("ping", ping)
-        except _Unavailable as exc:
-            raise LimitsBackendError(str(exc)) from exc.__cause__
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``coro`` in a task that is kept (never garbage-collected mid-flight) and
-        awaited by :meth:`aclose`; it must log its own failures."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def aclose(self) -> None:
-        """Give back held leases, finish pending writes, close the connections."""
-        for slots in self._slots:
-            await slots.aclose()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=1.0)
-        await self._link.aclose()
-
     def __repr__(self) -> str:
-        return f"<RedisLimits {self.url} key={self.key!r} fallback={self.fallback!r}>"
+        return f"<RedisCoordinator {self.url} key={self.key!r} fallback={self.fallback!r}>"

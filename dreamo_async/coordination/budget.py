@@ -16,7 +16,7 @@ after the job holds its slot and before the create takes its rate turn.
 A job that does not fit waits while other tasks are in flight (they may end cheaper
 than reserved) and raises :class:`~dreamo_async.errors.BudgetExceededError` (nothing
 sent) once ``spent + estimate`` alone is over the cap. This module holds the rules and
-the in-process ledger; :mod:`dreamo_async.redis_budget` keeps the ledger in Redis.
+the in-process ledger; :mod:`dreamo_async.coordination.redis_budget` keeps the ledger in Redis.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any
 
-import attrs
-
-from .errors import (
+from ..errors import (
     BudgetExceededError,
     ConfigurationError,
     DreamOError,
@@ -37,9 +35,10 @@ from .errors import (
     NotFoundError,
     TaskFailedError,
 )
-from .lifecycle import JobLifecycle
-from .models import GenerationResult
-from .request import GenerationRequest
+from ..lifecycle import JobLifecycle
+from ..models import GenerationResult
+from ..request import GenerationRequest
+from .protocols import BudgetLedger, Reservation, Spending
 
 __all__ = ["Budget", "BudgetLedger", "LocalLedger", "Reservation", "Spending", "to_money"]
 
@@ -65,77 +64,6 @@ def to_money(value: object, name: str) -> Decimal | None:
     if not amount.is_finite() or amount < 0:
         raise ConfigurationError(f"{name} must be a finite amount >= 0, got {value!r}")
     return amount
-
-
-@attrs.frozen
-class Spending:
-    """What this client's jobs spent and hold (immutable snapshot; amounts in USD).
-
-    With a Redis ledger the figures are those of every process sharing the key, as of
-    this process's last exchange with Redis.
-    """
-
-    #: The cap (``max_spend``), or ``None``.
-    cap: Decimal | None
-    #: Reported costs of ended tasks, plus the estimates of those that reported none.
-    spent: Decimal
-    #: Estimates of the tasks created (or being created) and not ended yet.
-    reserved: Decimal
-    #: The part of ``spent`` that is estimates, not reported costs.
-    estimated: Decimal
-    completed: int
-    failed: int
-    in_flight: int
-    #: Tasks that ended with neither a reported cost nor an estimate (probes): not in ``spent``.
-    unpriced: int = 0
-
-    @property
-    def remaining(self) -> Decimal | None:
-        """Room left under the cap for new tasks (``None`` without a cap)."""
-        if self.cap is None:
-            return None
-        return max(Decimal(0), self.cap - self.spent - self.reserved)
-
-
-class Reservation:
-    """One job's hold on the budget: its estimate (``None`` for a probe) and image count."""
-
-    __slots__ = ("amount", "blocking", "id", "images", "task_id")
-
-    def __init__(self, id: str, amount: Decimal | None, images: int) -> None:
-        self.id = id
-        self.amount = amount
-        self.images = images
-        self.task_id: str | None = None
-        #: A probe holds back every other create until it ends (or :meth:`unblock`).
-        self.blocking = amount is None
-
-    def __repr__(self) -> str:
-        amount = "probe" if self.amount is None else f"${self.amount}"
-        return f"<Reservation {self.id} {amount} images={self.images}>"
-
-
-class BudgetLedger(Protocol):
-    """Where spend and reservations are kept: this process, or Redis (shared)."""
-
-    cap: Decimal | None
-
-    async def reserve(self, estimate: Decimal | None, images: int) -> Reservation:
-        """Hold ``estimate`` (``None``: the highest cost seen for ``images``, else a probe);
-        wait while it may fit later; raise :class:`BudgetExceededError` when it cannot."""
-
-    def settle(self, reservation: Reservation, cost: Decimal | None, *, failed: bool) -> None:
-        """The task ended: count ``cost`` (``None``: the reservation's estimate) as spent."""
-
-    def release(self, reservation: Reservation) -> None:
-        """Nothing was created: give the reservation back."""
-
-    def unblock(self, reservation: Reservation) -> None:
-        """A probe whose job gave up (timeout, cancel) stops holding back other creates."""
-
-    def snapshot(self) -> Spending: ...
-
-    async def aclose(self) -> None: ...
 
 
 def _exceeded(cap: Decimal, spent: Decimal, reserved: Decimal, estimate: Decimal | None) -> Any:
@@ -232,16 +160,8 @@ class LocalLedger:
             self._changed = None
 
     def snapshot(self) -> Spending:
-        return Spending(
-            cap=self.cap,
-            spent=self._spent,
-            reserved=self._reserved,
-            estimated=self._estimated,
-            completed=self._completed,
-            failed=self._failed,
-            in_flight=self._in_flight,
-            unpriced=self._unpriced,
-        )
+        counts = (self._completed, self._failed, self._in_flight, self._unpriced)
+        return Spending(self.cap, self._spent, self._reserved, self._estimated, *counts)
 
     async def aclose(self) -> None:
         return None

@@ -35,19 +35,16 @@ all still be ours. The whole limiter is one heap and one timer.
 from __future__ import annotations
 
 import asyncio
-import enum
-import heapq
-import itertools
-from typing import Final, Protocol
+import collections
+from typing import Final
+
+from ._waiting import CoolDown, WaiterQueue, check_burst, check_concurrency, check_rate
+from .protocols import JobSlots, Priority, RateLimiter
 
 __all__ = [
     "AdaptiveLimiter",
-    "JobSlots",
-    "LimitsBackend",
-    "LocalLimits",
+    "LocalCoordinator",
     "LocalSlots",
-    "Priority",
-    "RateLimiter",
     "TokenBucketLimiter",
     "UnlimitedLimiter",
 ]
@@ -57,55 +54,13 @@ __all__ = [
 _JITTER_S: Final = 0.005
 
 
-class Priority(enum.IntEnum):
-    """Which requests go first when several wait: work in flight finishes first."""
-
-    POLL = 0
-    CREATE = 1
-
-
-class RateLimiter(Protocol):
-    """What the transport needs from a limiter."""
-
-    async def acquire(self, priority: Priority = Priority.CREATE) -> None:
-        """Wait until one request may be sent."""
-
-    def pause(self, seconds: float) -> None:
-        """Hold every request for ``seconds`` (a 429's ``Retry-After``)."""
-
-    def record(self, status: int) -> None:
-        """Feedback after each response (its HTTP status): how an adaptive limiter learns.
-
-        Strict limiters ignore it; ``requests_per_second="auto"`` slows down on 429.
-        """
-
-
-class _CoolDown:
-    """The shared pause after a 429: one deadline on the loop clock."""
-
-    __slots__ = ("_until",)
-
-    def __init__(self) -> None:
-        self._until = 0.0
-
-    def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._until = max(self._until, loop.time() + max(0.0, seconds))
-
-    async def wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        # A loop, not an Event: another 429 may push the deadline further while we sleep.
-        while (remaining := self._until - loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(remaining)
-
-
 class UnlimitedLimiter:
     """No rate limit; only the shared cool-down after a 429."""
 
     __slots__ = ("_cooldown",)
 
     def __init__(self) -> None:
-        self._cooldown = _CoolDown()
+        self._cooldown = CoolDown()
 
     async def acquire(self, priority: Priority = Priority.CREATE) -> None:
         """Wait out the cool-down after a 429, if one was ever set (the transport skips
@@ -117,7 +72,7 @@ class UnlimitedLimiter:
     def never_paused(self) -> bool:
         """True until the first :meth:`pause`: ``acquire`` would return at once, so the
         transport skips the call (a coroutine per request) altogether."""
-        return self._cooldown._until <= 0.0
+        return self._cooldown.until <= 0.0
 
     def pause(self, seconds: float) -> None:
         self._cooldown.pause(seconds)
@@ -129,21 +84,6 @@ class UnlimitedLimiter:
         return "<UnlimitedLimiter>"
 
 
-class _Waiter:
-    """One queued ``acquire``: its heap key and the future the timer resolves."""
-
-    __slots__ = ("future", "grant", "key")
-
-    def __init__(self, key: tuple[int, int], future: asyncio.Future[None]) -> None:
-        self.key = key
-        self.future = future
-        #: ``(tat before, tat after)`` once granted: lets a cancelled grant be undone.
-        self.grant: tuple[float | None, float] | None = None
-
-    def __lt__(self, other: _Waiter) -> bool:
-        return self.key < other.key
-
-
 class TokenBucketLimiter:
     """A strict GCRA limiter: ``rate`` requests per second, ``burst`` allowed at once.
 
@@ -153,10 +93,9 @@ class TokenBucketLimiter:
 
     __slots__ = (
         "_busy",
-        "_cooldown_until",
-        "_heap",
+        "_cooldown",
         "_interval",
-        "_seq",
+        "_queue",
         "_tat",
         "_timer",
         "_timer_at",
@@ -165,20 +104,15 @@ class TokenBucketLimiter:
     )
 
     def __init__(self, rate: float, burst: int = 1) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be positive, got {rate!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1, got {burst!r}")
-        self.burst = int(burst)
-        self.rate = float(rate)
+        self.burst = check_burst(burst)
+        self.rate = check_rate(rate)
         self._interval = 1.0 / self.rate
         #: Theoretical arrival time of the next request (GCRA state); None = never used.
         self._tat: float | None = None
-        self._heap: list[_Waiter] = []
-        self._seq = itertools.count()
+        self._queue = WaiterQueue()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._cooldown_until = 0.0
+        self._cooldown = CoolDown()
         #: Set whenever a caller had to queue (the limiter was the bottleneck).
         self._busy = False
 
@@ -187,12 +121,11 @@ class TokenBucketLimiter:
     async def acquire(self, priority: Priority = Priority.CREATE) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if not self._heap and now >= self._cooldown_until and self._ready_at(now) <= now:
+        if not self._queue and now >= self._cooldown.until and self._ready_at(now) <= now:
             self._take(now)  # fast path: free slot, nobody queued
             return
         self._busy = True
-        waiter = _Waiter((int(priority), next(self._seq)), loop.create_future())
-        heapq.heappush(self._heap, waiter)
+        waiter = self._queue.push(int(priority))
         self._schedule(loop)
         try:
             await waiter.future
@@ -201,7 +134,7 @@ class TokenBucketLimiter:
                 before, after = waiter.grant
                 if self._tat == after:  # nothing granted since: the slot goes back
                     self._tat = before
-            # else: still queued; _next_live() drops it (its future is cancelled)
+            # else: still queued; the queue drops it at the head (its future is cancelled)
             self._schedule(loop)
             raise
         # A busy loop may resume us well after the grant. Lag up to the jitter
@@ -212,11 +145,8 @@ class TokenBucketLimiter:
             self._tat = floor
 
     def pause(self, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        until = loop.time() + max(0.0, seconds)
-        if until > self._cooldown_until:
-            self._cooldown_until = until
-            self._schedule(loop)
+        if self._cooldown.pause(seconds):
+            self._schedule(asyncio.get_running_loop())
 
     def record(self, status: int) -> None:
         return None
@@ -235,22 +165,15 @@ class TokenBucketLimiter:
         self._tat = after
         return before, after
 
-    def _next_live(self) -> _Waiter | None:
-        heap = self._heap
-        while heap and heap[0].future.done():  # cancelled while queued
-            heapq.heappop(heap)
-        return heap[0] if heap else None
-
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         """Keep exactly one timer, set for when the head of the queue may go."""
-        head = self._next_live()
-        if head is None:
+        if self._queue.head() is None:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             return
         now = loop.time()
-        when = max(self._cooldown_until, self._ready_at(now))
+        when = max(self._cooldown.until, self._ready_at(now))
         if self._timer is not None:
             if self._timer_at == when:
                 return
@@ -274,19 +197,19 @@ class TokenBucketLimiter:
         now = loop.time()
         if 0.0 <= now - self._timer_at <= self._jitter:
             now = self._timer_at  # fired a little late: grant on schedule
-        while now >= self._cooldown_until and (head := self._next_live()) is not None:
+        while now >= self._cooldown.until and (head := self._queue.head()) is not None:
             # call_at may fire a hair early (clock resolution): allow 1 µs.
             if self._ready_at(now) > now + 1e-6:
                 break
-            heapq.heappop(self._heap)
+            self._queue.pop()
             head.grant = self._take(now)
-            head.future.set_result(None)
+            head.future.set_result(True)
         self._schedule(loop)
 
     @property
     def waiting(self) -> int:
         """Callers queued now."""
-        return sum(1 for w in self._heap if not w.future.done())
+        return self._queue.waiting
 
     def __repr__(self) -> str:
         return (
@@ -351,7 +274,7 @@ class AdaptiveLimiter(TokenBucketLimiter):
             self._set_rate(grown)
         self._last_step = now
         self._clean = True
-        self._busy = bool(self._heap)
+        self._busy = bool(self._queue)
 
     def settle(self, rate: float) -> None:
         """Start from a rate measured elsewhere (what the service accepted in the second
@@ -362,104 +285,81 @@ class AdaptiveLimiter(TokenBucketLimiter):
     def _cut(self, rate: float, now: float) -> None:
         self._set_rate(rate)
         self._last_cut = self._last_step = now  # a fresh step starts at the new rate
-        self._busy = bool(self._heap)
+        self._busy = bool(self._queue)
 
     def _set_rate(self, rate: float) -> None:
         self.rate = min(self.max_rate, max(self.min_rate, rate))
         self._interval = 1.0 / self.rate
-        if self._heap:
+        if self._queue:
             self._schedule(asyncio.get_running_loop())
 
 
 # --------------------------------------------------------------------------- job slots
 
 
-class JobSlots(Protocol):
-    """The ``max_concurrency`` slots of a client: one per job alive.
-
-    ``acquire`` returns a token that ``release`` takes back (a Redis lease id, or
-    nothing for the in-process pool). Waiters are served in FIFO order.
-    """
-
-    async def acquire(self) -> object:
-        """Wait for a free slot."""
-
-    async def release(self, token: object) -> None:
-        """Give the slot back; must finish even if the caller is being cancelled
-        (an implementation that awaits I/O shields it)."""
-
-    @property
-    def in_use(self) -> int:
-        """Slots held by this process now."""
-
-    @property
-    def waiting(self) -> int:
-        """Coroutines of this process waiting for a slot."""
-
-
 class LocalSlots:
-    """In-process job slots: an asyncio semaphore (FIFO) with counts."""
+    """In-process job slots: FIFO waiters, and a count of the slots held."""
 
-    __slots__ = ("_semaphore", "_waiting", "capacity")
+    __slots__ = ("_held", "_waiters", "capacity")
 
     def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"max_concurrency must be at least 1, got {capacity!r}")
-        self.capacity = capacity
-        self._semaphore = asyncio.Semaphore(capacity)
-        self._waiting = 0
+        self.capacity = check_concurrency(capacity)
+        self._held = 0
+        #: Futures of the waiting callers, oldest first; a slot is handed over on release.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self) -> object:
-        self._waiting += 1
+        if self.try_acquire():
+            return None
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
         try:
-            await self._semaphore.acquire()
-        finally:
-            self._waiting -= 1
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release_nowait()  # handed a slot as we were cancelled: pass it on
+            raise
         return None
 
     async def release(self, token: object) -> None:
-        self._semaphore.release()
+        self.release_nowait()
 
     def try_acquire(self) -> bool:
         """Take a slot without waiting when one is free and nobody queues before us
         (FIFO holds); the client's hot path, with no coroutine. False: use ``acquire``."""
-        semaphore = self._semaphore
-        if semaphore.locked():  # no free slot, or waiters ahead
+        waiters = self._waiters
+        while waiters and waiters[0].done():  # cancelled while waiting
+            waiters.popleft()
+        if self._held >= self.capacity or waiters:
             return False
-        semaphore._value -= 1
+        self._held += 1
         return True
 
     def release_nowait(self) -> None:
-        """``release`` without a coroutine (the in-process slot needs no I/O)."""
-        self._semaphore.release()
+        """``release`` without a coroutine (the in-process slot needs no I/O): the slot
+        goes to the oldest waiter still waiting, else back to the pool."""
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot moves over: _held stays
+                return
+        self._held -= 1
 
     @property
     def in_use(self) -> int:
-        return self.capacity - self._semaphore._value
+        return self._held
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return sum(1 for future in self._waiters if not future.done())
 
     def __repr__(self) -> str:
-        return f"<LocalSlots {self.in_use}/{self.capacity} in use, {self._waiting} waiting>"
+        return f"<LocalSlots {self.in_use}/{self.capacity} in use, {self.waiting} waiting>"
 
 
-class LimitsBackend(Protocol):
-    """Where a client's limits are held: in this process, or shared (Redis) by many."""
-
-    def make_limiter(self, rate: float | None, burst: int) -> RateLimiter:
-        """The request limiter for ``rate`` requests/s (``None``: unlimited)."""
-
-    def make_slots(self, max_concurrency: int) -> JobSlots:
-        """The job slots."""
-
-    async def aclose(self) -> None:
-        """Release what the backend holds (connections, leases)."""
-
-
-class LocalLimits:
-    """The default backend: limits held in this process only."""
+class LocalCoordinator:
+    """The default coordinator: request pacing and job slots held in this process only."""
 
     def make_limiter(self, rate: float | None, burst: int) -> RateLimiter:
         return UnlimitedLimiter() if rate is None else TokenBucketLimiter(rate, burst)
@@ -477,4 +377,4 @@ class LocalLimits:
         return None
 
     def __repr__(self) -> str:
-        return "<LocalLimits>"
+        return "<LocalCoordinator>"

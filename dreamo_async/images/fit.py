@@ -26,9 +26,9 @@ import io
 import math
 from typing import TYPE_CHECKING, Final
 
-from ._imageheaders import HeaderError, ImageHeader, read_header
-from .images import _error
-from .limits import Limits
+from ..limits import Limits
+from .classify import image_error
+from .headers import HeaderError, ImageHeader, read_header
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -59,7 +59,7 @@ def fit_image(
 
     bomb_limit = Image.MAX_IMAGE_PIXELS
     if bomb_limit is not None and header.width * header.height > bomb_limit:
-        raise _error(
+        raise image_error(
             index,
             source,
             f"is {header.width} x {header.height} pixels, too many to decode safely for "
@@ -81,7 +81,7 @@ def _require_pillow(index: int, source: str) -> None:
     try:
         import PIL.Image  # noqa: F401
     except ImportError as exc:
-        raise _error(
+        raise image_error(
             index,
             source,
             "needs fitting (fit=True), which needs Pillow: pip install 'dreamo_async[pillow]'",
@@ -116,7 +116,7 @@ def _decode_upright(
             icc = upright.info.get("icc_profile")
             picture = _to_rgb_or_l(upright)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise _error(index, source, f"could not be decoded for fitting: {exc}") from None
+        raise image_error(index, source, f"could not be decoded for fitting: {exc}") from None
     # An ICC profile describes the original colour space: keep it only if that is unchanged.
     same_space = (mode in _RGB_MODES and picture.mode == "RGB") or (
         mode in _GRAY_MODES and picture.mode == "L"
@@ -156,7 +156,7 @@ def _shrink(
                 return encoded
         # Bytes grow roughly with the pixel count: aim 10 % under the limit.
         scale *= min(0.9, math.sqrt(limits.max_image_bytes / len(encoded)) * 0.9)
-    raise _error(index, source, f"could not be fitted under {limits.max_image_bytes:,} bytes")
+    raise image_error(index, source, f"could not be fitted under {limits.max_image_bytes:,} bytes")
 
 
 def _whole_pixels(width: int, height: int, scale: float, limits: Limits) -> tuple[int, int]:

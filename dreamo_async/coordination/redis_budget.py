@@ -1,6 +1,6 @@
 """The ``max_spend`` ledger shared through Redis: one cap for every process using the key.
 
-``DreamOClient(max_spend=..., limits_backend=RedisLimits(...))`` keeps the spend, the
+``DreamOClient(max_spend=..., coordinator=RedisCoordinator(...))`` keeps the spend, the
 reservations and the highest cost seen per image count in Redis. One Lua script
 reserves (purging the holds of dead processes first), another settles or releases,
 so the check "spent + reserved + estimate <= cap" is atomic across processes and
@@ -21,15 +21,14 @@ raises :class:`~dreamo_async.errors.LimitsBackendError` (nothing sent), whatever
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING, Any, Final
 
-from .budget import Reservation, Spending
-from .errors import BudgetExceededError, LimitsBackendError
-from .redis_limits import RedisLimits, _Unavailable
+from ..errors import BudgetExceededError, LimitsBackendError
+from ._redis_core import RedisShared, Unavailable, stop_task
+from .protocols import Reservation, Spending
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -227,7 +226,7 @@ class _Keys:
 class RedisBudget:
     """A :class:`~dreamo_async.budget.BudgetLedger` in Redis (see the module docstring)."""
 
-    def __init__(self, backend: RedisLimits, cap: Decimal | None) -> None:
+    def __init__(self, backend: RedisShared, cap: Decimal | None) -> None:
         self.cap = cap
         self._backend = backend
         self._keys = _Keys(backend.keys.base)
@@ -275,7 +274,7 @@ class RedisBudget:
             # The script may have run: give the hold back, or it would block the cap a TTL.
             self._backend._spawn(self._settle(hold, -1, "release", images, -1))
             raise
-        except _Unavailable as exc:
+        except Unavailable as exc:
             raise LimitsBackendError(
                 f"{exc}; the spending cap cannot be checked, so nothing is sent"
             ) from exc.__cause__
@@ -308,7 +307,7 @@ class RedisBudget:
 
         try:
             await link.call("budget", blpop)
-        except _Unavailable as exc:
+        except Unavailable as exc:
             raise LimitsBackendError(
                 f"{exc}; the spending cap cannot be checked, so nothing is sent"
             ) from exc.__cause__
@@ -345,7 +344,7 @@ class RedisBudget:
         async def run() -> None:
             try:
                 await link.call("budget", unblock)
-            except (_Unavailable, LimitsBackendError) as exc:
+            except (Unavailable, LimitsBackendError) as exc:
                 logger.warning("probe %s still holds back creates (%s)", reservation.id, exc)
 
         self._backend._spawn(run())
@@ -362,7 +361,7 @@ class RedisBudget:
 
         try:
             self._state = tuple(await link.call("budget", settle))
-        except (_Unavailable, LimitsBackendError) as exc:
+        except (Unavailable, LimitsBackendError) as exc:
             logger.warning(
                 "spend of hold %s not recorded in Redis (%s): its reservation expires by "
                 "its TTL and the shared spend misses this task",
@@ -393,7 +392,7 @@ class RedisBudget:
 
             try:
                 lost = int(await link.call("budget renewal", renew))
-            except (_Unavailable, LimitsBackendError) as exc:
+            except (Unavailable, LimitsBackendError) as exc:
                 logger.warning("could not renew %d budget hold(s): %s", len(holds), exc)
                 continue
             if lost:
@@ -421,11 +420,8 @@ class RedisBudget:
         )
 
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await stop_task(self._renewer)
+        self._renewer = None
         pending = [t for t in self._backend._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)
@@ -434,7 +430,7 @@ class RedisBudget:
         return f"<RedisBudget {self._keys.spend} cap={self.cap}>"
 
 
-async def reset_spending(limits: RedisLimits) -> None:
+async def reset_spending(limits: RedisShared) -> None:
     """Forget the spend recorded for ``limits.key`` (start a new ledger; no job may run)."""
     keys = _Keys(limits.keys.base)
 
@@ -443,5 +439,5 @@ async def reset_spending(limits: RedisLimits) -> None:
 
     try:
         await limits._link.call("budget reset", delete)
-    except _Unavailable as exc:
+    except Unavailable as exc:
         raise LimitsBackendError(str(exc)) from exc.__cause__
