@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dreamo_async as d
+import dreamo_async._answers as answers_module
 import dreamo_async.transport as transport_module
 import dreamo_async.wire as wire
 from dreamo_async.ratelimit import LocalSlots
@@ -189,7 +190,7 @@ def test_poll_urls_built_from_parts_match_the_template(
     ],
 )
 def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
-    assert transport_module._json(payload, 200, None) == json.loads(payload)
+    assert answers_module.read_json(payload, 200, None) == json.loads(payload)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +199,7 @@ def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
 )
 def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
     with pytest.raises(d.ResponseFormatError):
-        transport_module._json(payload, 200, None)
+        answers_module.read_json(payload, 200, None)
 
 
 @given(
