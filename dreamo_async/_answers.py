@@ -22,6 +22,7 @@ from .errors import (
     RateLimitError,
     ResponseFormatError,
 )
+from .lifecycle import JobLifecycle
 from .models import Task
 from .retry import parse_retry_after
 from .wire import error_class_for_status, parse_error_body, parse_task
@@ -29,10 +30,12 @@ from .wire import error_class_for_status, parse_error_body, parse_task
 __all__ = [
     "check_key",
     "closed_error",
+    "create_answer",
     "created_task",
     "documented_refusal",
     "error_from_response",
     "identity",
+    "poll_answer",
     "polled_task",
     "read_capped",
     "read_json",
@@ -189,6 +192,39 @@ def polled_task(payload: bytes, status: int) -> Task:
         raise ResponseFormatError(
             f"the poll answer could not be read ({type(exc).__name__}: {exc})", status=status
         ) from exc
+
+
+def create_answer(
+    redact: Callable[[str], str],
+    response: aiohttp.ClientResponse,
+    payload: bytes,
+    request_id: str | None,
+    job: JobLifecycle | None,
+) -> Task | APIError:
+    """A create's answer: the task (the job is marked created at once), or its error."""
+    assert request_id is not None
+    assert job is not None
+    status = response.status
+    if 200 <= status < 300:
+        outcome = created_task(payload, status, request_id)
+        if isinstance(outcome, Task):
+            job.created(outcome.id)
+        return outcome
+    return error_from_response(status, payload, response, request_id, redact, name_url=True)
+
+
+def poll_answer(
+    redact: Callable[[str], str],
+    response: aiohttp.ClientResponse,
+    payload: bytes,
+    request_id: str | None,
+    job: JobLifecycle | None,
+) -> Task | APIError:
+    """A poll's answer: the task, or its error."""
+    status = response.status
+    if status == 200:
+        return polled_task(payload, status)
+    return error_from_response(status, payload, response, None, redact, name_url=True)
 
 
 #: The decoder ``json.loads`` uses, called directly (see read_json).

@@ -28,45 +28,38 @@ import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
-from urllib.parse import quote
 
 import aiohttp
-import attrs
 from yarl import URL
 
 from . import __about__
 from ._answers import (
     check_key,
     closed_error,
-    created_task,
-    documented_refusal,
+    create_answer,
     error_from_response,
     identity,
-    polled_task,
+    poll_answer,
     read_capped,
     stream_capped,
 )
 from ._body import BodyParts
+from ._endpoints import DEFAULT_BASE_URL, Endpoints, task_url_maker
 from ._netguard import (
-    BlockedAddressError,
     check_url,
     display_url,
     guarded_socket_factory,
     secret_header,
 )
 from ._pacing import NO_SILENT_RESEND, PACING, PacedConnector
+from ._retry_rules import create_retry, hint, hint_ok, idempotent_retry
 from .errors import (
-    APIConnectionError,
     APIError,
     ClientClosedError,
     ConfigurationError,
-    CreateOutcomeUnknownError,
     DownloadError,
     DreamOError,
-    InvalidRequestError,
     RateLimitError,
-    ResponseFormatError,
-    ServerError,
     TaskTimeoutError,
 )
 from .lifecycle import JobLifecycle
@@ -84,15 +77,6 @@ logger = logging.getLogger("dreamo_async")
 _request_log = logging.getLogger("dreamo_async.transport")
 _DEBUG: Final = logging.DEBUG
 
-#: The provider's base URL (API.md).
-DEFAULT_BASE_URL: Final = "https://cloud.vtrix.ai"
-
-#: Network failures after which a create request surely never reached the service.
-_NOT_SENT_ERRORS: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-#: Everything aiohttp may raise while a request is in flight.
-_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError)
-#: Answers of an idempotent request that are retried (besides 429).
-_RETRIED_API_ERRORS: Final = (ServerError, ResponseFormatError)
 
 #: The timeout of a poll when the user set none: one timer for the whole request. The
 #: session's ``sock_read`` guard re-arms a timer at every read (two per request); a poll
@@ -113,25 +97,6 @@ _CREATE_TIMEOUT: Final = aiohttp.ClientTimeout(total=90.0, connect=60.0, sock_co
 _MIN_LEARNED_START: Final = 5
 #: How long past a job's deadline a retried poll's answer is awaited.
 _DEADLINE_GRACE_S: Final = 0.05
-
-
-@attrs.frozen(kw_only=True)
-class Endpoints:
-    """Where the two calls go. Both paths are configuration (a proxy may move them)."""
-
-    base_url: str = DEFAULT_BASE_URL
-    create_path: str = "/model/v1/generation"
-    task_path: str = "/model/v1/generation/task/{id}"
-
-    def __attrs_post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"base_url must be an http:// or https:// URL; got {self.base_url!r}"
-            )
-
-    @property
-    def create_url(self) -> str:
-        return self.base_url.rstrip("/") + self.create_path
 
 
 class Transport:
@@ -172,7 +137,7 @@ class Transport:
         self.endpoints = endpoints
         #: Endpoints is frozen: the URLs' fixed parts are computed once, not per request.
         self._create_url = URL(endpoints.create_url)
-        self._task_url = _task_url_maker(endpoints)
+        self._task_url = task_url_maker(endpoints)
         self.retry = retry
         self.limiter: RateLimiter = limiter or UnlimitedLimiter()
         #: The unlimited limiter, whose acquire is skipped while it was never paused; None
@@ -300,7 +265,7 @@ class Transport:
         return await self._send(
             "POST",
             self._create_url,
-            _created,
+            create_answer,
             headers=headers,
             body=body,
             timeout=self._create_timeout if type(body) is bytes else self._timeout,
@@ -323,7 +288,7 @@ class Transport:
             return await self._send(
                 "GET",
                 self._task_url(task_id),
-                _polled,
+                poll_answer,
                 headers=self._auth_headers(),
                 timeout=self._poll_timeout,
                 priority=Priority.POLL,
@@ -394,7 +359,7 @@ class Transport:
         method: str,
         url: URL | str,
         read: Callable[
-            [Transport, aiohttp.ClientResponse, bytes, str | None, JobLifecycle | None],
+            [Callable[[str], str], aiohttp.ClientResponse, bytes, str | None, JobLifecycle | None],
             _T | APIError,
         ]
         | None,
@@ -470,7 +435,7 @@ class Transport:
                             payload = await response.read()
                         else:
                             payload = await read_capped(response, cap, request_id)
-                        outcome = read(self, response, payload, request_id, job)
+                        outcome = read(self._redact, response, payload, request_id, job)
                     else:
                         assert stream is not None
                         outcome = await stream(response)
@@ -490,94 +455,16 @@ class Transport:
                 if pacing is not None:
                     PACING.reset(pacing)
             if job is not None:
-                hint = self._create_retry(error, attempt, job, answered)
+                retry_hint = create_retry(
+                    self.retry, error, attempt, job, answered, self._on_rate_limited
+                )
             else:
-                hint = self._idempotent_retry(error, attempt, name, deadline is not None)
-            await self._backoff(attempt, hint, method, name, error, deadline=deadline)
+                retry_hint = idempotent_retry(
+                    self.retry, error, attempt, name, deadline is not None, self._on_rate_limited
+                )
+            await self._backoff(attempt, retry_hint, method, name, error, deadline=deadline)
             if deadline is not None and asyncio.get_running_loop().time() >= deadline:
                 raise TaskTimeoutError(name or "", 0.0)
-
-    def _create_retry(
-        self, error: Exception, attempt: int, job: JobLifecycle, answered: bool
-    ) -> float | None:
-        """After a failed create attempt: move the job's money state, then retry (the delay
-        hint) only while nothing can exist, else raise."""
-        if isinstance(error, _NOT_SENT_ERRORS) or (
-            answered and isinstance(error, APIError) and documented_refusal(error)
-        ):
-            job.refused()  # a connection never made, a 429, a 400-class code, 401, 403
-        elif isinstance(error, CreateOutcomeUnknownError):
-            job.outcome_unknown()
-            raise error
-        else:
-            # A cut answer, a read timeout, a 5xx, 3xx, 404, 413, an answer over the cap...:
-            # the body may have reached the service, so the outcome is unknown.
-            job.outcome_unknown()
-            if isinstance(error, APIError) and answered:
-                message = (
-                    f"the service answered the create request with HTTP {error.status}: "
-                    f"{error.message}"
-                )
-            else:
-                message = (
-                    f"the create request failed after it was sent ({type(error).__name__}: {error})"
-                )
-            raise CreateOutcomeUnknownError(message, request_id=job.request_id) from error
-        # Nothing exists from here on: sending again is safe, if the error allows it.
-        if isinstance(error, RateLimitError):
-            self._on_rate_limited(error)
-            if attempt < self.retry.max_attempts and self._hint_ok(error):
-                return self._hint(error)
-            raise error
-        if isinstance(error, _NOT_SENT_ERRORS):
-            if attempt < self.retry.max_attempts:
-                return None
-            raise APIConnectionError(
-                f"could not connect to {self.endpoints.base_url}: {error} "
-                f"(after {attempt} attempts; no task was created)"
-            ) from error
-        raise error  # a documented refusal: nothing was made, and it would be refused again
-
-    def _idempotent_retry(
-        self, error: Exception, attempt: int, name: str | None, task_exists: bool
-    ) -> float | None:
-        """After a failed poll or download: the delay hint to retry with, or raise.
-
-        429 (the cool-down is set), 5xx, unreadable answers and network errors are
-        retried until ``max_attempts``; anything else is raised as it is. For the poll
-        of a task that exists (``task_exists``), 429, 5xx and network errors are
-        transient whatever their number: the caller's deadline bounds them.
-        """
-        if isinstance(error, RateLimitError):
-            self._on_rate_limited(error)
-            if task_exists:
-                return min(self._hint(error), self.retry.max_retry_after)
-            if attempt >= self.retry.max_attempts or not self._hint_ok(error):
-                raise error
-            return self._hint(error)
-        if isinstance(error, ServerError) and task_exists:
-            return None
-        if isinstance(error, _RETRIED_API_ERRORS):
-            if attempt >= self.retry.max_attempts:
-                raise error
-            return None
-        if isinstance(error, aiohttp.ClientConnectorError) and isinstance(
-            error.os_error, BlockedAddressError
-        ):
-            raise InvalidRequestError(
-                f"refusing to download {name}: {error.os_error.reason}; "
-                "pass DreamOClient(allow_private_urls=True) to allow it",
-                parameter="url",
-            ) from None
-        if isinstance(error, _TRANSPORT_ERRORS):
-            if task_exists:
-                return None
-            if attempt >= self.retry.max_attempts:
-                raise APIConnectionError(
-                    f"{name}: {type(error).__name__}: {error} (after {attempt} attempts)"
-                ) from error
-            return None
-        raise error
 
     def _accepted_rate(self) -> float:
         """Answers other than 429 per second so far: the count itself within the first
@@ -585,13 +472,6 @@ class Transport:
         since = self._answers_since
         elapsed = 0.0 if since is None else asyncio.get_running_loop().time() - since
         return self._answers / elapsed if elapsed > 1.0 else float(self._answers)
-
-    def _hint_ok(self, error: RateLimitError) -> bool:
-        return error.retry_after is None or error.retry_after <= self.retry.max_retry_after
-
-    def _hint(self, error: RateLimitError) -> float:
-        """How long to hold requests after this 429: its hint, else the default pause."""
-        return error.retry_after if error.retry_after is not None else self.retry.rate_limit_pause
 
     def _on_rate_limited(self, error: RateLimitError) -> None:
         """A 429: every request of the client waits (the hint, or the default pause),
@@ -607,8 +487,8 @@ class Transport:
                 "HTTP 429 without a configured rate: learning the service's rate from %.1f/s",
                 seen,
             )
-        if self._hint_ok(error):
-            self.limiter.pause(self._hint(error))
+        if hint_ok(self.retry, error):
+            self.limiter.pause(hint(self.retry, error))
 
     async def _backoff(
         self,
@@ -678,62 +558,6 @@ class Transport:
     def __repr__(self) -> str:
         key = "set" if self._api_key else "missing"
         return f"<Transport {self.endpoints.base_url} key={key}>"
-
-
-def _created(
-    transport: Transport,
-    response: aiohttp.ClientResponse,
-    payload: bytes,
-    request_id: str | None,
-    job: JobLifecycle | None,
-) -> Task | APIError:
-    """A create's answer: the task (the job is marked created at once), or its error."""
-    assert request_id is not None
-    assert job is not None
-    status = response.status
-    if 200 <= status < 300:
-        outcome = created_task(payload, status, request_id)
-        if isinstance(outcome, Task):
-            job.created(outcome.id)
-        return outcome
-    return transport._error(status, payload, response, request_id, api=True)
-
-
-def _polled(
-    transport: Transport,
-    response: aiohttp.ClientResponse,
-    payload: bytes,
-    request_id: str | None,
-    job: JobLifecycle | None,
-) -> Task | APIError:
-    """A poll's answer: the task, or its error."""
-    status = response.status
-    if status == 200:
-        return polled_task(payload, status)
-    return transport._error(status, payload, response, None, api=True)
-
-
-#: Characters left as they are in a URL path (RFC 3986 pchar, plus "/" and "%").
-_PATH_SAFE: Final = "/%:@!$&'()*+,;=-._~"
-
-
-def _task_url_maker(endpoints: Endpoints) -> Callable[[str], URL | str]:
-    """``task_id -> URL`` of its poll. Parsing a URL string costs ~3.6 µs, and every
-    poll URL is new; with a ``{id}`` template the URL is built from parts already
-    parsed (~1 µs), the id percent-encoded. Other templates are formatted as text."""
-    base = endpoints.base_url.rstrip("/")
-    head, sep, tail = endpoints.task_path.partition("{id}")
-    if not sep or any(c in head + tail for c in "{}?#"):  # a format spec, a query...
-        return lambda task_id: base + endpoints.task_path.format(id=quote(task_id, safe=""))
-    origin = URL(base)
-    prefix = origin.raw_path.rstrip("/") + quote(head, safe=_PATH_SAFE)
-    suffix = quote(tail, safe=_PATH_SAFE)
-
-    def task_url(task_id: str) -> URL:
-        quoted = task_id if task_id.isalnum() and task_id.isascii() else quote(task_id, safe="")
-        return origin.with_path(prefix + quoted + suffix, encoded=True)
-
-    return task_url
 
 
 def _plain_within(response: aiohttp.ClientResponse, cap: int) -> bool:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import dreamo_async as d
 import dreamo_async._answers as answers_module
+import dreamo_async._endpoints as endpoints_module
 import dreamo_async.transport as transport_module
 import dreamo_async.wire as wire
 from dreamo_async.ratelimit import LocalSlots
@@ -175,7 +176,7 @@ def test_poll_urls_built_from_parts_match_the_template(
     base_url: str, task_path: str, task_id: str, expected: str
 ) -> None:
     endpoints = transport_module.Endpoints(base_url=base_url, task_path=task_path)
-    assert str(transport_module._task_url_maker(endpoints)(task_id)) == expected
+    assert str(endpoints_module.task_url_maker(endpoints)(task_id)) == expected
 
 
 @pytest.mark.parametrize(
