@@ -45,6 +45,7 @@ from ._answers import (
 )
 from ._body import BodyParts
 from ._endpoints import DEFAULT_BASE_URL, Endpoints, task_url_maker
+from ._logging import LOGGER_NAME, TRANSPORT_LOGGER_NAME
 from ._netguard import (
     check_url,
     display_url,
@@ -64,7 +65,7 @@ from .errors import (
 )
 from .lifecycle import JobLifecycle
 from .limits import DEFAULT_LIMITS, Limits
-from .models import Task
+from .models import Task, TaskStatus
 from .ratelimit import Priority, RateLimiter, UnlimitedLimiter
 from .retry import RetryPolicy
 
@@ -72,9 +73,9 @@ __all__ = ["DEFAULT_BASE_URL", "Endpoints", "Transport"]
 
 _T = TypeVar("_T")
 
-logger = logging.getLogger("dreamo_async")
+logger = logging.getLogger(LOGGER_NAME)
 #: One DEBUG line per request and per retry.
-_request_log = logging.getLogger("dreamo_async.transport")
+_request_log = logging.getLogger(TRANSPORT_LOGGER_NAME)
 _DEBUG: Final = logging.DEBUG
 
 
@@ -285,7 +286,7 @@ class Transport:
         retried up to ``max_attempts`` either way, then raise ResponseFormatError.
         """
         try:
-            return await self._send(
+            task: Task = await self._send(
                 "GET",
                 self._task_url(task_id),
                 poll_answer,
@@ -299,6 +300,9 @@ class Transport:
             if exc.task_id is None:  # the caller can resume or report it
                 exc.task_id = task_id
             raise
+        if task.status is TaskStatus.COMPLETED or task.status is TaskStatus.FAILED:
+            logger.info("task %s ended: %s", task.id, task.raw_status or task.status.value)
+        return task
 
     async def download(self, url: str, max_bytes: int, *, untrusted: bool = False) -> bytes:
         """GET ``url`` into memory, streamed and capped at ``max_bytes``; retried.
