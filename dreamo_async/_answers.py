@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from ._fastpath import plain_within
 from .errors import (
     PROVIDER_ERROR_CODES,
     APIError,
@@ -83,12 +84,7 @@ async def read_capped(
     An uncompressed answer whose ``Content-Length`` is within the cap is read in one
     call (every poll); any other goes through :func:`stream_capped`.
     """
-    declared = response.content_length
-    if (
-        declared is not None
-        and declared <= cap
-        and ("Content-Encoding" not in response.headers or identity(response))
-    ):
+    if plain_within(response, cap):
         return await response.read()
 
     def over_cap(size: int | None) -> ResponseFormatError:

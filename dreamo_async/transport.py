@@ -38,13 +38,13 @@ from ._answers import (
     closed_error,
     create_answer,
     error_from_response,
-    identity,
     poll_answer,
     read_capped,
     stream_capped,
 )
 from ._body import BodyParts
 from ._endpoints import DEFAULT_BASE_URL, Endpoints, task_url_maker
+from ._fastpath import plain_within
 from ._logging import LOGGER_NAME, TRANSPORT_LOGGER_NAME
 from ._netguard import (
     check_url,
@@ -435,7 +435,7 @@ class Transport:
                             self._answers += 1
                     if read is not None:
                         cap = self.limits.max_response_bytes
-                        if _plain_within(response, cap):  # every poll: no coroutine
+                        if plain_within(response, cap):  # every poll: no coroutine
                             payload = await response.read()
                         else:
                             payload = await read_capped(response, cap, request_id)
@@ -562,14 +562,3 @@ class Transport:
     def __repr__(self) -> str:
         key = "set" if self._api_key else "missing"
         return f"<Transport {self.endpoints.base_url} key={key}>"
-
-
-def _plain_within(response: aiohttp.ClientResponse, cap: int) -> bool:
-    """An uncompressed answer whose ``Content-Length`` is within ``cap``: read in one call,
-    without :func:`read_capped`'s coroutine (every poll runs this)."""
-    declared = response.content_length
-    return (
-        declared is not None
-        and declared <= cap
-        and ("Content-Encoding" not in response.headers or identity(response))
-    )

@@ -23,6 +23,7 @@ from typing import Any, Final, TypeGuard
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from ._fastpath import encode_head
 from .errors import (
     APIError,
     AuthenticationError,
@@ -74,10 +75,6 @@ def request_params(request: GenerationRequest) -> dict[str, Any]:
     return params
 
 
-#: ``json.dumps`` with options builds an encoder per call; this one is built once.
-_HEAD_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
 def create_body_parts(
     model: str,
     params: Mapping[str, Any],
@@ -95,7 +92,7 @@ def create_body_parts(
     into a body buffer.
     """
     body_params = {**params, "image_urls": list(image_urls)} if image_urls else params
-    head = _HEAD_ENCODER.encode({"model": model, "input": [{"params": body_params}]}).encode()
+    head = encode_head(model, body_params).encode()
     if not images_base64:
         return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body

@@ -226,3 +226,23 @@ def test_the_create_head_refuses_what_json_cannot_carry() -> None:
     for bad in ({"x": float("nan")}, {"x": object()}):
         with pytest.raises((ValueError, TypeError)):
             wire.create_body_parts("m", bad)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=12),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text()
+        | st.lists(st.text(max_size=4) | st.integers(), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        max_size=6,
+    )
+)
+def test_the_hand_written_head_is_the_json_encoders_text(params: dict[str, object]) -> None:
+    from dreamo_async._fastpath import HEAD_ENCODER, encode_head
+
+    expected = HEAD_ENCODER.encode({"model": "spark_multi_dreamo", "input": [{"params": params}]})
+    assert encode_head("spark_multi_dreamo", params) == expected
