@@ -29,14 +29,13 @@ from .retry import parse_retry_after
 from .wire import error_class_for_status, parse_error_body, parse_task
 
 __all__ = [
+    "api_answer",
     "check_key",
     "closed_error",
-    "create_answer",
     "created_task",
     "documented_refusal",
     "error_from_response",
     "identity",
-    "poll_answer",
     "polled_task",
     "read_capped",
     "read_json",
@@ -190,37 +189,25 @@ def polled_task(payload: bytes, status: int) -> Task:
         ) from exc
 
 
-def create_answer(
+def api_answer(
     redact: Callable[[str], str],
     response: aiohttp.ClientResponse,
     payload: bytes,
     request_id: str | None,
     job: JobLifecycle | None,
 ) -> Task | APIError:
-    """A create's answer: the task (the job is marked created at once), or its error."""
-    assert request_id is not None
-    assert job is not None
+    """A create's answer (``job`` given: it is marked created at once) or a poll's: the
+    task, or the error the answer means."""
     status = response.status
-    if 200 <= status < 300:
-        outcome = created_task(payload, status, request_id)
-        if isinstance(outcome, Task):
-            job.created(outcome.id)
-        return outcome
-    return error_from_response(status, payload, response, request_id, redact, name_url=True)
-
-
-def poll_answer(
-    redact: Callable[[str], str],
-    response: aiohttp.ClientResponse,
-    payload: bytes,
-    request_id: str | None,
-    job: JobLifecycle | None,
-) -> Task | APIError:
-    """A poll's answer: the task, or its error."""
-    status = response.status
-    if status == 200:
+    if job is not None:
+        if 200 <= status < 300:
+            outcome = created_task(payload, status, request_id or "")
+            if isinstance(outcome, Task):
+                job.created(outcome.id)
+            return outcome
+    elif status == 200:
         return polled_task(payload, status)
-    return error_from_response(status, payload, response, None, redact, name_url=True)
+    return error_from_response(status, payload, response, request_id, redact, name_url=True)
 
 
 #: The decoder ``json.loads`` uses, called directly (see read_json).

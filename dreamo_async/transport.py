@@ -34,11 +34,10 @@ from yarl import URL
 
 from . import __about__
 from ._answers import (
+    api_answer,
     check_key,
     closed_error,
-    create_answer,
     error_from_response,
-    poll_answer,
     read_capped,
     stream_capped,
 )
@@ -266,7 +265,7 @@ class Transport:
         return await self._send(
             "POST",
             self._create_url,
-            create_answer,
+            api_answer,
             headers=headers,
             body=body,
             timeout=self._create_timeout if type(body) is bytes else self._timeout,
@@ -289,7 +288,7 @@ class Transport:
             task: Task = await self._send(
                 "GET",
                 self._task_url(task_id),
-                poll_answer,
+                api_answer,
                 headers=self._auth_headers(),
                 timeout=self._poll_timeout,
                 priority=Priority.POLL,
