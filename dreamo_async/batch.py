@@ -1016,7 +1016,9 @@ class _Engine:
         self.downloads.add(download)
         download.add_done_callback(self.downloads.discard)
 
-    async def _download(self, index: int, result: GenerationResult, life: JobLifecycle) -> None:
+    async def _download(
+        self, index: int, result: GenerationResult, life: JobLifecycle
+    ) -> None:
         try:
             try:
                 saved = await download_result(self.client, result, self.out, index)

@@ -587,7 +587,9 @@ class DreamOClient:
         else:
             first = await self._transport.get_task(task_id)
         remaining = None if deadline_s is None else deadline_s - (loop.time() - started)
-        result = await self._poll(first, started=loop.time(), timeout=remaining, on_poll=on_poll)
+        result = await self._poll(
+            first, started=loop.time(), timeout=remaining, on_poll=on_poll
+        )
         job.lifecycle.ended(failed=False)
         return result
 
