@@ -29,7 +29,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO, Final
+from typing import IO, TYPE_CHECKING, BinaryIO, Final, Protocol
 
 import anyio
 
@@ -37,12 +37,12 @@ from .errors import DownloadError
 from .images.headers import sniff_format
 
 if TYPE_CHECKING:
-    from .client import DreamOClient
     from .models import GenerationResult
     from .transport import Transport
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "Downloader",
     "download_result",
     "download_to",
     "fsync_directory",
@@ -94,8 +94,14 @@ _RESULT_STEM_GLOB: Final = "[0-9][0-9][0-9][0-9][0-9]*-*-*"
 _PART_NAME: Final = ".{stem}.{pid}-{serial}.part"
 
 
+class Downloader(Protocol):
+    """What saves one image: ``DreamOClient.download`` (this module never imports the client)."""
+
+    async def download(self, url: str, directory: str | os.PathLike[str], stem: str) -> Path: ...
+
+
 async def download_result(
-    client: DreamOClient, result: GenerationResult, directory: Path, index: int = 0
+    client: Downloader, result: GenerationResult, directory: Path, index: int = 0
 ) -> list[Path]:
     """Save every image of ``result``, in order, as ``directory/{result_stem}.<ext>``.
 

@@ -13,6 +13,8 @@ from typing import Final
 
 import attrs
 
+from .retry import exponential_delay
+
 __all__ = ["PollPolicy", "PollSchedule"]
 
 #: Shortest delay between two polls, whatever the estimate says.
@@ -60,7 +62,7 @@ class PollPolicy:
 
     def backoff_delay(self, attempt: int) -> float:
         """The un-jittered delay before poll number ``attempt`` (0-based)."""
-        return min(self.max_delay, self.initial_delay * self.multiplier ** min(attempt, 64))
+        return exponential_delay(self.initial_delay, self.multiplier, self.max_delay, attempt)
 
 
 @attrs.define

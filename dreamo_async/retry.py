@@ -16,7 +16,7 @@ import random
 
 import attrs
 
-__all__ = ["RetryPolicy", "is_testing", "parse_retry_after", "set_testing"]
+__all__ = ["RetryPolicy", "exponential_delay", "is_testing", "parse_retry_after", "set_testing"]
 
 _testing = False
 
@@ -30,6 +30,12 @@ def set_testing(enabled: bool = True) -> None:
 def is_testing() -> bool:
     """Whether :func:`set_testing` is on."""
     return _testing
+
+
+def exponential_delay(initial: float, multiplier: float, cap: float, step: int) -> float:
+    """The library's one backoff formula: ``initial * multiplier**step``, at most ``cap``
+    (retries and polls both grow by it; ``step`` is 0 for the first delay)."""
+    return min(cap, initial * multiplier ** min(step, 64))
 
 
 @attrs.frozen(kw_only=True)
@@ -52,7 +58,7 @@ class RetryPolicy:
         """Delay before retry number ``retry`` (1-based): uniform in [0, cap]."""
         if _testing:
             return 0.0
-        cap = min(self.max_delay, self.initial_delay * self.multiplier ** min(retry - 1, 64))
+        cap = exponential_delay(self.initial_delay, self.multiplier, self.max_delay, retry - 1)
         return (rng or random).uniform(0.0, cap)
 
     def delay(self, retry: int, hint: float | None, rng: random.Random | None = None) -> float:

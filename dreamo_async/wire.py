@@ -16,14 +16,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import json.encoder
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, TypeGuard
 
 import cattrs
 from cattrs.gen import make_dict_unstructure_fn, override
 
+from ._fastpath import encode_head
 from .errors import (
     APIError,
     AuthenticationError,
@@ -39,7 +39,6 @@ from .request import GenerationRequest
 __all__ = [
     "converter",
     "create_body_parts",
-    "encode_create_body",
     "error_class_for_status",
     "parse_error_body",
     "parse_task",
@@ -76,52 +75,6 @@ def request_params(request: GenerationRequest) -> dict[str, Any]:
     return params
 
 
-def encode_create_body(
-    model: str,
-    params: Mapping[str, Any],
-    images_base64: Sequence[bytes] = (),
-    image_urls: Sequence[str] = (),
-) -> bytes:
-    """Serialise a create request to one JSON byte string: :func:`create_body_parts`, joined.
-
-    The client does not call this: it joins the parts itself when the body is small
-    and sends a large one as its parts (see :func:`create_body_parts`).
-    """
-    return b"".join(create_body_parts(model, params, images_base64, image_urls))
-
-
-#: ``json.dumps`` with options builds an encoder per call; this one is built once.
-_HEAD_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-#: The C encoder that ``JSONEncoder.encode`` makes anew at every call (half its cost for
-#: a small body), made once with the same options. No circular-reference markers: the
-#: head is a dict the library builds. ``None`` where the C accelerator is missing.
-_MAKE_C_ENCODER: Final[Callable[..., Callable[[object, int], Sequence[str]]] | None] = getattr(
-    json.encoder, "c_make_encoder", None
-)
-_C_HEAD_ENCODER: Final = (
-    None
-    if _MAKE_C_ENCODER is None
-    else _MAKE_C_ENCODER(
-        None,  # markers
-        _HEAD_ENCODER.default,
-        json.encoder.encode_basestring,  # ensure_ascii=False: text kept as UTF-8
-        None,  # indent
-        ":",
-        ",",
-        False,  # sort_keys
-        False,  # skipkeys
-        False,  # allow_nan
-    )
-)
-
-
-def _encode_head(head: Mapping[str, Any]) -> str:
-    """``_HEAD_ENCODER.encode(head)``, through the encoder made once when there is one."""
-    if _C_HEAD_ENCODER is None:
-        return _HEAD_ENCODER.encode(head)
-    return "".join(_C_HEAD_ENCODER(head, 0))
-
-
 def create_body_parts(
     model: str,
     params: Mapping[str, Any],
@@ -139,7 +92,7 @@ def create_body_parts(
     into a body buffer.
     """
     body_params = {**params, "image_urls": list(image_urls)} if image_urls else params
-    head = _encode_head({"model": model, "input": [{"params": body_params}]}).encode()
+    head = encode_head(model, body_params).encode()
     if not images_base64:
         return (head,)
     tail = b"}}]}"  # closes params, the input item, the input list, the body

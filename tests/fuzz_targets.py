@@ -13,11 +13,11 @@ import struct
 import zlib
 
 from dreamo_async import APIError, ImageError
+from dreamo_async._answers import read_json as _json
 from dreamo_async.images import inspect_image
 from dreamo_async.images.headers import HeaderError, read_header, sniff_format
 from dreamo_async.models import Task
 from dreamo_async.retry import parse_retry_after
-from dreamo_async.transport import _json
 from dreamo_async.wire import parse_error_body, parse_task
 
 __all__ = [

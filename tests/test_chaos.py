@@ -16,7 +16,7 @@ import pytest
 
 import dreamo_async as d
 from dreamo_async.testing import ChaosConfig, FakeDreamOServer, Fault, make_png, run_chaos
-from dreamo_async.testing._chaos import ChaosReport
+from dreamo_async.testing.harness import ChaosReport
 
 from .conftest import eventually
 

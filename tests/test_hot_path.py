@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dreamo_async as d
+import dreamo_async._answers as answers_module
+import dreamo_async._endpoints as endpoints_module
 import dreamo_async.transport as transport_module
 import dreamo_async.wire as wire
 from dreamo_async.coordination import LocalSlots
@@ -107,14 +109,14 @@ async def test_the_free_slot_shortcut_never_jumps_the_queue() -> None:
 
 
 async def test_generate_after_a_429_waits_for_the_cool_down(server: FakeDreamOServer) -> None:
-    # The unlimited limiter is skipped only until its first pause.
+    # Before any 429 the unlimited limiter is skipped; its first 429 pauses every request.
     server.inject("create", Fault.status(429, retry_after="0.3"))
+    loop = asyncio.get_running_loop()
     async with d.DreamOClient(api_key=KEY, base_url=server.url, retry=NO_WAIT) as client:
-        assert client._transport._unlimited is not None
-        assert client._transport._unlimited.never_paused
+        started = loop.time()
         result = await client.generate(prompt="p", images=[PNG])
+        assert loop.time() - started >= 0.29  # the retry waited out the hint
         # The 429 also ended the unlimited fast path: the client now learns its rate.
-        assert client._transport._unlimited is None
         assert isinstance(client._transport.limiter, d.AdaptiveLimiter)
     assert result.image_urls
     assert server.stats.creates == 1  # the 429 made no task; the retry made one
@@ -174,7 +176,7 @@ def test_poll_urls_built_from_parts_match_the_template(
     base_url: str, task_path: str, task_id: str, expected: str
 ) -> None:
     endpoints = transport_module.Endpoints(base_url=base_url, task_path=task_path)
-    assert str(transport_module._task_url_maker(endpoints)(task_id)) == expected
+    assert str(endpoints_module.task_url_maker(endpoints)(task_id)) == expected
 
 
 @pytest.mark.parametrize(
@@ -189,7 +191,7 @@ def test_poll_urls_built_from_parts_match_the_template(
     ],
 )
 def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
-    assert transport_module._json(payload, 200, None) == json.loads(payload)
+    assert answers_module.read_json(payload, 200, None) == json.loads(payload)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +200,7 @@ def test_the_json_fast_path_reads_what_json_loads_reads(payload: bytes) -> None:
 )
 def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
     with pytest.raises(d.ResponseFormatError):
-        transport_module._json(payload, 200, None)
+        answers_module.read_json(payload, 200, None)
 
 
 @given(
@@ -213,14 +215,34 @@ def test_the_json_fast_path_refuses_what_it_must(payload: bytes) -> None:
         max_size=6,
     )
 )
-def test_the_cached_c_encoder_writes_what_the_json_encoder_writes(
+def test_the_create_head_reads_back_as_the_params_given(
     params: dict[str, object],
 ) -> None:
-    head = {"model": "spark_multi_dreamo", "input": [{"params": params}]}
-    assert wire._encode_head(head) == wire._HEAD_ENCODER.encode(head)
+    body = b"".join(wire.create_body_parts("spark_multi_dreamo", params))
+    assert json.loads(body) == {"model": "spark_multi_dreamo", "input": [{"params": params}]}
 
 
-def test_the_cached_c_encoder_refuses_what_the_json_encoder_refuses() -> None:
+def test_the_create_head_refuses_what_json_cannot_carry() -> None:
     for bad in ({"x": float("nan")}, {"x": object()}):
         with pytest.raises((ValueError, TypeError)):
-            wire._encode_head(bad)
+            wire.create_body_parts("m", bad)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=12),
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text()
+        | st.lists(st.text(max_size=4) | st.integers(), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+        max_size=6,
+    )
+)
+def test_the_hand_written_head_is_the_json_encoders_text(params: dict[str, object]) -> None:
+    from dreamo_async._fastpath import HEAD_ENCODER, encode_head
+
+    expected = HEAD_ENCODER.encode({"model": "spark_multi_dreamo", "input": [{"params": params}]})
+    assert encode_head("spark_multi_dreamo", params) == expected

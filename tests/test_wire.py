@@ -13,7 +13,6 @@ import dreamo_async as d
 from dreamo_async._body import BodyParts
 from dreamo_async.wire import (
     create_body_parts,
-    encode_create_body,
     parse_error_body,
     parse_task,
     request_params,
@@ -35,18 +34,22 @@ def test_request_params_omit_unset_and_rename_ref_types() -> None:
 
 
 def test_create_body_is_the_wrapped_form_with_spliced_base64() -> None:
-    body = encode_create_body("spark_multi_dreamo", {"prompt": "猫", "seed": 1}, [b"QUJD", b"REVG"])
+    body = b"".join(
+        create_body_parts("spark_multi_dreamo", {"prompt": "猫", "seed": 1}, [b"QUJD", b"REVG"])
+    )
     assert json.loads(body) == {
         "model": "spark_multi_dreamo",
         "input": [{"params": {"prompt": "猫", "seed": 1, "binary_data_base64": ["QUJD", "REVG"]}}],
     }
-    assert json.loads(encode_create_body("m", {}, [b"QQ=="]))["input"][0]["params"] == {
+    assert json.loads(b"".join(create_body_parts("m", {}, [b"QQ=="])))["input"][0]["params"] == {
         "binary_data_base64": ["QQ=="]
     }
 
 
 def test_create_body_with_urls() -> None:
-    body = json.loads(encode_create_body("spark_dreamo", {"prompt": "p"}, image_urls=[URL]))
+    body = json.loads(
+        b"".join(create_body_parts("spark_dreamo", {"prompt": "p"}, image_urls=[URL]))
+    )
     assert body["input"][0]["params"]["image_urls"] == [URL]
     assert "binary_data_base64" not in body["input"][0]["params"]
 
@@ -194,7 +197,7 @@ async def test_body_parts_payload_is_the_json_body(count: int) -> None:
     images = [bytes([65 + i]) * (10 + i) for i in range(count)]
     parts = create_body_parts("spark_multi_dreamo", {"prompt": "p", "seed": 1}, images)
     payload = BodyParts(parts)
-    expected = encode_create_body("spark_multi_dreamo", {"prompt": "p", "seed": 1}, images)
+    expected = b"".join(parts)
     assert json.loads(expected)["input"][0]["params"].get("binary_data_base64", []) == [
         image.decode() for image in images
     ]

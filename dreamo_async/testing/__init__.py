@@ -29,11 +29,12 @@ Standalone, in another process: ``python -m dreamo_async.testing --port 0``.
 """
 
 from ..retry import set_testing
-from ._chaos import ChaosConfig, ChaosReport, run_chaos
 from ._faults import CHAOS_FAULTS, Endpoint, Fault
 from ._images import image_info, make_jpeg, make_png, sample_images
 from ._stats import RecordedRequest, RefusalRecord, ServerStats, max_in_window
 from ._tasks import FakeTask
+from .chaos import ChaosConfig
+from .harness import ChaosReport, run_chaos
 from .server import CREATE_PATH, TASK_PATH, FakeDreamOServer
 
 __all__ = [

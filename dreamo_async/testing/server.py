@@ -45,7 +45,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..limits import DEFAULT_LIMITS, Limits
-from ._chaos import ChaosConfig, ChaosState
 from ._faults import CHAOS_FAULTS, ENDPOINTS, Endpoint, Fault
 from ._http import (
     Answer,
@@ -72,6 +71,7 @@ from ._tasks import (
     Presentation,
 )
 from ._validate import CreateRequest, Refusal, parse_create_body
+from .chaos import ChaosConfig, ChaosState
 
 __all__ = ["CREATE_PATH", "TASK_PATH", "FakeDreamOServer"]
 
