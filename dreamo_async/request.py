@@ -172,32 +172,15 @@ class GenerationRequest:
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)
         # Each optional parameter is checked only when given (None: the service's default).
-        if self.guidance_scale1 is not None:
-            _check_number(
-                "guidance_scale1",
-                self.guidance_scale1,
-                limits.min_guidance_scale,
-                limits.max_guidance_scale,
-                integer=False,
-            )
-        if self.guidance_scale2 is not None:
-            _check_number(
-                "guidance_scale2",
-                self.guidance_scale2,
-                limits.min_guidance_scale,
-                limits.max_guidance_scale,
-                integer=False,
-            )
-        if self.ddim_steps is not None:
-            _check_number(
-                "ddim_steps",
-                self.ddim_steps,
-                limits.min_ddim_steps,
-                limits.max_ddim_steps,
-                integer=True,
-            )
-        if self.seed is not None:
-            _check_number("seed", self.seed, -1, limits.max_seed, integer=True)
+        for name, low, high, integer in (
+            ("guidance_scale1", limits.min_guidance_scale, limits.max_guidance_scale, False),
+            ("guidance_scale2", limits.min_guidance_scale, limits.max_guidance_scale, False),
+            ("ddim_steps", limits.min_ddim_steps, limits.max_ddim_steps, True),
+            ("seed", -1, limits.max_seed, True),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, low, high, integer=integer)
         width, height = self.width, self.height
         if width is not None:
             _check_number(
@@ -266,11 +249,9 @@ def _check_sendable(name: str, text: str) -> None:
         try:
             text.encode()
         except UnicodeEncodeError as exc:
-            raise InvalidRequestError(
-                f"{name} holds a character that cannot be sent "
-                f"({text[exc.start]!r} at position {exc.start}: {exc.reason})",
-                parameter=name,
-            ) from None
+            where = f"{text[exc.start]!r} at position {exc.start}: {exc.reason}"
+            message = f"{name} holds a character that cannot be sent ({where})"
+            raise InvalidRequestError(message, parameter=name) from None
 
 
 def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
