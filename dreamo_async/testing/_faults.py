@@ -54,11 +54,8 @@ __all__ = ["CHAOS_FAULTS", "ENDPOINTS", "Endpoint", "Fault", "FaultKind"]
 Endpoint = Literal["create", "poll", "download"]
 ENDPOINTS: Final[tuple[Endpoint, ...]] = ("create", "poll", "download")
 
-FaultKind = Literal[
-    "status",
-    "envelope_error",
-    "drop_before",
-    "slow",
+#: Kinds that replace the answer after the service did the work (a create made a task).
+AfterKind = Literal[
     "slow_answer",
     "drop_after",
     "create_then_500",
@@ -67,18 +64,8 @@ FaultKind = Literal[
     "huge",
     "reset_mid",
 ]
-#: Kinds that replace the answer after the service did the work (a create made a task).
-AFTER_KINDS: Final[frozenset[str]] = frozenset(
-    {
-        "slow_answer",
-        "drop_after",
-        "create_then_500",
-        "invalid_json",
-        "wrong_shape",
-        "huge",
-        "reset_mid",
-    }
-)
+FaultKind = Literal["status", "envelope_error", "drop_before", "slow", AfterKind]
+AFTER_KINDS: Final[frozenset[str]] = frozenset(get_args(AfterKind))
 
 
 def _retry_after_text(value: str | float | dt.datetime | None) -> str | None:

@@ -50,7 +50,7 @@ report what it survived. This is the fault model only: ``harness.py``'s
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
@@ -83,6 +83,20 @@ _WRONG_SHAPES: Final[tuple[object, ...]] = (
     {"data": [], "status": {"code": 200}},
     {"id": None, "status": "completed"},
     {"id": {"nested": True}, "status": 7},
+)
+
+#: Faults :meth:`ChaosConfig.everything` gives the full ``rate`` (slow: half, storms: a tenth).
+_AT_FULL_RATE: Final = (
+    "drop_before_body",
+    "drop_after_body",
+    "reset_mid_response",
+    "html_5xx",
+    "invalid_json",
+    "wrong_shape",
+    "create_then_5xx",
+    "unexpected_2xx",
+    "never_finish",
+    "vanish",
 )
 
 
@@ -135,23 +149,12 @@ class ChaosConfig:
         Storms (with and without ``Retry-After``) start ten times less often (each lasts
         ``storm_length`` requests).
         """
-        return cls(
-            seed=seed,
-            drop_before_body=rate,
-            drop_after_body=rate,
-            reset_mid_response=rate,
-            html_5xx=rate,
-            invalid_json=rate,
-            wrong_shape=rate,
-            slow=rate / 2,
-            slow_ms=slow_ms,
-            slow_answer=rate / 2,
-            create_then_5xx=rate,
-            unexpected_2xx=rate,
+        every: dict[str, Any] = dict.fromkeys(_AT_FULL_RATE, rate)  # all float fields
+        return attrs.evolve(
+            cls(seed=seed, slow_ms=slow_ms, slow=rate / 2, slow_answer=rate / 2),
             rate_limit_storm=rate / 10,
             hintless_storm=rate / 10,
-            never_finish=rate,
-            vanish=rate,
+            **every,
         )
 
     def request_probabilities(self) -> dict[str, float]:

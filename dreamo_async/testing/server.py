@@ -26,12 +26,9 @@ at random with :meth:`chaos` (see :mod:`dreamo_async.testing._faults`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import heapq
 import itertools
 import math
-import random
-import re
 import secrets
 import ssl
 import time
@@ -45,20 +42,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..limits import DEFAULT_LIMITS, Limits
-from ._faults import CHAOS_FAULTS, ENDPOINTS, Endpoint, Fault
+from ._control import CONTROL_PREFIX, control_routes
+from ._fault_plan import FaultPlan, after_work, before_work
+from ._faults import ENDPOINTS, Endpoint, Fault
 from ._http import (
     Answer,
     AttemptWindow,
     Dropped,
     RetryAfterFormat,
     TokenBucket,
-    drop,
     error_answer,
-    fault_answer,
     format_retry_after,
     render,
-    stream_cut,
-    stream_padded,
 )
 from ._images import image_info, make_png
 from ._stats import RecordedRequest, RefusalRecord, ServerStats
@@ -71,15 +66,13 @@ from ._tasks import (
     Presentation,
 )
 from ._validate import CreateRequest, Refusal, parse_create_body
-from .chaos import ChaosConfig, ChaosState
+from .chaos import ChaosConfig
 
 __all__ = ["CREATE_PATH", "TASK_PATH", "FakeDreamOServer"]
 
 CREATE_PATH: Final = "/model/v1/generation"
 TASK_PATH: Final = "/model/v1/generation/task/{id}"
 
-_FAIL_RE: Final = re.compile(r"\[fail:([\w-]+)\]")
-_SLOW_RE: Final = re.compile(r"\[slow:(\d+(?:\.\d+)?)\]")
 _OUTPUT_PNG: Final = make_png(64, 64, color=(40, 120, 200))
 #: Bodies above this are checked in a worker thread, so the shared loop stays responsive.
 _THREAD_BODY_BYTES: Final = 256 * 1024
@@ -193,16 +186,8 @@ class FakeDreamOServer:
         )
         self._tasks: dict[str, FakeTask] = {}
         self._open: list[tuple[float, str]] = []  # heap of (ends_at, task id)
-        self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
-            collections.deque
-        )
-        self._chaos_p: dict[str, float] = {}
-        self._chaos_faults: list[Fault] = []
-        self._chaos_weights: list[float] = []
-        self._chaos_rng = random.Random(0)
-        self._chaos_state = ChaosState(chaos_config) if chaos_config is not None else None
+        self._plan = FaultPlan(chaos_config)
         self._ssl_context = ssl_context
-        self._fail_rule: tuple[str, float, random.Random] | None = None
         self._files: dict[str, tuple[bytes, str]] = {}
         self._last: dict[str, RecordedRequest] = {}
         self._ids = itertools.count(1)
@@ -239,9 +224,7 @@ class FakeDreamOServer:
         app.router.add_get(TASK_PATH, self._handle_poll)
         app.router.add_get("/files/{task_id}/{name}", self._handle_file)
         app.router.add_get("/assets/{name:.+}", self._handle_asset)
-        app.router.add_get("/_fake/stats", self._control_stats)
-        app.router.add_post("/_fake/reset", self._control_reset)
-        app.router.add_post("/_fake/inject", self._control_inject)
+        app.router.add_routes(control_routes(self))
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.1)
         await runner.setup()
         try:
@@ -278,12 +261,11 @@ class FakeDreamOServer:
 
     def inject(self, endpoint: Endpoint, fault: Fault, *, times: int = 1) -> None:
         """Make the next ``times`` requests to ``endpoint`` misbehave as ``fault`` (in order)."""
-        _require(endpoint, ENDPOINTS, "endpoint")
-        self._faults[endpoint].extend([fault] * times)
+        self._plan.inject(endpoint, fault, times)
 
     def pending_faults(self, endpoint: Endpoint) -> int:
         """Scripted faults of ``endpoint`` not used yet."""
-        return len(self._faults.get(endpoint, ()))
+        return self._plan.pending(endpoint)
 
     def chaos(
         self,
@@ -298,33 +280,19 @@ class FakeDreamOServer:
         ``probability`` may be per endpoint (``{"poll": 0.3}``). ``faults`` are drawn
         from (weighted when a mapping); the default is :data:`CHAOS_FAULTS`.
         """
-        if isinstance(probability, Mapping):
-            self._chaos_p = {_require(k, ENDPOINTS, "endpoint"): v for k, v in probability.items()}
-        else:
-            self._chaos_p = {_require(e, ENDPOINTS, "endpoint"): probability for e in endpoints}
-        pool = CHAOS_FAULTS if faults is None else faults
-        weighted = pool if isinstance(pool, Mapping) else dict.fromkeys(pool, 1.0)
-        if not weighted:
-            raise ValueError("chaos needs at least one fault")
-        self._chaos_faults = list(weighted)
-        self._chaos_weights = [float(w) for w in weighted.values()]
-        self._chaos_rng = random.Random(seed)
+        self._plan.chaos(probability, seed, faults, endpoints)
 
     def set_chaos(self, config: ChaosConfig | None) -> None:
         """Turn on every fault of ``config`` at once (seeded afresh), or off with ``None``."""
-        self._chaos_state = ChaosState(config) if config is not None else None
+        self._plan.set_chaos(config)
 
     def clear_faults(self) -> None:
         """Forget every scripted fault and turn chaos (both kinds) off."""
-        self._faults.clear()
-        self._chaos_p = {}
-        self._chaos_state = None
+        self._plan.clear()
 
     def fail_tasks(self, code: str = "003013095", ratio: float = 1.0, seed: int = 0) -> None:
         """Make a seeded random ``ratio`` of new tasks end ``failed`` with ``code`` (0 = off)."""
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError("ratio must be within 0..1")
-        self._fail_rule = (code, ratio, random.Random(seed)) if ratio > 0 else None
+        self._plan.fail_tasks(code, ratio, seed)
 
     def finish_task(self, task_id: str, *, fail_code: str | None = None) -> None:
         """End a task now (e.g. one made with ``[never]``), optionally as failed."""
@@ -397,7 +365,7 @@ class FakeDreamOServer:
     async def _middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        control = request.path.startswith("/_fake/")
+        control = request.path.startswith(CONTROL_PREFIX)
         if not control:
             self.stats.request_times.append((self._clock(), request.method, request.path))
         try:
@@ -417,17 +385,6 @@ class FakeDreamOServer:
             response.headers["X-Request-Id"] = request_id
         return response
 
-    def _next_fault(self, endpoint: Endpoint) -> Fault | None:
-        queue = self._faults.get(endpoint)
-        if queue:
-            return queue.popleft()
-        if self._chaos_state is not None and (fault := self._chaos_state.draw(endpoint)):
-            return fault
-        p = self._chaos_p.get(endpoint, 0.0)
-        if p > 0 and self._chaos_rng.random() < p:
-            return self._chaos_rng.choices(self._chaos_faults, self._chaos_weights)[0]
-        return None
-
     async def _serve(
         self,
         endpoint: Endpoint,
@@ -438,18 +395,11 @@ class FakeDreamOServer:
         self._last[endpoint] = RecordedRequest(
             request.method, request.path_qs, CIMultiDict(request.headers)
         )
-        fault = self._next_fault(endpoint)
+        fault = self._plan.next(endpoint)
         if fault is not None:
             self.stats.faults[f"{endpoint}:{fault.label or fault.kind}"] += 1
-            if fault.delay_ms > 0 and fault.kind != "slow_answer":
-                await asyncio.sleep(fault.delay_ms / 1000.0)
-            if fault.kind == "drop_before":
-                return drop(request, reset=fault.reset)
-            if fault.kind == "status":
-                return render(fault_answer(fault))
-            if fault.kind == "envelope_error":
-                status = {"code": fault.status_code, "message": fault.message or "error"}
-                return render(Answer(200, {"data": None, "status": status}))
+            if (early := await before_work(fault, request)) is not None:
+                return early
         try:
             answer = await work(request)
         except Refusal as refusal:
@@ -458,22 +408,7 @@ class FakeDreamOServer:
             return Dropped()
         if fault is None or not fault.after_work:
             return render(answer)
-        if fault.kind == "slow_answer":
-            await asyncio.sleep(fault.delay_ms / 1000.0)
-            return render(answer)
-        if fault.kind == "drop_after":
-            return drop(request, reset=fault.reset)
-        if fault.kind == "create_then_500":
-            return render(fault_answer(fault))
-        if fault.kind == "reset_mid":
-            return await stream_cut(request, answer)
-        if fault.kind == "invalid_json":
-            encoded = answer.encode()
-            return render(Answer(200, body=encoded[: len(encoded) // 2]))
-        if fault.kind == "wrong_shape":
-            shape = fault.payload if fault.payload is not None else {"result": ["not", "a task"]}
-            return render(Answer(200, shape))
-        return await stream_padded(request, answer, fault.size, chunked=fault.chunked)
+        return await after_work(fault, request, answer)
 
     def _refuse(self, endpoint: str, refusal: Refusal) -> Answer:
         """Count a refusal and turn it into the service's JSON error answer."""
@@ -585,17 +520,7 @@ class FakeDreamOServer:
 
     def _new_task(self, parsed: CreateRequest, request_id: str, now: float) -> FakeTask:
         prompt = parsed.prompt
-        duration = self.task_duration_ms / 1000.0
-        if (slow := _SLOW_RE.search(prompt)) is not None:
-            duration = float(slow.group(1)) / 1000.0
-        if "[never]" in prompt:
-            duration = math.inf
-        fail_code: str | None = None
-        if (fail := _FAIL_RE.search(prompt)) is not None:
-            fail_code = fail.group(1)
-        elif self._fail_rule is not None:
-            code, ratio, rng = self._fail_rule
-            fail_code = code if rng.random() < ratio else None
+        duration, fail_code = self._plan.task_outcome(prompt, self.task_duration_ms / 1000.0)
         if fail_code is None and self._missing_own_asset(parsed.image_urls):
             fail_code = _UPSTREAM_ERROR  # the service could not fetch an input image
         starts_at = now + self.queue_ms / 1000.0
@@ -615,7 +540,7 @@ class FakeDreamOServer:
         task.cost = self._cost_of(task)
         if task.cost is not None:
             self.stats.cost_created += Decimal(task.cost)
-        if self._chaos_state is not None and (shaped := self._chaos_state.shape_task(task)):
+        if self._plan.state is not None and (shaped := self._plan.state.shape_task(task)):
             self.stats.faults[f"task:{shaped}"] += 1
         self._tasks[task.id] = task
         heapq.heappush(self._open, (task.ends_at, task.id))
@@ -658,27 +583,6 @@ class FakeDreamOServer:
         if entry is None:
             raise Refusal(404, "404", f"no such file {request.path!r}", "not_found")
         return Answer(200, body=entry[0], content_type=entry[1])
-
-    # -- control plane (other processes) ------------------------------------------------
-
-    async def _control_stats(self, request: web.Request) -> web.StreamResponse:
-        data = self.stats.as_dict()
-        data["open_tasks"] = self.open_tasks()
-        data["tasks"] = len(self._tasks)
-        return web.json_response(data)
-
-    async def _control_reset(self, request: web.Request) -> web.StreamResponse:
-        self.reset_stats()
-        return web.json_response({"ok": True})
-
-    async def _control_inject(self, request: web.Request) -> web.StreamResponse:
-        try:
-            spec = await request.json()
-            fault = Fault.from_dict(spec["fault"])
-            self.inject(spec["endpoint"], fault, times=int(spec.get("times", 1)))
-        except (ValueError, KeyError, TypeError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        return web.json_response({"ok": True})
 
 
 def _require(value: Any, allowed: Sequence[Any], name: str) -> Any:
