@@ -158,6 +158,8 @@ class Watcher:
         """Keep the end of a watched task for ``wait``, and settle what it reserved."""
         if isinstance(end, TaskFailedError):
             self._budget.task_ended(task_id, error=end)
+            # Kept without its traceback: the frames it holds would outlive the job.
+            end = TaskFailedError(end.task_id, end.code, end.message)
         else:
             self._budget.task_ended(task_id, result=end)
         self.kept[task_id] = end

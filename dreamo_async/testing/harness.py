@@ -141,9 +141,11 @@ def _open_fds() -> int:
 
 
 #: Allocations that are not the client's: log records a test runner keeps (pytest's
-#: log capture holds every WARNING of the run) and the tracer's own.
+#: log capture holds every WARNING of the run), the interpreter's isinstance caches of
+#: abstract classes (one entry per type seen, not per job) and the tracer's own.
 _NOT_THE_CLIENT: Final = (
     tracemalloc.Filter(False, logging.__file__),
+    tracemalloc.Filter(False, "<frozen abc>"),
     tracemalloc.Filter(False, "*/_pytest/*"),
     tracemalloc.Filter(False, tracemalloc.__file__),
 )
