@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,7 +122,8 @@ def test_a_json_error_names_its_own_line_and_column(tmp_path: Path) -> None:
         load_jobs(jobs_file)
     (problem,) = caught.value.problems
     assert problem.startswith(f"{jobs_file}:3: not valid JSON: ")
-    assert "column 39" in problem
+    # the decoder's own column: 39 (after the comma) up to 3.12, 38 (the comma) from 3.13
+    assert re.search(r"\(column 3[89]\)$", problem), problem
     assert "line 1" not in problem  # the decoder's own line count is the line's, not the file's
     jobs_file.write_text(f"{odd}\n")
     (job,) = load_jobs(jobs_file)
