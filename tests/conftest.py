@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer
+
+from .redis_server import RedisServer, require_redis_binary
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 
 async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
@@ -65,3 +70,26 @@ def journal_fails_at_created(monkeypatch: pytest.MonkeyPatch) -> None:
         await real(self, index, state, **fields)
 
     monkeypatch.setattr(Journal, "aupdate", failing)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own on a free loopback port (skipped without one)."""
+    server = RedisServer(require_redis_binary())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def inspect(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client for looking at what the scripts wrote."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,31 +26,12 @@ from dreamo_async.testing import FakeDreamOServer, make_png
 
 from .conftest import eventually
 from .helpers import KEY, client_for
-from .redis_server import RedisServer, free_port, require_redis_binary
+from .redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
 PNG = make_png(32, 32)
 WORKER = Path(__file__).with_name("redis_worker.py")
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_binary())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

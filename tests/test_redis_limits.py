@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,33 +26,13 @@ import dreamo_async as d
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
-from .redis_server import RedisServer, free_port, require_redis_binary
+from .redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
 IMAGE = make_png(64, 64)
 WORKER = Path(__file__).with_name("redis_worker.py")
 ROOT = WORKER.parent.parent
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(require_redis_binary())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-async def inspect(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A plain client for looking at what the scripts wrote."""
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def redis_time_ms(client: aioredis.Redis) -> float:
