@@ -35,7 +35,6 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
-
 def interpreter() -> str:
     """The interpreter the figures were measured on (they move between versions)."""
     return f"{platform.python_implementation()} {platform.python_version()}"
@@ -79,3 +78,33 @@ def fake_server_process(*args: str) -> Iterator[str]:
         process.terminate()
         process.wait(timeout=10)
         process.stdout.close()
+
+
+def photo_like_jpeg(
+    seed: int, width: int, height: int, *, max_bytes: int, noise: float, max_quality: int
+) -> bytes:
+    """A photo-like JPEG (noisy gradients) of the largest quality that fits ``max_bytes``.
+
+    A binary search on the quality: the benchmarks want inputs just under a size, made
+    the same way every time from ``seed``.
+    """
+    import io
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    grain = Image.frombytes("L", (width, height), rng.randbytes(width * height))
+    gradient = Image.linear_gradient("L").resize((width, height))
+    channels = [Image.blend(gradient.rotate(angle), grain, noise) for angle in (0, 90, 180)]
+    image = Image.merge("RGB", channels)
+    best, low, high = b"", 30, max_quality
+    while low <= high:
+        quality = (low + high) // 2
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=quality)
+        if out.tell() <= max_bytes:
+            best, low = out.getvalue(), quality + 1
+        else:
+            high = quality - 1
+    return best

@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -47,7 +45,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import KEY, fake_server_process, print_table  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    KEY,
+    fake_server_process,
+    photo_like_jpeg,
+    print_table,
+)
 
 TARGET_BYTES = 1_900_000
 CACHE = Path(tempfile.gettempdir()) / "dreamo_async_bench"
@@ -77,25 +80,8 @@ def looplag_jpegs(count: int = 5) -> list[Path]:
 
 
 def _make_jpeg(seed: int) -> bytes:
-    """Noisy gradients, JPEG quality searched to land just under ``TARGET_BYTES``."""
-    from PIL import Image
-
-    width, height = 2400, 1800
-    rng = random.Random(seed)
-    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height))
-    gradient = Image.linear_gradient("L").resize((width, height))
-    channels = [Image.blend(gradient.rotate(angle), noise, 0.3) for angle in (0, 90, 180)]
-    image = Image.merge("RGB", channels)
-    best, low, high = b"", 30, 100
-    while low <= high:
-        quality = (low + high) // 2
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=quality)
-        if out.tell() <= TARGET_BYTES:
-            best, low = out.getvalue(), quality + 1
-        else:
-            high = quality - 1
-    return best
+    """Noisy gradients, the quality searched to land just under ``TARGET_BYTES``."""
+    return photo_like_jpeg(seed, 2400, 1800, max_bytes=TARGET_BYTES, noise=0.3, max_quality=100)
 
 
 # -- measuring (child side) ------------------------------------------------------------

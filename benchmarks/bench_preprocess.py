@@ -29,9 +29,7 @@ import argparse
 import asyncio
 import functools
 import gc
-import io
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -48,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 import pybase64  # noqa: E402
 
-from benchmarks._common import interpreter  # noqa: E402
+from benchmarks._common import interpreter, photo_like_jpeg  # noqa: E402
 from dreamo_async._body import BodyParts  # noqa: E402
 from dreamo_async.images import (  # noqa: E402
     ImageSource,
@@ -92,23 +90,7 @@ def full_size_jpegs(count: int = 5) -> list[Path]:
 
 def _make_full_size_jpeg(seed: int) -> bytes:
     """A 12-megapixel photo-like JPEG just under the size limit (binary search on quality)."""
-    from PIL import Image
-
-    width, height = 4000, 3000
-    rng = random.Random(seed)
-    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height))
-    gradient = Image.linear_gradient("L").resize((width, height))
-    channels = [Image.blend(gradient.rotate(angle), noise, 0.25) for angle in (0, 90, 180)]
-    image = Image.merge("RGB", channels)
-    best, low, high = b"", 30, 98
-    while low <= high:
-        quality = (low + high) // 2
-        out = io.BytesIO()
-        image.save(out, "JPEG", quality=quality)
-        if out.tell() <= TARGET_BYTES:
-            best, low = out.getvalue(), quality + 1
-        else:
-            high = quality - 1
+    best = photo_like_jpeg(seed, 4000, 3000, max_bytes=TARGET_BYTES, noise=0.25, max_quality=98)
     if len(best) < 0.9 * TARGET_BYTES:
         raise RuntimeError(f"generated JPEG is only {len(best):,} bytes; adjust the noise")
     return best
