@@ -124,7 +124,7 @@ class Watcher:
                         logger.warning(
                             "the create of a cancelled job failed (%s); a task may exist "
                             "(X-Request-Id %s)",
-                            exc,
+                            str(exc),
                             lifecycle.request_id,
                         )
                     return
@@ -144,7 +144,7 @@ class Watcher:
                 lifecycle.ended(failed=True)
                 self.keep(task.id, exc)
             except DreamOError as exc:
-                logger.warning("stopped watching task %s: %s", task.id, exc)
+                logger.warning("stopped watching task %s: %s", task.id, str(exc))
             else:
                 lifecycle.ended(failed=False)
                 self.keep(task.id, result)

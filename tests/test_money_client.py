@@ -11,10 +11,12 @@ import io
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import dreamo_async as d
@@ -22,7 +24,7 @@ from dreamo_async import MoneyState
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png
 
 from .conftest import eventually
-from .helpers import KEY, client_for
+from .helpers import FAST_POLL, KEY, client_for
 
 PNG = make_png(32, 32)
 
@@ -141,6 +143,42 @@ async def test_timed_out_jobs_keep_their_slots_and_results(
         assert server.stats.polls == polls  # every result was kept: no request
         assert {r.task_id for r in results} == {o.task_id for o in timeouts}
     assert server.stats.create_requests == 6
+
+
+async def test_log_records_carry_text_not_errors_that_would_keep_the_client_alive(
+    server: FakeDreamOServer,
+) -> None:
+    # A handler that keeps records (a test runner, a memory handler, an error tracker's
+    # breadcrumbs) would otherwise keep each error's traceback: the job, its client and
+    # its buffers. Found by the chaos run's memory figure under pytest-xdist.
+    kept: list[logging.LogRecord] = []
+
+    class KeepEveryRecord(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    handler = KeepEveryRecord(logging.DEBUG)
+    library = logging.getLogger("dreamo_async")
+    library.addHandler(handler)
+    level = library.level
+    library.setLevel(logging.DEBUG)
+    try:
+        async def time_out_and_stop_watching() -> weakref.ref[d.DreamOClient]:
+            async with client_for(server, poll=attrs.evolve(FAST_POLL, timeout=0.2)) as client:
+                with pytest.raises(d.TaskTimeoutError):
+                    await client.generate(prompt="p [never]", images=[PNG], timeout=0.05)
+                await eventually(lambda: client.statistics().tasks_watched == 0)
+            return weakref.ref(client)
+
+        gone = await time_out_and_stop_watching()
+        assert any("stopped watching" in r.getMessage() for r in kept)
+        gc.collect()
+        assert gone() is None
+        for record in kept:
+            assert not any(isinstance(arg, BaseException) for arg in record.args or ())
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
 
 
 async def test_asyncio_timeout_around_generate_leaves_the_task_watched(

@@ -150,7 +150,7 @@ class Link:
                             "Redis at %s unavailable (%s: %s); retrying for up to %g s",
                             self.safe_url,
                             type(exc).__name__,
-                            exc,
+                            str(exc),
                             self.reconnect_timeout,
                         )
                 remaining = self.reconnect_timeout - (now - self._down_since)

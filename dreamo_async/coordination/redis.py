@@ -205,7 +205,7 @@ class RedisRateLimiter:
         try:
             await link.call("pause", write)
         except (Unavailable, LimitsBackendError) as exc:
-            logger.warning("could not share a %g s pause through Redis: %s", seconds, exc)
+            logger.warning("could not share a %g s pause through Redis: %s", seconds, str(exc))
 
     def record(self, status: int) -> None:
         return None
@@ -346,7 +346,7 @@ class RedisSlots:
                 await self._renewal_done.wait()
             await link.call("job slots", release)
         except (Unavailable, LimitsBackendError) as exc:
-            logger.warning("lease %s not released (%s); it expires by its TTL", lease, exc)
+            logger.warning("lease %s not released (%s); it expires by its TTL", lease, str(exc))
 
     def _ensure_renewer(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -374,7 +374,7 @@ class RedisSlots:
             try:
                 lost = int(await link.call("lease renewal", renew))
             except (Unavailable, LimitsBackendError) as exc:
-                logger.warning("could not renew %d lease(s): %s", len(leases), exc)
+                logger.warning("could not renew %d lease(s): %s", len(leases), str(exc))
                 continue
             finally:
                 self._renewal_done = None

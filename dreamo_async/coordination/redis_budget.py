@@ -345,7 +345,7 @@ class RedisBudget:
             try:
                 await link.call("budget", unblock)
             except (Unavailable, LimitsBackendError) as exc:
-                logger.warning("probe %s still holds back creates (%s)", reservation.id, exc)
+                logger.warning("probe %s still holds back creates (%s)", reservation.id, str(exc))
 
         self._backend._spawn(run())
 
@@ -366,7 +366,7 @@ class RedisBudget:
                 "spend of hold %s not recorded in Redis (%s): its reservation expires by "
                 "its TTL and the shared spend misses this task",
                 hold,
-                exc,
+                str(exc),
             )
 
     # -- leases ----------------------------------------------------------------------
@@ -393,7 +393,7 @@ class RedisBudget:
             try:
                 lost = int(await link.call("budget renewal", renew))
             except (Unavailable, LimitsBackendError) as exc:
-                logger.warning("could not renew %d budget hold(s): %s", len(holds), exc)
+                logger.warning("could not renew %d budget hold(s): %s", len(holds), str(exc))
                 continue
             if lost:
                 logger.warning(
