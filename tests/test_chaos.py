@@ -119,6 +119,26 @@ async def test_chaos_is_reproducible_from_its_seed() -> None:
     assert runs[0].faults_injected > 10
 
 
+async def test_the_memory_figure_sees_a_client_that_keeps_a_kibibyte_per_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The growth the 500-job test bounds is the client's: a client keeping 1 KiB per job
+    # shows as about that much, one that keeps nothing as almost nothing (300 jobs: the
+    # bounded URL caches of yarl and the endpoints, 256 entries, are full after the warm-up).
+    kept: list[bytes] = []
+    generate = d.DreamOClient.generate
+
+    async def generate_and_keep(self: d.DreamOClient, *args: Any, **kwargs: Any) -> Any:
+        kept.append(bytes(1024))
+        return await generate(self, *args, **kwargs)
+
+    clean = await run_chaos(300, config=ChaosConfig(), task_duration_ms=0)
+    monkeypatch.setattr(d.DreamOClient, "generate", generate_and_keep)
+    leaky = await run_chaos(300, config=ChaosConfig(), task_duration_ms=0)
+    assert clean.memory_growth < 16 * 1024
+    assert leaky.memory_growth > 290 * 1024  # 300 KiB kept during the run
+
+
 def test_chaos_config_refuses_impossible_probabilities() -> None:
     with pytest.raises(ValueError, match=r"within 0\.\.1"):
         ChaosConfig(slow=1.5)
