@@ -1,7 +1,8 @@
 """The test suite on every CPython that pyproject.toml claims (run by ``make unit``).
 
-One session per version, run in turn: the suite's timing tests want both cores.
-Interpreters are found by nox on PATH, then among pyenv's installs. A missing one
+One session per version, run in turn; within a session pytest-xdist runs the suite
+on two workers (most of its time is waiting on timers, not CPU); ``-- -n 0`` runs it
+in one process. Interpreters are found by nox on PATH, then among pyenv's installs. A missing one
 fails the run in CI (nox does so when ``CI`` is set) and is skipped, with a hint,
 elsewhere. ruff and mypy run once, from the Makefile, not here.
 """
@@ -52,4 +53,4 @@ def tests(session: nox.Session) -> None:
         "({sys.executable})')",
         silent=False,
     )
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "--numprocesses=2", *session.posargs)
