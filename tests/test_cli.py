@@ -77,20 +77,34 @@ def service() -> Iterator[Service]:
 
 def env(**extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if k not in ("DREAMO_API_KEY", "VTRIX_API_KEY")}
-    base.update({"DREAMO_API_KEY": KEY, "COLUMNS": "140", "PYTHONUNBUFFERED": "1"})
+    base.update(
+        {
+            "DREAMO_API_KEY": KEY,
+            "COLUMNS": "140",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",  # a hung command killed by SIGABRT prints its stacks
+        }
+    )
     base.update(extra)
     return base
 
 
 def dreamo(*args: str, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    """Run the command to its end; one that hangs fails the test with every thread's stack."""
+    with subprocess.Popen(
         [DREAMO, *args],
         env=environ or env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
-    )
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"dreamo {' '.join(args)} hung for 60 s:\n{stderr}\n{stdout}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def make_jobs(folder: Path, prompts: Sequence[str], **extra: Any) -> Path:
