@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import pytest
 
 import dreamo_async as d
+import dreamo_async.batch.engine as engine_module
 import dreamo_async.download as download_module
 from dreamo_async.batch import (
     BatchEvent,
@@ -842,6 +843,30 @@ async def test_a_failing_on_event_callback_costs_no_job(
         )
     assert report.ok
     assert "on_event callback failed" in caplog.text
+
+
+async def test_the_run_ends_when_a_finished_download_is_still_in_its_set(
+    server: FakeDreamOServer, image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `dreamo demo` once spun at 100% CPU after its last job (CPython 3.12.1): a finished
+    # download was still in the engine's set, so `gather` of it returned at once, forever.
+    # Here no done callback removes one: the run must end anyway.
+    class KeepsWhatIsDiscarded(set[asyncio.Task[None]]):
+        def discard(self, task: object) -> None:
+            pass
+
+    init = engine_module._Engine.__init__
+
+    def init_keeping(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.downloads = KeepsWhatIsDiscarded()
+
+    monkeypatch.setattr(engine_module._Engine, "__init__", init_keeping)
+    async with client_for(server) as client:
+        async with asyncio.timeout(10):
+            report = await run_batch(client, jobs_for(image, "a", "b"), tmp_path / "j.db", tmp_path)
+    assert report.ok
+    assert report.completed == 2
 
 
 @pytest.mark.parametrize(

@@ -298,8 +298,14 @@ class _Engine:
                 for _, _, task in await window.finished():
                     if not task.cancelled() and (exc := task.exception()) is not None:
                         raise exc  # the journal failed: the run stops (see _job)
+            # Every download to its end; a journal failure (the only error a download
+            # raises) stops the run. Ended downloads are dropped here, not only by their
+            # done callbacks: one left in the set made a gather loop spin (CPython 3.12.1).
             while self.downloads:
-                await asyncio.gather(*list(self.downloads))
+                ended, _ = await asyncio.wait(self.downloads, return_when=asyncio.FIRST_EXCEPTION)
+                self.downloads -= ended
+                for task in ended:
+                    task.result()
         finally:
             await window.aclose()
             for task in self.downloads:
