@@ -59,6 +59,7 @@ from .coordination import (
 from .coordination.budget import ExpectedCost
 from .errors import ClientClosedError, ConfigurationError, InvalidRequestError, TaskTimeoutError
 from .images import (
+    check_limiter,
     check_paths_readable,
     live_payload_count,
     warm_up_stage,
@@ -314,9 +315,12 @@ class DreamOClient:
 
     async def _check_inputs(self, request: GenerationRequest) -> None:
         """What can fail without the service is checked before the job queues for a slot:
-        the local files exist and are readable (a stat in a worker thread)."""
+        the local files exist and are readable (a stat in a worker thread, one check
+        at a time: a burst of jobs must not start a thread each)."""
         if any(source.kind == "path" for source in request.images):
-            await anyio.to_thread.run_sync(check_paths_readable, request.images)
+            await anyio.to_thread.run_sync(
+                check_paths_readable, request.images, limiter=check_limiter()
+            )
 
     # -- building requests ---------------------------------------------------------
 

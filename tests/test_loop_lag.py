@@ -12,14 +12,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
+import pybase64
 import pytest
 
+from dreamo_async import DreamOClient
 from dreamo_async._body import WRITE_CHUNK_BYTES, BodyParts
-from dreamo_async.testing import FakeDreamOServer
+from dreamo_async.testing import FakeDreamOServer, make_jpeg
 from dreamo_async.wire import create_body_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,3 +207,69 @@ def test_a_large_result_spills_to_its_file_in_bounded_pieces(
     final = tmp_path / "00000-t1-0.jpg"
     part.commit(final)
     assert final.read_bytes() == data
+
+
+def _anyio_workers() -> set[int]:
+    return {t.ident for t in threading.enumerate() if t.ident and "AnyIO" in t.name}
+
+
+async def test_a_burst_of_jobs_with_files_checks_them_on_one_thread(tmp_path: Path) -> None:
+    """Twenty jobs started together (a web app's burst) check their paths one at a time:
+    no worker thread per job, whose starts each held the event loop."""
+    paths = []
+    for n in range(2):
+        path = tmp_path / f"ref{n}.jpg"
+        path.write_bytes(make_jpeg(640, 480, padding=20_000))
+        paths.append(path)
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
+        DreamOClient(KEY, base_url=server.url, max_concurrency=4) as client,
+    ):
+        before = _anyio_workers()
+        await asyncio.gather(
+            *(client.generate(prompt="a cat", images=list(paths)) for _ in range(20))
+        )
+        new = _anyio_workers() - before
+    # The stage thread (started on entering) and at most one more for the checks.
+    assert len(new) <= 1
+
+
+async def test_the_stage_thread_yields_the_cpu_after_each_read_and_each_encode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real HTTP: per image, read - yield - encode - yield, all in the worker thread,
+    so a woken event loop never waits for the end of the stage thread's time slice."""
+    import dreamo_async.images.prepare as prepare
+
+    if hasattr(os, "sched_yield"):
+        assert prepare._yield_cpu is os.sched_yield
+    events: list[tuple[str, int]] = []
+    from dreamo_async.images.read import load as real_load
+
+    real_encode = pybase64.b64encode
+
+    def load(*args: object) -> object:
+        events.append(("read", threading.get_ident()))
+        return real_load(*args)  # type: ignore[arg-type]
+
+    def encode(data: object) -> bytes:
+        events.append(("encode", threading.get_ident()))
+        return real_encode(data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("dreamo_async.images.prepare.load", load)
+    monkeypatch.setattr(pybase64, "b64encode", encode)
+    monkeypatch.setattr(
+        prepare, "_yield_cpu", lambda: events.append(("yield", threading.get_ident()))
+    )
+    paths = []
+    for n in range(3):
+        path = tmp_path / f"ref{n}.jpg"
+        path.write_bytes(make_jpeg(640, 480, padding=300_000 + n))
+        paths.append(path)
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
+        DreamOClient(KEY, base_url=server.url) as client,
+    ):
+        await client.generate(prompt="a cat", images=paths)
+    assert [name for name, _ in events] == ["read", "yield", "encode", "yield"] * 3
+    assert threading.get_ident() not in {ident for _, ident in events}

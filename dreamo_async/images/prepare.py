@@ -41,6 +41,7 @@ __all__ = [
     "INLINE_MAX_BYTES",
     "Fetch",
     "PreparedImages",
+    "check_limiter",
     "live_payload_count",
     "prepare_images",
     "prepare_inline",
@@ -58,6 +59,12 @@ FIT_MAX_BYTES: Final = 100_000_000
 _LIMITERS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter]] = (
     weakref.WeakKeyDictionary()
 )
+#: The path checks' worker-thread limiter of each event loop (see check_limiter).
+_CHECK_LIMITERS: Final[
+    weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter]
+] = weakref.WeakKeyDictionary()
+#: Gives the calling thread's CPU to any runnable thread (the event loop's) that waits for it.
+_yield_cpu: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: None)
 
 
 class _LiveRef(weakref.ref):  # type: ignore[type-arg]
@@ -268,6 +275,21 @@ def stage_limiter() -> anyio.CapacityLimiter:
     return limiter
 
 
+def check_limiter() -> anyio.CapacityLimiter:
+    """The limiter of the path checks' worker thread (a stat per file), one per event loop.
+
+    anyio's default limiter lets 40 checks run at once, so a burst of jobs (50
+    requests reaching a web app together) started a worker thread per job, each
+    start waiting on the event loop for the new thread to run. One at a time, the
+    checks share one thread, each taking microseconds.
+    """
+    loop = asyncio.get_running_loop()
+    limiter = _CHECK_LIMITERS.get(loop)
+    if limiter is None:
+        limiter = _CHECK_LIMITERS[loop] = anyio.CapacityLimiter(1)
+    return limiter
+
+
 async def warm_up_stage() -> None:
     """Load anyio's worker-thread machinery and start one stage thread, now.
 
@@ -340,7 +362,12 @@ async def _fetch_one(fetch: Fetch, source: ImageSource, cap: int) -> bytes:
 def _encode_all(
     sources: Sequence[ImageSource], downloaded: dict[int, bytes], limits: Limits, fit: bool
 ) -> tuple[tuple[bytes, ...], tuple[ImageInfo | None, ...], list[str]]:
-    """Worker-thread body: read, check and base64 each image, holding one raw file at a time."""
+    """Worker-thread body: read, check and base64 each image, holding one raw file at a time.
+
+    The CPU is yielded after each read and each encode (a fraction of a millisecond
+    each): a woken event-loop thread that the kernel queued on this thread's core
+    otherwise waited for the end of its time slice, 3-4 ms (``bench_looplag.py``).
+    """
     cap = _read_cap(limits, fit)
     encoded: list[bytes] = []
     infos: list[ImageInfo | None] = []
@@ -358,6 +385,7 @@ def _encode_all(
                     notes.append(note)
                 continue
         data = downloaded.pop(source.index) if source.is_url else load(source, cap, limits, fit)
+        _yield_cpu()
         if len(data) > cap:  # a download from a lax fetch
             raise image_error(source.index, source.label, too_large(len(data), cap, limits, fit))
         if fit:
@@ -366,6 +394,7 @@ def _encode_all(
             data = fit_image(data, index=source.index, source=source.label, limits=limits)
         info, warned = inspect_image(data, index=source.index, source=source.label, limits=limits)
         encoded.append(pybase64.b64encode(data))
+        _yield_cpu()
         infos.append(info)
         notes.extend(warned)
         if type(value) is bytes and not fit:
