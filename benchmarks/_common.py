@@ -59,14 +59,18 @@ def _fmt(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def fake_server_process(*args: str) -> Iterator[str]:
-    """Run ``python -m dreamo_async.testing ARGS`` in another process; yield its URL."""
+def fake_server_process(*args: str, cpus: set[int] | None = None) -> Iterator[str]:
+    """Run ``python -m dreamo_async.testing ARGS`` in another process; yield its URL.
+
+    ``cpus``: the only CPUs the server's threads may run on (Linux), set before it starts.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "dreamo_async.testing", "--api-key", KEY, *args],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
     assert process.stdout is not None
     try:

@@ -22,6 +22,18 @@ idle, before the work starts, is the baseline. Scenarios:
 Figures are medians over the runs of each run's worst and 99th-percentile lag. One more
 run of each scenario in asyncio's debug mode (``slow_callback_duration`` = 2 ms) names
 the callbacks that took longer; debug mode slows everything, so its lags are not used.
+
+CPUs (Linux, 2 or more): the fake service and the web scenario's callers stand for other
+machines, so they run on the last CPU and the measured process on the others (on a
+2-core machine: the client has one core, its event loop sharing it with the library's
+worker thread, like a client in a 1-CPU container). Unpinned (``--no-pin``), the
+service's parsing of 12.5 MB bodies lands on the loop's core and the loop waits for it,
+which no client can prevent and the idle baseline (service idle) does not include.
+
+Each late tick (over 3 ms) is split from the loop thread's own counters: its CPU time
+(callbacks), its run-queue wait (runnable, no CPU given: ``/proc/.../schedstat``), and
+the rest, off CPU while it should have run (waiting for the GIL, or blocked). The
+table counts late ticks by their largest part.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,8 +71,11 @@ TICK_S = 0.001
 IDLE_S = 1.0
 SLOW_S = 0.002
 CPU_NOTE_S = 0.001
+LATE_S = 0.003
 PROMPT = "the cat from image 1 wearing the hat from image 2, studio light"
 SCENARIOS = ("batch", "web", "first")
+#: The CPUs of the measured processes (None: unpinned); set by main().
+CLIENT_CPUS: set[int] | None = None
 
 
 # -- inputs ----------------------------------------------------------------------------
@@ -87,11 +103,24 @@ def _make_jpeg(seed: int) -> bytes:
 # -- measuring (child side) ------------------------------------------------------------
 
 
+def _run_queue_wait() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a CPU (Linux), else 0."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except OSError:
+        return 0.0
+
+
 class Ticker:
-    """A task that sleeps 1 ms at a time and records how late each wake-up is."""
+    """A task that sleeps 1 ms at a time and records how late each wake-up is, and for
+    each late one what the loop thread did meanwhile (see the module docstring)."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
+        self.late: dict[str, int] = {"cpu": 0, "run queue": 0, "off cpu": 0}
+        self.worst_parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self._worst = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -99,14 +128,25 @@ class Ticker:
 
     async def _run(self) -> None:
         while True:
-            before = time.perf_counter()
+            before, cpu, queued = time.perf_counter(), time.thread_time(), _run_queue_wait()
             await asyncio.sleep(TICK_S)
-            self.samples.append(time.perf_counter() - before - TICK_S)
+            after = time.perf_counter()
+            lag = after - before - TICK_S
+            self.samples.append(lag)
+            if lag > LATE_S:
+                cpu, queued = time.thread_time() - cpu, _run_queue_wait() - queued
+                parts = {"cpu": cpu, "run queue": queued, "off cpu": after - before - cpu - queued}
+                self.late[max(parts, key=parts.__getitem__)] += 1
+                if lag > self._worst:
+                    self._worst, self.worst_parts = lag, (cpu, queued, parts["off cpu"])
 
-    def take(self) -> dict[str, float]:
-        """Worst and p99 lag (ms) since the last take, and start afresh."""
+    def take(self) -> dict[str, Any]:
+        """Worst and p99 lag (ms) since the last take, the late ticks by cause, and the
+        worst tick's parts (ms); and start afresh."""
         samples, self.samples = self.samples, []
-        return summary(samples)
+        late, self.late = self.late, dict.fromkeys(self.late, 0)
+        parts, self.worst_parts, self._worst = self.worst_parts, (0.0, 0.0, 0.0), 0.0
+        return summary(samples) | {"late": late, "worst_parts": [p * 1e3 for p in parts]}
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -179,10 +219,13 @@ class CallbackClock:
 
 
 def _handle_name(handle: asyncio.Handle) -> str:
-    owner = getattr(getattr(handle, "_callback", None), "__self__", None)
+    """The callback's name. Not from ``repr(handle)``: that shows the arguments, and the
+    result a worker thread hands back holds megabytes of base64 (a 60 ms repr)."""
+    callback = getattr(handle, "_callback", None)
+    owner = getattr(callback, "__self__", None)
     if isinstance(owner, asyncio.Task):
         return getattr(owner.get_coro(), "__qualname__", "task")
-    return callback_name(repr(handle))
+    return getattr(callback, "__qualname__", type(handle).__name__)
 
 
 @contextlib.contextmanager
@@ -315,7 +358,15 @@ def _child(scenario: str, url: str, debug: bool) -> subprocess.Popen[str]:
     if debug:
         args.append("--debug")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    cpus = CLIENT_CPUS
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+    )
 
 
 def run_script_child(scenario: str, url: str, debug: bool) -> dict[str, Any]:
@@ -381,6 +432,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scenario", choices=SCENARIOS, nargs="+", default=list(SCENARIOS))
     parser.add_argument("--no-debug-run", action="store_true", help="skip the slow-callback run")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="service, callers and client share all CPUs"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -388,16 +442,25 @@ def main() -> None:
         child_main(args.child[0], args.child[1], args.debug)
         return
 
+    global CLIENT_CPUS
     paths = looplag_jpegs()
     sizes = ", ".join(f"{p.stat().st_size:,}" for p in paths)
+    others = _pin_cpus(not args.no_pin)
+    where = (
+        f"client on CPU {sorted(CLIENT_CPUS)}, service and callers on {sorted(others)}"
+        if CLIENT_CPUS is not None and others is not None
+        else "all processes on all CPUs"
+    )
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; inputs {sizes} bytes; "
-        f"medians of {args.runs} runs, each in a fresh process; service in another process"
+        f"medians of {args.runs} runs, each in a fresh process; service in another process; "
+        f"{where}"
     )
     rows = []
     slow_lines: list[str] = []
     cpu_lines: list[str] = []
-    with fake_server_process() as url:
+    late_lines: list[str] = []
+    with fake_server_process(cpus=others) as url:
         for scenario in args.scenario:
             runs = [measure(scenario, url, False, paths) for _ in range(args.runs)]
 
@@ -426,6 +489,7 @@ def main() -> None:
                 ]
             )
             cpu_lines.append(_slow_report(scenario, [s for r in runs for s in r["cpu_seen"]]))
+            late_lines.append(_late_report(scenario, runs))
             if not args.no_debug_run:
                 seen = measure(scenario, url, True, paths)["slow"]
                 slow_lines.append(_slow_report(scenario, seen))
@@ -451,9 +515,40 @@ def main() -> None:
     )
     print(f"callbacks over {CPU_NOTE_S * 1e3:.0f} ms of CPU, all runs:")
     print("\n".join(cpu_lines))
+    print(
+        f"\nticks over {LATE_S * 1e3:.0f} ms late, all runs, by what the loop thread did"
+        " meanwhile (the largest part); each run's worst tick split into loop CPU /"
+        " run-queue wait / off CPU, ms:"
+    )
+    print("\n".join(late_lines))
     if slow_lines:
         print(f"\ncallbacks over {SLOW_S * 1e3:.0f} ms in a debug-mode run (debug mode is slower):")
         print("\n".join(slow_lines))
+
+
+def _pin_cpus(pin: bool) -> set[int] | None:
+    """Split the CPUs: the last one for the service and the callers (this process, and
+    the service it starts), the others for the measured processes; None if not pinned."""
+    global CLIENT_CPUS
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    if not pin or len(cpus) < 2:
+        return None
+    CLIENT_CPUS, others = set(cpus[:-1]), {cpus[-1]}
+    os.sched_setaffinity(0, others)
+    return others
+
+
+def _late_report(scenario: str, runs: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for phase in ("idle", "busy"):
+        late = {k: sum(r[phase]["late"][k] for r in runs) for k in runs[0][phase]["late"]}
+        text = ", ".join(f"{k} {v}" for k, v in late.items())
+        worst = "; ".join("/".join(f"{p:.1f}" for p in r[phase]["worst_parts"]) for r in runs)
+        parts.append(f"{phase}: {text} (worst: {worst})")
+    return f"  {scenario}: " + " | ".join(parts)
 
 
 def _slow_report(scenario: str, seen: Sequence[Sequence[Any]]) -> str:
