@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ IDLE_S = 1.0
 SLOW_S = 0.002
 CPU_NOTE_S = 0.001
 LATE_S = 0.003
+APP_ALONE_S = 0.5
+GC_FREEZE_ENV = "DREAMO_BENCH_GC_FREEZE"
 PROMPT = "the cat from image 1 wearing the hat from image 2, studio light"
 SCENARIOS = ("batch", "web", "first")
 #: The CPUs of the measured processes (None: unpinned); set by main().
@@ -252,6 +255,7 @@ async def child_batch(url: str, paths: list[Path], debug: bool, jobs: int = 24) 
 
     ticker = Ticker()
     async with d.DreamOClient(KEY, base_url=url, max_concurrency=4) as client:
+        app_started()
         with watching_slow_callbacks(debug) as slow, CallbackClock() as cpu:
             ticker.start()
             await asyncio.sleep(IDLE_S)
@@ -311,6 +315,13 @@ async def child_web(url: str, paths: list[Path], debug: bool) -> None:
         )
         return web.json_response({"task_id": result.task_id})
 
+    async def app_alone(request: web.Request) -> web.Response:
+        """The same request parsed and answered, the job replaced by a wait: the app's
+        (aiohttp.web's) own share of the lag, as a baseline."""
+        body = await request.json()
+        await asyncio.sleep(APP_ALONE_S)
+        return web.json_response({"images": len(body["images"])})
+
     async def mark(request: web.Request) -> web.Response:
         what = request.match_info["what"]
         if what == "start":
@@ -325,12 +336,19 @@ async def child_web(url: str, paths: list[Path], debug: bool) -> None:
 
     app = web.Application()
     app.cleanup_ctx.append(dreamo_ctx)
-    app.add_routes([web.post("/generate", generate), web.post("/_measure/{what}", mark)])
+    app.add_routes(
+        [
+            web.post("/generate", generate),
+            web.post("/app_alone", app_alone),
+            web.post("/_measure/{what}", mark),
+        ]
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    app_started()
     with watching_slow_callbacks(debug) as slow, CallbackClock() as cpu:
         state["slow"], state["cpu"] = slow, cpu
         ticker.start()
@@ -338,6 +356,15 @@ async def child_web(url: str, paths: list[Path], debug: bool) -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         await ticker.stop()
     await runner.cleanup()
+
+
+def app_started() -> None:
+    """With ``--gc-freeze``: what an app may do once started (the README's advice):
+    move every object alive into the permanent generation, so full collections later
+    walk only what was made since (a full one took 14-22 ms in the web scenario)."""
+    if os.environ.get(GC_FREEZE_ENV):
+        gc.collect()
+        gc.freeze()
 
 
 def child_main(scenario: str, url: str, debug: bool) -> None:
@@ -403,12 +430,15 @@ def run_web_child(url: str, debug: bool, paths: list[Path], callers: int = 50) -
                 await post("/_measure/start")
                 await asyncio.sleep(IDLE_S)
                 idle = await post("/_measure/idle")
+                await asyncio.gather(*(post("/app_alone", body) for _ in range(callers)))
+                app_alone = await post("/_measure/app")
                 started = time.perf_counter()
                 await asyncio.gather(*(post("/generate", body) for _ in range(callers)))
                 elapsed = time.perf_counter() - started
                 busy = await post("/_measure/stop")
             return {
                 "idle": idle,
+                "app_alone": app_alone,
                 "busy": busy,
                 "slow": busy.pop("slow"),
                 "cpu_seen": busy.pop("cpu_seen"),
@@ -435,6 +465,9 @@ def main() -> None:
     parser.add_argument(
         "--no-pin", action="store_true", help="service, callers and client share all CPUs"
     )
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="the measured app calls gc.freeze() once started"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,7 +475,8 @@ def main() -> None:
         child_main(args.child[0], args.child[1], args.debug)
         return
 
-    global CLIENT_CPUS
+    if args.gc_freeze:
+        os.environ[GC_FREEZE_ENV] = "1"
     paths = looplag_jpegs()
     sizes = ", ".join(f"{p.stat().st_size:,}" for p in paths)
     others = _pin_cpus(not args.no_pin)
@@ -454,7 +488,7 @@ def main() -> None:
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; inputs {sizes} bytes; "
         f"medians of {args.runs} runs, each in a fresh process; service in another process; "
-        f"{where}"
+        f"{where}" + ("; the app calls gc.freeze() once started" if args.gc_freeze else "")
     )
     rows = []
     slow_lines: list[str] = []
@@ -479,6 +513,7 @@ def main() -> None:
                     scenario,
                     round(idle_worst, 2),
                     round(med("idle", "p99"), 2),
+                    round(med("app_alone", "worst"), 2) if "app_alone" in runs[0] else "-",
                     round(worst, 2),
                     round(med("busy", "p99"), 2),
                     f"{max(r['busy']['worst'] for r in runs):.2f}",
@@ -499,6 +534,7 @@ def main() -> None:
             "scenario",
             "idle worst",
             "idle p99",
+            "app alone",
             "worst",
             "p99",
             "max of runs",
@@ -512,6 +548,10 @@ def main() -> None:
     print(
         "\nCPU/cb: the most CPU time one loop callback took (thread time, medians of the runs):"
         " what the loop itself did, whatever else the machine ran."
+    )
+    print(
+        "app alone (web): the worst lag while the same 50 requests reach a handler that"
+        f" parses them and waits {APP_ALONE_S} s instead of generating: aiohttp.web's share."
     )
     print(f"callbacks over {CPU_NOTE_S * 1e3:.0f} ms of CPU, all runs:")
     print("\n".join(cpu_lines))
@@ -543,7 +583,9 @@ def _pin_cpus(pin: bool) -> set[int] | None:
 
 def _late_report(scenario: str, runs: Sequence[dict[str, Any]]) -> str:
     parts = []
-    for phase in ("idle", "busy"):
+    for phase in ("idle", "app_alone", "busy"):
+        if phase not in runs[0]:
+            continue
         late = {k: sum(r[phase]["late"][k] for r in runs) for k in runs[0][phase]["late"]}
         text = ", ".join(f"{k} {v}" for k, v in late.items())
         worst = "; ".join("/".join(f"{p:.1f}" for p in r[phase]["worst_parts"]) for r in runs)
