@@ -135,7 +135,7 @@ async def test_the_memory_figure_sees_a_client_that_keeps_a_kibibyte_per_job(
     clean = await run_chaos(300, config=ChaosConfig(), task_duration_ms=0)
     monkeypatch.setattr(d.DreamOClient, "generate", generate_and_keep)
     leaky = await run_chaos(300, config=ChaosConfig(), task_duration_ms=0)
-    assert clean.memory_growth < 16 * 1024
+    assert clean.memory_growth < 32 * 1024  # 2-19 KiB seen (aiohttp pools, caches)
     assert leaky.memory_growth > 290 * 1024  # 300 KiB kept during the run
 
 
