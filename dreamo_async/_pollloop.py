@@ -4,7 +4,6 @@ job's deadline passes (one timer for the whole loop)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 from collections.abc import Callable
@@ -35,43 +34,28 @@ async def poll_until_end(
 ) -> GenerationResult:
     """Poll ``task`` until it ends; raise :class:`TaskTimeoutError` past ``timeout``
     (seconds from ``started``) and :class:`TaskFailedError` if it failed."""
-    loop = asyncio.get_running_loop()
     if on_poll is not None:
         on_poll(task)
     deadline = None if timeout is None else started + timeout
-    now = loop.time()  # one clock read per answer: the next delay is reckoned from it
-    schedule = PollSchedule(policy, started_at=now, rng=rng)
-    schedule.observe(now, task.progress)
+    polls = _Polls(transport, policy, rng, task, deadline, float(timeout or 0), on_poll)
     # The deadline bounds everything below (a slow answer, retries, backoff, the
-    # limiter's wait): one timer for the whole loop, not one per poll. The last poll,
-    # sent at the deadline, may still see the task end: its answer gets a short grace.
-    # Its timer is armed only once the deadline is near: a far one cannot be passed by
-    # one poll (get_task bounds its retries by it), and a timer per job costs the loop.
-    scope = asyncio.timeout(None) if deadline is not None else None
+    # limiter's wait): one timer for the whole loop, not one per poll, armed only once
+    # the deadline is near: a far one cannot be passed by one poll (get_task bounds its
+    # retries by it), and a timer (or a timeout scope) per job costs the loop. The last
+    # poll, sent at the deadline, may still see the task end: its answer gets a grace.
+    scope = None
     try:
-        async with scope or contextlib.nullcontext():
-            while task.status not in TERMINAL_STATUSES:
-                delay = 0.0 if is_testing() else schedule.next_delay(now)
-                if deadline is not None:
-                    if now >= deadline:
-                        raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status)
-                    delay = min(delay, deadline - now)
-                    if scope is not None and scope.when() is None and deadline - now < _ARM_S:
-                        scope.reschedule(deadline + _LAST_POLL_GRACE_S)
-                if delay > 0:  # zero: poll at once, without a trip round the loop
-                    await asyncio.sleep(delay)
-                task = await transport.get_task(
-                    task.id, deadline=math.inf if deadline is None else deadline
-                )
-                now = loop.time()
-                schedule.observe(now, task.progress)
-                if on_poll is not None:
-                    on_poll(task)
+        task = await polls.run(None if deadline is None else deadline - _ARM_S)
+        if deadline is not None and task.status not in TERMINAL_STATUSES:
+            scope = asyncio.timeout_at(deadline + _LAST_POLL_GRACE_S)
+            async with scope:
+                task = await polls.run(None)
     except TimeoutError as exc:
         if isinstance(exc, TaskTimeoutError) and exc.timeout:
             raise
         if isinstance(exc, TaskTimeoutError) or (scope is not None and scope.expired()):
-            raise TaskTimeoutError(task.id, float(timeout or 0), task.raw_status) from None
+            task = polls.task
+            raise TaskTimeoutError(task.id, polls.timeout, task.raw_status) from None
         raise
     if task.status is TaskStatus.FAILED:
         error = task.error
@@ -79,3 +63,53 @@ async def poll_until_end(
             task.id, error.code if error else None, error.message if error else None
         )
     return GenerationResult.from_task(task)
+
+
+class _Polls:
+    """The polls of one task at its schedule's pace, and the latest snapshot."""
+
+    __slots__ = ("_deadline", "_on_poll", "_schedule", "_transport", "now", "task", "timeout")
+
+    def __init__(
+        self,
+        transport: Transport,
+        policy: PollPolicy,
+        rng: random.Random,
+        task: Task,
+        deadline: float | None,
+        timeout: float,
+        on_poll: Callable[[Task], None] | None,
+    ) -> None:
+        self._transport = transport
+        self._deadline = deadline
+        self._on_poll = on_poll
+        self.timeout = timeout
+        #: The latest snapshot of the task, and when it came (one clock read per answer:
+        #: the next delay is reckoned from it).
+        self.task = task
+        self.now = asyncio.get_running_loop().time()
+        self._schedule = PollSchedule(policy, started_at=self.now, rng=rng)
+        self._schedule.observe(self.now, task.progress)
+
+    async def run(self, until: float | None) -> Task:
+        """Poll until the task ends, or (``until``, loop clock) the deadline is near."""
+        task, now, deadline, schedule = self.task, self.now, self._deadline, self._schedule
+        while task.status not in TERMINAL_STATUSES:
+            if until is not None and now >= until:
+                break
+            delay = 0.0 if is_testing() else schedule.next_delay(now)
+            if deadline is not None:
+                if now >= deadline:
+                    raise TaskTimeoutError(task.id, self.timeout, task.raw_status)
+                delay = min(delay, deadline - now)
+            if delay > 0:  # zero: poll at once, without a trip round the loop
+                await asyncio.sleep(delay)
+            task = await self._transport.get_task(
+                task.id, deadline=math.inf if deadline is None else deadline
+            )
+            self.task, self.now = task, asyncio.get_running_loop().time()
+            now = self.now
+            schedule.observe(now, task.progress)
+            if self._on_poll is not None:
+                self._on_poll(task)
+        return task
