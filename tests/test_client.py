@@ -278,14 +278,37 @@ async def test_drop_before_the_answer_is_never_resent(server: FakeDreamOServer) 
 # ------------------------------------------------------------------ deadlines and cancellation
 
 
-async def test_timeout_raises_with_task_id_and_wait_resumes(server: FakeDreamOServer) -> None:
+# The poll loop arms the deadline's timer only once the deadline is near (_ARM_S): with
+# 0.05 s, the job polls without the timer first, then under it.
+@pytest.mark.parametrize("arm_s", [None, 0.05])
+async def test_timeout_raises_with_task_id_and_wait_resumes(
+    server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch, arm_s: float | None
+) -> None:
+    if arm_s is not None:
+        monkeypatch.setattr("dreamo_async._pollloop._ARM_S", arm_s)
     async with client_for(server) as client:
         with pytest.raises(d.TaskTimeoutError) as info:
             await client.generate(prompt="p [slow:400]", images=[PNG], timeout=0.1)
         assert isinstance(info.value, TimeoutError)
+        assert info.value.timeout == 0.1
         result = await client.wait(info.value.task_id, timeout=5)
     assert result.task_id == info.value.task_id
     assert server.stats.creates == 1
+
+
+async def test_a_poll_hanging_past_a_deadline_armed_mid_loop_is_cut_by_its_timer(
+    server: FakeDreamOServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dreamo_async._pollloop._ARM_S", 0.3)
+    async with client_for(server) as client:
+        job = asyncio.create_task(client.generate(prompt="p [never]", images=[PNG], timeout=0.6))
+        await eventually(lambda: server.stats.polls >= 1)
+        await asyncio.sleep(0.35)  # the deadline is near now: its timer is armed
+        server.inject("poll", Fault.slow(10_000))  # the next poll hangs far past it
+        with pytest.raises(d.TaskTimeoutError) as info:
+            await asyncio.wait_for(job, 5)
+        assert info.value.task_id is not None
+        assert info.value.timeout == 0.6
 
 
 async def test_a_cancelled_generate_creates_nothing_more_and_its_task_stays_watched(
