@@ -268,11 +268,7 @@ def stage_limiter() -> anyio.CapacityLimiter:
     small (``benchmarks/bench_preprocess.py``) at no cost in throughput, which
     memory bandwidth bounds anyway.
     """
-    loop = asyncio.get_running_loop()
-    limiter = _LIMITERS.get(loop)
-    if limiter is None:
-        limiter = _LIMITERS[loop] = anyio.CapacityLimiter(_stage_threads())
-    return limiter
+    return _loop_limiter(_LIMITERS, _stage_threads)
 
 
 def check_limiter() -> anyio.CapacityLimiter:
@@ -283,10 +279,19 @@ def check_limiter() -> anyio.CapacityLimiter:
     start waiting on the event loop for the new thread to run. One at a time, the
     checks share one thread, each taking microseconds.
     """
+    return _loop_limiter(_CHECK_LIMITERS, lambda: 1)
+
+
+def _loop_limiter(
+    limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter],
+    tokens: Callable[[], int],
+) -> anyio.CapacityLimiter:
+    """The running loop's limiter in ``limiters``, made with ``tokens()`` at first use
+    (an anyio limiter belongs to one event loop)."""
     loop = asyncio.get_running_loop()
-    limiter = _CHECK_LIMITERS.get(loop)
+    limiter = limiters.get(loop)
     if limiter is None:
-        limiter = _CHECK_LIMITERS[loop] = anyio.CapacityLimiter(1)
+        limiter = limiters[loop] = anyio.CapacityLimiter(tokens())
     return limiter
 
 
