@@ -172,18 +172,26 @@ class GenerationRequest:
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)
         # Each optional parameter is checked only when given (None: the service's default).
-        for name, low, high, integer in _RANGED:
+        for name, low, high, integer in (
+            ("guidance_scale1", limits.min_guidance_scale, limits.max_guidance_scale, False),
+            ("guidance_scale2", limits.min_guidance_scale, limits.max_guidance_scale, False),
+            ("ddim_steps", limits.min_ddim_steps, limits.max_ddim_steps, True),
+            ("seed", -1, limits.max_seed, True),
+        ):
             value = getattr(self, name)
             if value is not None:
-                low_value = getattr(limits, low) if isinstance(low, str) else low
-                _check_number(name, value, low_value, getattr(limits, high), integer)
+                _check_number(name, value, low, high, integer=integer)
         width, height = self.width, self.height
         if width is not None:
-            _check_number("width", width, limits.min_output_side, limits.max_output_side, True)
+            _check_number(
+                "width", width, limits.min_output_side, limits.max_output_side, integer=True
+            )
         else:
             width = _DEFAULT_SIDE
         if height is not None:
-            _check_number("height", height, limits.min_output_side, limits.max_output_side, True)
+            _check_number(
+                "height", height, limits.min_output_side, limits.max_output_side, integer=True
+            )
         else:
             height = _DEFAULT_SIDE
         if width * height > limits.max_output_pixels:
@@ -206,16 +214,6 @@ class GenerationRequest:
     def uses_urls_only(self) -> bool:
         """True when every image is an http(s) URL, sent as ``image_urls``."""
         return all(source.is_url for source in self.images)
-
-
-#: The ranged parameters: the field, the names of its bounds in :class:`Limits` (a number
-#: for a fixed one), and whether it takes integers only.
-_RANGED: Final[tuple[tuple[str, str | int, str, bool], ...]] = (
-    ("guidance_scale1", "min_guidance_scale", "max_guidance_scale", False),
-    ("guidance_scale2", "min_guidance_scale", "max_guidance_scale", False),
-    ("ddim_steps", "min_ddim_steps", "max_ddim_steps", True),
-    ("seed", -1, "max_seed", True),
-)
 
 
 def _check_prompt(prompt: object, limits: Limits) -> None:
@@ -285,7 +283,7 @@ def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
         )
 
 
-def _check_number(name: str, value: object, low: float, high: float, integer: bool) -> None:
+def _check_number(name: str, value: object, low: float, high: float, *, integer: bool) -> None:
     """Refuse a non-number (or a non-integer) or one outside ``low..high``; ``value`` is
     never None (the callers skip parameters left to the service's default)."""
     kind = "an integer" if integer else "a number"
