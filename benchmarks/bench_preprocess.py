@@ -109,7 +109,7 @@ async def build_body(sources: Sequence[ImageSource], variant: str = "client") ->
     worker thread.
     """
     prepared = await prepare_images(sources)
-    parts = create_body_parts(MODEL, PARAMS, prepared.base64, prepared.urls)
+    parts = create_body_parts(MODEL, PARAMS, prepared.base64_pieces, prepared.urls)
     del prepared
     if variant == "client":
         body = BodyParts(parts)
@@ -123,7 +123,7 @@ async def build_body(sources: Sequence[ImageSource], variant: str = "client") ->
 async def prepare_only(sources: Sequence[ImageSource]) -> int:
     """The image stage alone: read, check, base64 (what this module owns)."""
     prepared = await prepare_images(sources)
-    return sum(map(len, prepared.base64))
+    return sum(len(piece) for pieces in prepared.base64_pieces for piece in pieces)
 
 
 def bare_base64(blobs: Sequence[bytes]) -> int:

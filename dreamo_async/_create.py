@@ -42,7 +42,7 @@ async def prepare_body(
         # worker thread. prepare_images would run prepare_inline again.
         prepared = await prepare_slow(request.images, limits, fetch_input, fit_images)
     params = request_params(request)
-    parts = create_body_parts(request.model, params, prepared.base64, prepared.urls)
+    parts = create_body_parts(request.model, params, prepared.base64_pieces, prepared.urls)
     del prepared  # the encoded images now live only in the body's parts
     # Small bodies go as one buffer (aiohttp sends it with the headers in one
     # syscall); large ones as their parts, never joined (a copy of up to 31 MB).

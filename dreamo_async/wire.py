@@ -78,14 +78,15 @@ def request_params(request: GenerationRequest) -> dict[str, Any]:
 def create_body_parts(
     model: str,
     params: Mapping[str, Any],
-    images_base64: Sequence[bytes] = (),
+    images_base64: Sequence[bytes | Sequence[bytes]] = (),
     image_urls: Sequence[str] = (),
 ) -> tuple[bytes, ...]:
     """A create request as byte strings whose concatenation is the JSON body.
 
     The base64 images (up to 5 x 6.3 MB) are spliced in as they are, not
     decoded to ``str`` and run through ``json.dumps``: base64 needs no JSON
-    escaping. Only the small head (model and parameters) is serialised. The
+    escaping; an image may come as the pieces of its base64 (sent one after
+    the other). Only the small head (model and parameters) is serialised. The
     client joins the parts of a body up to ``client._JOIN_MAX_BYTES`` (256 KiB) into
     one buffer; a larger body's parts are sent one after the other
     (:class:`~dreamo_async._body.BodyParts`), so its image data is never copied
@@ -104,7 +105,10 @@ def create_body_parts(
     for i, image in enumerate(images_base64):
         if i:
             parts.append(b'","')
-        parts.append(image)
+        if isinstance(image, bytes):
+            parts.append(image)
+        else:  # an image's base64 in pieces, sent as they are
+            parts.extend(image)
     parts.append(b'"]' + tail)
     return tuple(parts)
 

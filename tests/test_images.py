@@ -860,14 +860,14 @@ def test_the_cache_keeps_within_its_bounds() -> None:
     info = ImageInfo("png", 1, 1, 1)
     values = [bytes([i]) * 300 for i in range(5)]
     for value in values:
-        cache.put(value, info, b"x")
+        cache.put(value, info, (b"x",))
     assert len(cache) == 3  # 900 bytes: the two oldest went
     assert cache.get(values[0]) is None
-    assert cache.get(values[4]) == (info, b"x")
-    cache.put(b"y" * 701, info, b"y")
+    assert cache.get(values[4]) == (info, (b"x",))
+    cache.put(b"y" * 701, info, (b"y",))
     assert len(cache) == 1  # 701 + 300 > 1000: all three older ones went
     big = b"z" * (INLINE_MAX_BYTES + 1)
-    cache.put(big, info, b"z")
+    cache.put(big, info, (b"z",))
     assert cache.get(big) is None  # large images are never kept
-    cache.put(values[4], info, b"x")
+    cache.put(values[4], info, (b"x",))
     assert cache.get(bytes(bytearray(values[4]))) is None  # equal is not the same object

@@ -234,42 +234,72 @@ async def test_a_burst_of_jobs_with_files_checks_them_on_one_thread(tmp_path: Pa
     assert len(new) <= 1
 
 
-async def test_the_stage_thread_yields_the_cpu_after_each_read_and_each_encode(
+async def test_the_stage_thread_reads_and_encodes_a_piece_at_a_time_yielding_after_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Over real HTTP: per image, read - yield - encode - yield, all in the worker thread,
-    so a woken event loop never waits for the end of the stage thread's time slice."""
+    """Over real HTTP, files of about 1 MB: every read and every base64 step of the
+    worker thread handles at most PIECE_BYTES and is followed by a yield of its CPU,
+    so a woken event loop never waits for a long step; the pieces reach the service
+    as the files' base64. Fails with whole-file reads or encodes, or without yields."""
     import dreamo_async.images.prepare as prepare
+    import dreamo_async.images.read as read
+    import dreamo_async.images.slices as slices
 
     if hasattr(os, "sched_yield"):
-        assert prepare._yield_cpu is os.sched_yield
-    events: list[tuple[str, int]] = []
-    from dreamo_async.images.read import load as real_load
-
+        assert slices.yield_cpu is os.sched_yield
+    events: list[tuple[str, int, int]] = []  # (step, bytes, thread)
     real_encode = pybase64.b64encode
 
-    def load(*args: object) -> object:
-        events.append(("read", threading.get_ident()))
-        return real_load(*args)  # type: ignore[arg-type]
+    def encode(data: bytes | memoryview) -> bytes:
+        events.append(("encode", len(data), threading.get_ident()))
+        return real_encode(data)
 
-    def encode(data: object) -> bytes:
-        events.append(("encode", threading.get_ident()))
-        return real_encode(data)  # type: ignore[arg-type]
+    class RecordedFile:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._file: BinaryIO = open(*args, **kwargs)  # type: ignore[call-overload]  # noqa: SIM115
 
-    monkeypatch.setattr("dreamo_async.images.prepare.load", load)
+        def __enter__(self) -> RecordedFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._file.close()
+
+        def fileno(self) -> int:
+            return self._file.fileno()
+
+        def readinto(self, buffer: memoryview) -> int | None:
+            count = self._file.readinto(buffer)  # type: ignore[attr-defined]
+            if count:
+                events.append(("read", len(buffer), threading.get_ident()))
+            return count  # type: ignore[no-any-return]
+
+    def recorded_yield() -> None:
+        events.append(("yield", 0, threading.get_ident()))
+
     monkeypatch.setattr(pybase64, "b64encode", encode)
-    monkeypatch.setattr(
-        prepare, "_yield_cpu", lambda: events.append(("yield", threading.get_ident()))
-    )
+    monkeypatch.setattr(read, "open", RecordedFile, raising=False)
+    for module in (read, slices, prepare):
+        monkeypatch.setattr(module, "yield_cpu", recorded_yield)
     paths = []
     for n in range(3):
         path = tmp_path / f"ref{n}.jpg"
-        path.write_bytes(make_jpeg(640, 480, padding=300_000 + n))
+        path.write_bytes(make_jpeg(640, 480, padding=1_000_000 + n))
         paths.append(path)
     async with (
         FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
         DreamOClient(KEY, base_url=server.url) as client,
     ):
         await client.generate(prompt="a cat", images=paths)
-    assert [name for name, _ in events] == ["read", "yield", "encode", "yield"] * 3
-    assert threading.get_ident() not in {ident for _, ident in events}
+        sent = server.last_request()
+    assert sent is not None
+    assert sent.json()["input"][0]["params"]["binary_data_base64"] == [
+        real_encode(path.read_bytes()).decode() for path in paths
+    ]
+    steps = [(name, size) for name, size, _ in events]
+    work = [size for name, size in steps if name != "yield"]
+    assert max(work) <= slices.PIECE_BYTES
+    assert sum(1 for name, _ in steps if name == "encode") >= 3 * 3  # 1 MB: 3 pieces each
+    for (name, _), (after, _) in itertools.pairwise(steps):
+        if name != "yield":
+            assert after == "yield", steps
+    assert threading.get_ident() not in {ident for _, _, ident in events}

@@ -28,13 +28,13 @@ from typing import Final
 
 import anyio
 import attrs
-import pybase64
 
 from ..errors import DreamOWarning, ImageError
 from ..limits import DEFAULT_LIMITS, Limits
 from .checks import ImageInfo, check_limits, inspect_image, too_large
 from .classify import ImageSource, image_error
 from .read import load
+from .slices import encode_pieces, yield_cpu
 
 __all__ = [
     "FIT_MAX_BYTES",
@@ -63,8 +63,6 @@ _LIMITERS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Capa
 _CHECK_LIMITERS: Final[
     weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.CapacityLimiter]
 ] = weakref.WeakKeyDictionary()
-#: Gives the calling thread's CPU to any runnable thread (the event loop's) that waits for it.
-_yield_cpu: Final[Callable[[], None]] = getattr(os, "sched_yield", lambda: None)
 
 
 class _LiveRef(weakref.ref):  # type: ignore[type-arg]
@@ -84,12 +82,19 @@ _LIVE: Final[set[_LiveRef]] = set()
 class PreparedImages:
     """The images of one request, ready for the wire: ``base64`` or ``urls``, never both."""
 
-    #: ASCII base64 of each image file, in input order (sent as ``binary_data_base64``).
-    base64: tuple[bytes, ...] = ()
+    #: ASCII base64 of each image file, in input order (sent as ``binary_data_base64``),
+    #: each as pieces whose concatenation is the image's base64 (a large image is
+    #: encoded a piece at a time, and the body sends the pieces as they are).
+    base64_pieces: tuple[tuple[bytes, ...], ...] = ()
     #: The inputs, when all are http(s) URLs (sent as ``image_urls``, never downloaded).
     urls: tuple[str, ...] = ()
     #: Header facts per image (``None`` for URLs the service fetches itself).
     infos: tuple[ImageInfo | None, ...] = ()
+
+    @property
+    def base64(self) -> tuple[bytes, ...]:
+        """The base64 of each image in one ``bytes`` (joining a large one's pieces copies it)."""
+        return tuple(p[0] if len(p) == 1 else b"".join(p) for p in self.base64_pieces)
 
 
 def live_payload_count() -> int:
@@ -148,7 +153,7 @@ async def prepare_slow(
     )
     if notes:
         _warn(notes)
-    return _track(PreparedImages(base64=encoded, infos=infos))
+    return _track(PreparedImages(base64_pieces=encoded, infos=infos))
 
 
 def prepare_inline(sources: Sequence[ImageSource], limits: Limits) -> PreparedImages | None:
@@ -169,7 +174,7 @@ def prepare_inline(sources: Sequence[ImageSource], limits: Limits) -> PreparedIm
     encoded, infos, notes = _encode_all(sources, {}, limits, False)
     if notes:
         _warn(notes)
-    return _track(PreparedImages(base64=encoded, infos=infos))
+    return _track(PreparedImages(base64_pieces=encoded, infos=infos))
 
 
 def _warn(notes: list[str]) -> None:
@@ -222,17 +227,17 @@ class _EncodedCache:
     def __init__(self, max_entries: int = 64, max_bytes: int = 4 * 1024 * 1024) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._entries: dict[int, tuple[bytes, ImageInfo, bytes]] = {}
+        self._entries: dict[int, tuple[bytes, ImageInfo, tuple[bytes, ...]]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, value: bytes) -> tuple[ImageInfo, bytes] | None:
+    def get(self, value: bytes) -> tuple[ImageInfo, tuple[bytes, ...]] | None:
         entry = self._entries.get(id(value))
         if entry is None or entry[0] is not value:
             return None
         return entry[1], entry[2]
 
-    def put(self, value: bytes, info: ImageInfo, encoded: bytes) -> None:
+    def put(self, value: bytes, info: ImageInfo, encoded: tuple[bytes, ...]) -> None:
         size = len(value)
         if size > INLINE_MAX_BYTES:
             return
@@ -366,15 +371,14 @@ async def _fetch_one(fetch: Fetch, source: ImageSource, cap: int) -> bytes:
 
 def _encode_all(
     sources: Sequence[ImageSource], downloaded: dict[int, bytes], limits: Limits, fit: bool
-) -> tuple[tuple[bytes, ...], tuple[ImageInfo | None, ...], list[str]]:
+) -> tuple[tuple[tuple[bytes, ...], ...], tuple[ImageInfo | None, ...], list[str]]:
     """Worker-thread body: read, check and base64 each image, holding one raw file at a time.
 
-    The CPU is yielded after each read and each encode (a fraction of a millisecond
-    each): a woken event-loop thread that the kernel queued on this thread's core
-    otherwise waited for the end of its time slice, 3-4 ms (``bench_looplag.py``).
+    Reads and encodes go a piece at a time, the CPU yielded after each (slices.py):
+    a woken event-loop thread on this thread's core waits for no long step.
     """
     cap = _read_cap(limits, fit)
-    encoded: list[bytes] = []
+    encoded: list[tuple[bytes, ...]] = []
     infos: list[ImageInfo | None] = []
     notes: list[str] = []
     for source in sources:
@@ -390,7 +394,7 @@ def _encode_all(
                     notes.append(note)
                 continue
         data = downloaded.pop(source.index) if source.is_url else load(source, cap, limits, fit)
-        _yield_cpu()
+        yield_cpu()
         if len(data) > cap:  # a download from a lax fetch
             raise image_error(source.index, source.label, too_large(len(data), cap, limits, fit))
         if fit:
@@ -398,8 +402,8 @@ def _encode_all(
 
             data = fit_image(data, index=source.index, source=source.label, limits=limits)
         info, warned = inspect_image(data, index=source.index, source=source.label, limits=limits)
-        encoded.append(pybase64.b64encode(data))
-        _yield_cpu()
+        encoded.append(encode_pieces(data))
+        yield_cpu()
         infos.append(info)
         notes.extend(warned)
         if type(value) is bytes and not fit:

@@ -21,6 +21,7 @@ from ..errors import ImageError
 from ..limits import DEFAULT_LIMITS, Limits
 from .checks import ImageInfo, inspect_image, too_large
 from .classify import ImageSource, image_error
+from .slices import PIECE_BYTES, yield_cpu
 
 __all__ = ["Oversized", "check_local_image", "check_paths_readable", "load"]
 
@@ -115,6 +116,8 @@ def _as_view(value: object) -> bytes | memoryview:
 def _read_path(path: object, cap: int) -> bytes | memoryview:
     """Read a file, refusing it by its size on disk, before reading, when that is too large.
 
+    Read in pieces of ``PIECE_BYTES``, the CPU given up after each (see slices.py).
+
     The bytes land in this worker thread's reusable buffer (see :func:`_thread_buffer`).
     """
     with open(path, "rb", buffering=0) as handle:  # type: ignore[call-overload]  # str/PathLike
@@ -125,11 +128,12 @@ def _read_path(path: object, cap: int) -> bytes | memoryview:
             return _read_capped(handle, cap)
         view = _thread_buffer(cap + 1)
         total = 0
-        while total <= cap:
-            count = handle.readinto(view[total : cap + 1])
+        while total <= cap:  # a piece at a time (see slices.py)
+            count = handle.readinto(view[total : min(total + PIECE_BYTES, cap + 1)])
             if not count:
                 break
             total += count
+            yield_cpu()
         if total > cap:
             raise Oversized(None)
         return view[:total]
