@@ -9,7 +9,10 @@ Every measurement runs in a fresh child process (the interpreter running this sc
 with the fake service in another process (``python -m dreamo_async.testing``), so
 neither the server's CPU nor an earlier run's warm caches count. A 1 ms ticker on the
 measured loop records how late each tick fires; the same ticker on the same loop,
-idle, before the work starts, is the baseline. Scenarios:
+idle, is the baseline: observed for as long as the work took (1 s before it, the
+rest after), since the worst of more ticks is larger on a host that takes the CPU
+away now and then (the hypervisor's steal time of the client's CPUs is printed for
+both windows). Scenarios:
 
 * ``batch``: 24 jobs of 5 JPEGs of ~1.9 MB each, read from disk (``images=[Path, ...]``),
   ``max_concurrency=4``, one ``asyncio.gather``.
@@ -106,6 +109,31 @@ def _make_jpeg(seed: int) -> bytes:
 # -- measuring (child side) ------------------------------------------------------------
 
 
+def _steal_ms() -> float:
+    """Milliseconds the hypervisor ran something else on this process's CPUs (steal time
+    in ``/proc/stat``, 10 ms resolution; Linux), else 0: ticks late for that reason are
+    no program's doing."""
+    try:
+        cpus = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+        with open("/proc/stat", encoding="ascii") as f:
+            jiffies = sum(int(line.split()[8]) for line in f if line.split()[0] in cpus)
+    except (OSError, AttributeError, IndexError, ValueError):
+        return 0.0
+    return jiffies * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def merge_idle(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One idle baseline from the windows before and after the work (worst of both)."""
+    worse = before if before["worst"] >= after["worst"] else after
+    return worse | {
+        "p99": max(before["p99"], after["p99"]),
+        "ticks": before["ticks"] + after["ticks"],
+        "late": {k: before["late"][k] + after["late"][k] for k in before["late"]},
+        "steal": before["steal"] + after["steal"],
+        "cpu": max(before["cpu"], after["cpu"]),
+    }
+
+
 def _run_queue_wait() -> float:
     """Seconds the calling thread has spent runnable but waiting for a CPU (Linux), else 0."""
     try:
@@ -124,6 +152,7 @@ class Ticker:
         self.late: dict[str, int] = {"cpu": 0, "run queue": 0, "off cpu": 0}
         self.worst_parts: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._worst = 0.0
+        self._steal = _steal_ms()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -149,7 +178,12 @@ class Ticker:
         samples, self.samples = self.samples, []
         late, self.late = self.late, dict.fromkeys(self.late, 0)
         parts, self.worst_parts, self._worst = self.worst_parts, (0.0, 0.0, 0.0), 0.0
-        return summary(samples) | {"late": late, "worst_parts": [p * 1e3 for p in parts]}
+        steal, self._steal = _steal_ms() - self._steal, _steal_ms()
+        return summary(samples) | {
+            "late": late,
+            "worst_parts": [p * 1e3 for p in parts],
+            "steal": steal,
+        }
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -266,6 +300,8 @@ async def child_batch(url: str, paths: list[Path], debug: bool, jobs: int = 24) 
             )
             busy = ticker.take() | {"cpu": cpu.take()}
             elapsed = time.perf_counter() - started
+            await asyncio.sleep(max(elapsed - IDLE_S, 0.0))  # idle as long as busy, in all
+            idle = merge_idle(idle, ticker.take() | {"cpu": cpu.take()})
             await ticker.stop()
     return {"idle": idle, "busy": busy, "slow": slow.seen, "seconds": elapsed, "cpu_seen": cpu.seen}
 
@@ -436,8 +472,10 @@ def run_web_child(url: str, debug: bool, paths: list[Path], callers: int = 50) -
                 await asyncio.gather(*(post("/generate", body) for _ in range(callers)))
                 elapsed = time.perf_counter() - started
                 busy = await post("/_measure/stop")
+                await asyncio.sleep(max(elapsed - IDLE_S, 0.0))  # idle as long as busy, in all
+                idle_after = await post("/_measure/idle")
             return {
-                "idle": idle,
+                "idle": merge_idle(idle, idle_after),
                 "app_alone": app_alone,
                 "busy": busy,
                 "slow": busy.pop("slow"),
@@ -520,6 +558,7 @@ def main() -> None:
                     verdict,
                     round(med("idle", "cpu"), 2),
                     round(med("busy", "cpu"), 2),
+                    f"{med('idle', 'steal'):.0f} / {med('busy', 'steal'):.0f}",
                     extra,
                 ]
             )
@@ -541,6 +580,7 @@ def main() -> None:
             "",
             "idle CPU/cb",
             "max CPU/cb",
+            "steal ms idle / busy",
             "notes",
         ],
         rows,
@@ -552,6 +592,11 @@ def main() -> None:
     print(
         "app alone (web): the worst lag while the same 50 requests reach a handler that"
         f" parses them and waits {APP_ALONE_S} s instead of generating: aiohttp.web's share."
+    )
+    print(
+        "idle: the ticker on the idle loop for as long as the work took (1 s before it,"
+        " the rest after). steal: time the hypervisor gave the client's CPU to other"
+        " machines in those windows (medians; 10 ms resolution)."
     )
     print(f"callbacks over {CPU_NOTE_S * 1e3:.0f} ms of CPU, all runs:")
     print("\n".join(cpu_lines))
