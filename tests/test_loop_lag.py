@@ -303,3 +303,33 @@ async def test_the_stage_thread_reads_and_encodes_a_piece_at_a_time_yielding_aft
         if name != "yield":
             assert after == "yield", steps
     assert threading.get_ident() not in {ident for _, _, ident in events}
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux's /proc")
+def test_a_fresh_threads_first_read_touches_only_the_pages_it_reads(tmp_path: Path) -> None:
+    """A worker thread's read buffer is sized by the cap (12 MB here) but a 200 KB file
+    must not make the process resident in all of it: zero-filling the whole buffer at
+    once held the GIL for milliseconds at each thread's first job. Fails with a
+    ``bytearray`` buffer (its 12 MB are written before the read)."""
+    from dreamo_async.images.read import _read_path
+
+    path = tmp_path / "small.jpg"
+    path.write_bytes(make_jpeg(64, 64, padding=200_000))
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * page
+
+    grown: list[int] = []
+
+    def first_read() -> None:
+        before = resident()
+        data = _read_path(path, 12_000_000)
+        grown.append(resident() - before)
+        assert bytes(data) == path.read_bytes()
+
+    thread = threading.Thread(target=first_read)
+    thread.start()
+    thread.join()
+    assert len(grown) == 1
+    assert grown[0] < 4_000_000, grown

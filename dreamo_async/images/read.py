@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import errno
+import mmap
 import os
 import stat
 import threading
@@ -147,10 +148,14 @@ def _thread_buffer(size: int) -> memoryview:
     valid until the same thread reads the next file; nothing that outlives the
     worker-thread call refers to it (the base64 output is a new object). It is
     never resized, only replaced, so a stale view (in a traceback) cannot break it.
+
+    An anonymous memory map, not a ``bytearray``: a bytearray zero-fills every page
+    at once (3.8 ms for 4.7 MB here, the GIL held), the first job of each thread
+    stalling the loop; the map's pages are faulted in as the pieces are read.
     """
-    buffer: bytearray | None = getattr(_THREAD_BUFFERS, "buffer", None)
+    buffer: mmap.mmap | None = getattr(_THREAD_BUFFERS, "buffer", None)
     if buffer is None or len(buffer) < size:
-        buffer = bytearray(size)
+        buffer = mmap.mmap(-1, size)
         _THREAD_BUFFERS.buffer = buffer
     return memoryview(buffer)
 
