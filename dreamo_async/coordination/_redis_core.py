@@ -102,7 +102,7 @@ class Link:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             from redis.backoff import NoBackoff
-            from redis.retry import Retry
+            from redis.asyncio.retry import Retry
 
             self._client = self._redis_module.Redis.from_url(
                 self.url,
