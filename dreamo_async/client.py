@@ -42,6 +42,7 @@ from ._setup import (
     make_limiters,
     mask_key,
 )
+from ._turns import StartTurns
 from ._types import NOT_GIVEN, NotGiven
 from ._watch import Watcher
 from .bulk import BatchItem, BatchProgress, run_many
@@ -203,6 +204,8 @@ class DreamOClient:
         self._budget = Budget(self._make_ledger(to_money(max_spend, "max_spend")), expected_cost)
         #: Abandoned tasks watched to their end, and their kept results.
         self._watcher = Watcher(self._poll, self._budget, self.poll_policy.timeout)
+        #: Job starts take turns: a burst of calls does not hold the loop for all of them.
+        self._start_turns = StartTurns()
         self._closed = False
 
     def _make_ledger(self, cap: Decimal | None) -> BudgetLedger:
@@ -363,6 +366,7 @@ class DreamOClient:
         called with every task snapshot received, the create's answer first (a live
         status line), as in :meth:`wait`. The keywords are :class:`GenerationParams`.
         """
+        await self._start_turns.wait_turn()
         built = self.build_request(request, **params)
         deadline_s = self._deadline(timeout)
         await self._check_inputs(built)
@@ -406,6 +410,7 @@ class DreamOClient:
         before the create request first leaves, with the ``X-Request-Id`` it carries:
         the hook where a journal records that a task may exist from now on.
         """
+        await self._start_turns.wait_turn()
         built = self.build_request(request, **params)
         await self._check_inputs(built)
         async with self._job() as job:

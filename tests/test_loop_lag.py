@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
 import pybase64
@@ -22,7 +22,7 @@ import pytest
 
 from dreamo_async import DreamOClient
 from dreamo_async._body import WRITE_CHUNK_BYTES, BodyParts
-from dreamo_async.testing import FakeDreamOServer, make_jpeg
+from dreamo_async.testing import FakeDreamOServer, make_jpeg, make_png
 from dreamo_async.wire import create_body_parts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -232,6 +232,59 @@ async def test_a_burst_of_jobs_with_files_checks_them_on_one_thread(tmp_path: Pa
         new = _anyio_workers() - before
     # The stage thread (started on entering) and at most one more for the checks.
     assert len(new) <= 1
+
+
+async def test_a_burst_of_calls_starts_one_job_per_loop_turn_in_call_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty calls made in one loop turn (fifty web handlers woken by one read) run
+    their synchronous start (the request check, the images' classification) one per
+    loop turn, in call order: the loop is never held for all of them at once."""
+    loop = asyncio.get_running_loop()
+    turn, counting = 0, True
+
+    def count_turns() -> None:  # runs once per loop turn while counting
+        nonlocal turn
+        turn += 1
+        if counting:
+            loop.call_soon(count_turns)
+
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
+        DreamOClient(KEY, base_url=server.url, max_concurrency=4) as client,
+    ):
+        starts: list[tuple[int, str]] = []
+        build = client.build_request
+
+        def counted_build(*args: Any, **params: Any) -> Any:
+            starts.append((turn, params["prompt"]))
+            return build(*args, **params)
+
+        monkeypatch.setattr(client, "build_request", counted_build)
+        loop.call_soon(count_turns)
+        png = make_png(64, 64)
+        await asyncio.gather(*(client.generate(prompt=f"p{i}", images=[png]) for i in range(20)))
+        counting = False
+    assert len({t for t, _ in starts}) == 20, starts  # a turn of its own for each start
+    assert [prompt for _, prompt in starts] == [f"p{i}" for i in range(20)]
+
+
+async def test_a_call_cancelled_while_waiting_its_turn_sends_nothing_and_blocks_no_one() -> None:
+    async with (
+        FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server,
+        DreamOClient(KEY, base_url=server.url, max_concurrency=4) as client,
+    ):
+        png = make_png(64, 64)
+        jobs = [
+            asyncio.create_task(client.generate(prompt=f"p{i}", images=[png])) for i in range(3)
+        ]
+        await asyncio.sleep(0)  # the first has the turn, the others wait for theirs
+        jobs[1].cancel()
+        first, last = await asyncio.gather(jobs[0], jobs[2])
+        assert jobs[1].cancelled()
+        assert server.stats.creates == 2
+        assert sorted(server.stats.creates_by_prompt) == ["p0", "p2"]
+        assert first.task_id != last.task_id
 
 
 async def test_the_stage_thread_reads_and_encodes_a_piece_at_a_time_yielding_after_each(
