@@ -22,7 +22,7 @@ import aiohttp
 import pybase64
 import pytest
 
-from dreamo_async import DreamOClient
+from dreamo_async import ClientClosedError, DreamOClient
 from dreamo_async._body import WRITE_CHUNK_BYTES, BodyParts
 from dreamo_async._turns import STARTS_PER_TURN
 from dreamo_async.testing import FakeDreamOServer, make_jpeg, make_png
@@ -291,6 +291,23 @@ async def test_a_call_cancelled_while_waiting_its_turn_sends_nothing_and_blocks_
         assert server.stats.creates == count - 1
         assert f"p{STARTS_PER_TURN}" not in server.stats.creates_by_prompt
         assert len({result.task_id for result in results}) == count - 1
+
+
+async def test_a_call_waiting_its_turn_when_the_client_closes_says_nothing_was_sent() -> None:
+    async with FakeDreamOServer(api_key=KEY, task_duration_ms=0) as server:
+        client = DreamOClient(KEY, base_url=server.url, max_concurrency=16)
+        png = make_png(64, 64)
+        jobs = [
+            asyncio.create_task(client.generate(prompt=f"p{i}", images=[png]))
+            for i in range(STARTS_PER_TURN + 1)
+        ]
+        await asyncio.sleep(0)  # the last one waits for its turn
+        await client.aclose()
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        last = outcomes[-1]
+        assert isinstance(last, ClientClosedError), outcomes
+        assert last.nothing_sent
+        assert f"p{STARTS_PER_TURN}" not in server.stats.creates_by_prompt
 
 
 async def test_the_stage_thread_reads_and_encodes_a_piece_at_a_time_yielding_after_each(
