@@ -101,8 +101,8 @@ class Link:
         """The client of the running loop (a new loop, e.g. a new ``asyncio.run``, gets its own)."""
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            from redis.backoff import NoBackoff
             from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
             self._client = self._redis_module.Redis.from_url(
                 self.url,
