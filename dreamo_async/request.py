@@ -261,8 +261,7 @@ def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequestError(
             f"model must be a string; got {type(request.model).__name__}", parameter="model"
         )
-    _check_sendable("model", request.model)
-    if request.model not in _MODELS:
+    if request.model not in _MODELS:  # a known model id is sendable text
         raise InvalidRequestError(
             f"model must be one of {', '.join(_MODELS)}; got {request.model!r}",
             parameter="model",
