@@ -122,9 +122,16 @@ class _Exchange:
 
 
 class StubSession:
-    """Answers every create with CREATED and every poll with DONE, at once."""
+    """Answers every create (POST) with CREATED and every poll (GET) with DONE, at once.
+
+    ``request`` is what the library's transport calls; ``post`` and ``get`` are for the
+    bare loop, as ``aiohttp.ClientSession`` has all three.
+    """
 
     closed = False
+
+    def request(self, method: str, url: object, **options: Any) -> _Exchange:
+        return _Exchange(CREATED if method == "POST" else DONE)
 
     def post(self, url: object, **options: Any) -> _Exchange:
         return _Exchange(CREATED)

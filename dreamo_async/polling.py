@@ -8,6 +8,7 @@ observed rate and poll just after it: fewer polls and a shorter wait.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Final
 
@@ -113,7 +114,7 @@ class PollSchedule:
         cap = (
             max(self.policy.initial_delay, relative * (now - self.started_at))
             if relative is not None
-            else float("inf")
+            else math.inf
         )
         if delay >= cap:  # a hard cap: jitter only below it
             return cap * self.rng.uniform(1.0 - jitter, 1.0) if jitter else cap

@@ -172,15 +172,17 @@ class GenerationRequest:
         _check_prompt(self.prompt, limits)
         _check_model_and_images(self, limits)
         # Each optional parameter is checked only when given (None: the service's default).
-        for name, low, high, integer in (
-            ("guidance_scale1", limits.min_guidance_scale, limits.max_guidance_scale, False),
-            ("guidance_scale2", limits.min_guidance_scale, limits.max_guidance_scale, False),
-            ("ddim_steps", limits.min_ddim_steps, limits.max_ddim_steps, True),
-            ("seed", -1, limits.max_seed, True),
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                _check_number(name, value, low, high, integer=integer)
+        if self.guidance_scale1 is not None:
+            low, high = limits.min_guidance_scale, limits.max_guidance_scale
+            _check_number("guidance_scale1", self.guidance_scale1, low, high, integer=False)
+        if self.guidance_scale2 is not None:
+            low, high = limits.min_guidance_scale, limits.max_guidance_scale
+            _check_number("guidance_scale2", self.guidance_scale2, low, high, integer=False)
+        if self.ddim_steps is not None:
+            low, high = limits.min_ddim_steps, limits.max_ddim_steps
+            _check_number("ddim_steps", self.ddim_steps, low, high, integer=True)
+        if self.seed is not None:
+            _check_number("seed", self.seed, -1, limits.max_seed, integer=True)
         width, height = self.width, self.height
         if width is not None:
             _check_number(
@@ -259,8 +261,7 @@ def _check_model_and_images(request: GenerationRequest, limits: Limits) -> None:
         raise InvalidRequestError(
             f"model must be a string; got {type(request.model).__name__}", parameter="model"
         )
-    _check_sendable("model", request.model)
-    if request.model not in _MODELS:
+    if request.model not in _MODELS:  # a known model id is sendable text
         raise InvalidRequestError(
             f"model must be one of {', '.join(_MODELS)}; got {request.model!r}",
             parameter="model",

@@ -279,7 +279,6 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
             continue
         if not _is_mapping(item):
             continue
-        item_job = _job_of(item)
         content = item.get("content")
         if isinstance(content, list):
             for part in content:
@@ -291,12 +290,12 @@ def _parse_output(output: object) -> tuple[OutputImage, ...]:
                             OutputImage(
                                 url,
                                 kind if type(kind) is str and kind else str(kind or "image"),
-                                _job_of(part) or item_job,
+                                _job_of(part) or _job_of(item),  # the item's: a fallback
                             )
                         )
         url = item.get("url")
         if isinstance(url, str):
-            images.append(OutputImage(url, str(item.get("type") or "image"), item_job))
+            images.append(OutputImage(url, str(item.get("type") or "image"), _job_of(item)))
     return tuple(images)
 
 
