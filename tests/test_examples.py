@@ -31,6 +31,8 @@ from .helpers import KEY, threaded_fake_server
 
 REF = make_png(32, 32)
 SLOTS, RATE, BURST = 8, 100, 5
+#: How much closer than they left two requests may be stamped at the threaded fake server.
+STAMP_SKEW_S = 0.01
 
 
 def make_client(server: FakeDreamOServer) -> d.DreamOClient:
@@ -109,7 +111,10 @@ async def test_fifty_concurrent_callers_share_the_limits(framework: str) -> None
     assert stats.creates == 50
     assert set(stats.creates_by_request_id.values()) == {1}
     assert stats.max_open_tasks <= SLOTS
-    assert stats.max_requests_in_window(1.0) <= RATE + BURST
+    # Stamped on arrival by a thread that shares the GIL with this busy process: requests
+    # the limiter spaced by 1 s can be stamped a few ms closer (106 in a 1-s window seen
+    # once in ten loaded runs); the bound is the same, over a window 10 ms shorter.
+    assert stats.max_requests_in_window(1.0 - STAMP_SKEW_S) <= RATE + BURST
     assert stats.refused_total == 0
 
 
