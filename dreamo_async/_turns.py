@@ -15,8 +15,9 @@ from typing import Final
 
 __all__ = ["STARTS_PER_TURN", "StartTurns"]
 
-#: Job starts one loop turn may run: a start with five image paths takes about 40 µs of
-#: the loop, so a turn holds at most a few tenths of a millisecond of them.
+#: Job starts one loop turn may run: few enough that a burst cannot make one turn long,
+#: enough that workers ending jobs in the same turn are not held back to the next
+#: (the figures: benchmarks/README.md, "Job starts take turns").
 STARTS_PER_TURN: Final = 8
 
 
