@@ -18,12 +18,31 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
 
-async def eventually(condition: Callable[[], bool], *, timeout: float = 5.0) -> None:
-    """Wait until ``condition()`` holds (checked every 2 ms); fail after ``timeout``."""
+#: Checks ``eventually`` still makes once its deadline has passed, before it fails.
+_CHECKS_AFTER_DEADLINE = 100
+
+
+async def eventually(
+    condition: Callable[[], bool],
+    *,
+    timeout: float = 5.0,
+    describe: Callable[[], str] | None = None,
+) -> None:
+    """Wait until ``condition()`` holds (checked every 2 ms); fail after ``timeout``.
+
+    Once the deadline has passed it still checks a hundred times (0.2 s of the loop's
+    own turns): a process stalled past the deadline by a busy machine would otherwise
+    fail at its first check, before its loop has had a turn to do what the condition
+    waits for. ``describe()`` says what was seen instead, in the failure.
+    """
     deadline = time.monotonic() + timeout
+    late_checks = 0
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
+            late_checks += 1
+            if late_checks > _CHECKS_AFTER_DEADLINE:
+                seen = f": {describe()}" if describe is not None else ""
+                raise AssertionError(f"condition not reached in time{seen}")
         await asyncio.sleep(0.002)
 
 

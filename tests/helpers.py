@@ -42,3 +42,14 @@ async def threaded_fake_server(**options: Any) -> AsyncIterator[FakeDreamOServer
         loop.call_soon_threadsafe(loop.stop)
         await asyncio.to_thread(thread.join)
         loop.close()
+
+
+def task_state(task: asyncio.Task[Any]) -> str:
+    """What an asyncio task is doing, for a failure message: running, done, cancelled
+    or the exception it ended with."""
+    if not task.done():
+        return "running"
+    if task.cancelled():
+        return "cancelled"
+    error = task.exception()
+    return "done" if error is None else repr(error)

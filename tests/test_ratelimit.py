@@ -23,7 +23,7 @@ from dreamo_async.coordination import (
 from dreamo_async.testing import FakeDreamOServer, Fault, make_png, max_in_window
 
 from .conftest import eventually
-from .helpers import KEY, client_for
+from .helpers import KEY, client_for, task_state
 
 PNG = make_png(32, 32)
 
@@ -193,7 +193,11 @@ async def test_one_429_pauses_every_request_of_the_client() -> None:
         jobs = [
             asyncio.create_task(client.generate(prompt=f"p{i}", images=[PNG])) for i in range(8)
         ]
-        await eventually(lambda: server.stats.polls >= 16)
+        await eventually(
+            lambda: server.stats.polls >= 16,
+            describe=lambda: f"{server.stats.polls} polls, {server.stats.requests} requests, "
+            f"jobs: {[task_state(job) for job in jobs]}",
+        )
         server.inject("poll", Fault.status(429, retry_after="0.25"))
         await asyncio.gather(*jobs)
     assert server.stats.status_codes[429] == 1
